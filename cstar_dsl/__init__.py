@@ -1,0 +1,31 @@
+"""cstar: a declarative robust low-rank compression language and compiler for PyTorch.
+
+The public API is one function per pipeline stage, so notebooks and tools can run any prefix
+of what the CLI does. Nothing here imports torch; later stages import it when they are used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "parse": "parse",
+    "format_text": "fmt",
+    "load_spec": "validate",
+    "check_file": "validate",
+    "Spec": "spec",
+    "CStarError": "errors",
+    "Diagnostic": "errors",
+    "render": "render",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'cstar_dsl' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -1,0 +1,186 @@
+"""Command line: `cstar check`, `cstar fmt`; the only module that prints. Exit 1 for an invalid spec, 2 for usage."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.text import Text
+
+from . import __version__
+from .errors import CStarError, Diagnostic
+from .render import FORMATS, render, to_dict
+
+if TYPE_CHECKING:
+    from .spec import Spec
+
+EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    console = Console(highlight=False, soft_wrap=True)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_USAGE
+    missing = [f for f in args.files if not Path(f).is_file()]
+    if missing:
+        parser.error(f"no such file: {missing[0]}")
+    return int(args.run(args, console))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cstar", description="Robust low-rank compression recipes for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"cstar {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    check = commands.add_parser("check", help="validate recipes and report every problem")
+    check.add_argument("files", nargs="+", metavar="FILE")
+    check.add_argument("--format", choices=FORMATS, default="full", help="diagnostics as text or JSON")
+    check.add_argument("--allow-import", action="store_true",
+                       help="allow `package.module:function` models (imports and runs that code)")
+    check.set_defaults(run=_check)
+
+    fmt = commands.add_parser("fmt", help="rewrite recipes in the canonical format, comments kept")
+    fmt.add_argument("files", nargs="+", metavar="FILE")
+    fmt.add_argument("--check", action="store_true", help="change nothing; exit 1 if a file would change")
+    fmt.add_argument("--diff", action="store_true", help="change nothing; show what would change")
+    fmt.add_argument("--format", choices=FORMATS, default="full", help="how syntax errors are shown")
+    fmt.set_defaults(run=_fmt)
+    return parser
+
+
+# ------------------------------------------------------------------- check
+
+
+def _check(args: argparse.Namespace, console: Console) -> int:
+    from .validate import check_file
+
+    diagnostics: list[Diagnostic] = []
+    summaries: list[str] = []
+    invalid = 0
+    for name in args.files:
+        try:
+            checked = check_file(name, allow_import=args.allow_import)
+        except CStarError as error:
+            invalid += 1
+            diagnostics += error.diagnostics
+            continue
+        diagnostics += checked.warnings
+        summaries.append(f"{name}: ok ({_summary(checked.spec)})")
+    if args.format == "json":
+        console.out(json.dumps([to_dict(d) for d in diagnostics], indent=2))
+        return EXIT_INVALID if invalid else EXIT_OK
+    _print_diagnostics(console, diagnostics, args.format)
+    for line in summaries:
+        console.out(line)
+    if invalid:
+        errors = sum(d.is_error for d in diagnostics)
+        console.out(f"Found {errors} error{'s' * (errors != 1)} in {invalid} of {len(args.files)} "
+                    f"file{'s' * (len(args.files) != 1)}.", style="bold red")
+    return EXIT_INVALID if invalid else EXIT_OK
+
+
+def _summary(spec: Spec) -> str:
+    budget = spec.compress.budget
+    amount = f"{budget.ratio:g}x {budget.metric}" if budget.kind == "ratio" else f"{budget.metric} <= {_si(budget.limit)}"
+    c, h, w = spec.model.input
+    return (f"{spec.model.arch} {c}x{h}x{w} on {spec.data.dataset}; {spec.compress.method} {amount}, "
+            f"{spec.compress.policy.kind} ranks; {spec.threat.norm} eps {_pixels(spec.threat.eps)}")
+
+
+def _si(amount: float) -> str:
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if amount >= scale:
+            return f"{amount / scale:g}{suffix}"
+    return f"{amount:g}"
+
+
+def _pixels(eps: float) -> str:
+    """eps as the k/255 people write, when it is one."""
+    steps = eps * 255
+    return f"{round(steps)}/255" if abs(steps - round(steps)) < 1e-6 and steps >= 1 else f"{eps:g}"
+
+
+# --------------------------------------------------------------------- fmt
+
+
+def _fmt(args: argparse.Namespace, console: Console) -> int:
+    from .fmt import format_text
+
+    changed, failed = [], []
+    diagnostics: list[Diagnostic] = []
+    for name in args.files:
+        path = Path(name)
+        try:
+            original = path.read_bytes()
+            formatted = format_text(original, name)
+        except OSError as error:
+            failed.append(name)
+            diagnostics.append(Diagnostic("unreadable-file", f"cannot read {name}: {error.strerror or error}"))
+            continue
+        except CStarError as error:
+            failed.append(name)
+            diagnostics += error.diagnostics
+            continue
+        if formatted.encode("utf-8") == original:
+            continue
+        changed.append(name)
+        if args.diff:
+            console.out("".join(difflib.unified_diff(
+                original.decode("utf-8").splitlines(keepends=True), formatted.splitlines(keepends=True),
+                fromfile=name, tofile=name)), end="")
+        elif not args.check:
+            _write_atomically(path, formatted)
+    _print_diagnostics(console, diagnostics, args.format)
+    verb = "would reformat" if args.check or args.diff else "reformatted"
+    for name in changed:
+        console.out(f"{verb} {name}")
+    unchanged = len(args.files) - len(changed) - len(failed)
+    console.out(f"{len(changed)} file{'s' * (len(changed) != 1)} {verb}, {unchanged} left unchanged"
+                + (f", {len(failed)} with errors" if failed else ""))
+    if failed or ((args.check or args.diff) and changed):
+        return EXIT_INVALID
+    return EXIT_OK
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` so that a crash leaves either the old or the new file, never half of one."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
+            stream.write(text)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.chmod(temporary, path.stat().st_mode & 0o7777)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _print_diagnostics(console: Console, diagnostics: list[Diagnostic], fmt: str) -> None:
+    text = render(diagnostics, fmt)
+    if fmt == "json" or not console.is_terminal:
+        console.out(text, end="")
+        return
+    styled = Text(text)
+    styled.highlight_regex(r"(?m)^error\[[a-z-]+\]", "bold red")
+    styled.highlight_regex(r"(?m)^warning\[[a-z-]+\]", "bold yellow")
+    styled.highlight_regex(r"(?m)^\s*\^+", "bold red")
+    console.print(styled, end="")
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

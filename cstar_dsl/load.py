@@ -1,0 +1,104 @@
+"""Loading stage: a recipe file and its ``extend`` chain -> one merged set of sections."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from . import syntax as ast
+from .errors import CStarError, Diagnostic
+from .lower import Section, SectionList, identity, lower
+from .parse import parse
+
+MAX_FILE_BYTES = 16 * 1024 * 1024
+
+
+def display_path(path: Path) -> str:
+    """The path as the user should see it: relative to the working folder when inside it."""
+    try:
+        return os.path.relpath(path)
+    except ValueError:
+        return str(path)
+
+
+def read_document(path: Path) -> ast.Document:
+    """Read and parse one recipe file.
+
+    Raises:
+        CStarError: ``file-not-found``/``unreadable-file`` without a span, or a syntax diagnostic.
+    """
+    try:
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise CStarError([Diagnostic(
+                "unreadable-file", f"{display_path(path)} is larger than {MAX_FILE_BYTES // 2**20} MiB",
+                help="a recipe is a small text file; check the path")])
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CStarError([Diagnostic("file-not-found", f"no such file: {display_path(path)}")]) from None
+    except OSError as error:
+        raise CStarError([Diagnostic(
+            "unreadable-file", f"cannot read {display_path(path)}: {error.strerror or error}")]) from None
+    return parse(data, display_path(path))
+
+
+def load_sections(path: Path) -> tuple[Section, list[Diagnostic]]:
+    """The merged sections of a recipe and its bases, and the structural problems of every file.
+
+    Raises:
+        CStarError: when a file cannot be read or parsed, or an ``extend`` is missing or cyclic.
+    """
+    return _load(path.resolve(), ())
+
+
+def _load(path: Path, chain: tuple[tuple[Path, ast.Extend], ...]) -> tuple[Section, list[Diagnostic]]:
+    lowered = lower(read_document(path))
+    if lowered.extend is None:
+        return lowered.root, lowered.diagnostics
+    base_path = _base_path(path, lowered.extend, chain)
+    base, base_diagnostics = _load(base_path, (*chain, (path, lowered.extend)))
+    return merge(base, lowered.root), base_diagnostics + lowered.diagnostics
+
+
+def _base_path(path: Path, extend: ast.Extend, chain: tuple[tuple[Path, ast.Extend], ...]) -> Path:
+    target = (path.parent / extend.path.value).resolve()
+    visited = [p for p, _ in chain] + [path]
+    if target in visited:
+        cycle = " -> ".join(display_path(p) for p in visited[visited.index(target):] + [target])
+        raise CStarError([Diagnostic(
+            "extend-cycle", "this `extend` makes a cycle", extend.path.span, label="leads back here",
+            notes=(f"cycle: {cycle}",), help="a recipe cannot extend itself, directly or through its bases")])
+    if not target.is_file():
+        raise CStarError([Diagnostic(
+            "extend-not-found", f"base recipe not found: {display_path(target)}", extend.path.span,
+            label="no such file", help="paths in a recipe are relative to the recipe's own folder")])
+    return target
+
+
+def merge(base: Section, override: Section) -> Section:
+    """``override`` on top of ``base``: blocks merge key by key, layer rules and requirements by
+    selector and metric, every other value is replaced."""
+    merged = Section(override.kind, override.span or base.span)
+    merged.update(base)
+    merged.keys.update(base.keys)
+    for key, value in override.items():
+        previous = base.get(key)
+        if isinstance(value, Section) and isinstance(previous, Section):
+            value = merge(previous, value)
+        elif isinstance(value, SectionList) and isinstance(previous, SectionList):
+            value = _merge_entries(previous, value)
+        merged[key] = value
+        merged.keys[key] = override.keys[key]
+    return merged
+
+
+def _merge_entries(base: SectionList, override: SectionList) -> SectionList:
+    merged = SectionList(base)
+    for entry in override:
+        index = next((i for i, e in enumerate(merged) if identity(e) == identity(entry)), None)
+        if index is None:
+            merged.append(entry)
+        elif isinstance(entry, Section):
+            merged[index] = merge(merged[index], entry)
+        else:
+            merged[index] = entry
+    return merged

@@ -1,0 +1,81 @@
+"""Rendering of diagnostics as text, the way ruff and rustc show them, or as JSON (pure strings)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from .errors import Diagnostic
+
+MAX_LINE = 120
+FORMATS = ("full", "concise", "json")
+
+
+def render(diagnostics: Sequence[Diagnostic], fmt: str = "full") -> str:
+    """All diagnostics in one of ``FORMATS``, ending with a newline when there are any."""
+    if fmt == "json":
+        return json.dumps([to_dict(d) for d in diagnostics], indent=2) + "\n"
+    if fmt == "concise":
+        return "".join(render_concise(d) + "\n" for d in diagnostics)
+    return "".join(render_full(d) + "\n\n" for d in diagnostics)
+
+
+def to_dict(diagnostic: Diagnostic) -> dict[str, object]:
+    """The machine-readable form of a diagnostic (the ``--format json`` schema)."""
+    span = diagnostic.span
+    return {
+        "code": diagnostic.code,
+        "severity": diagnostic.severity,
+        "message": diagnostic.message,
+        "file": span.path if span else None,
+        "line": span.line if span else None,
+        "column": span.column if span else None,
+        "end_line": span.end_line if span else None,
+        "end_column": span.end_column if span else None,
+        "label": diagnostic.label,
+        "help": diagnostic.help,
+        "notes": list(diagnostic.notes),
+    }
+
+
+def render_concise(diagnostic: Diagnostic) -> str:
+    """``file:line:col: error[code] message`` on one line."""
+    span = diagnostic.span
+    where = f"{span.path}:{span.line}:{span.column}: " if span else ""
+    return f"{where}{diagnostic.severity}[{diagnostic.code}] {diagnostic.message}"
+
+
+def render_full(diagnostic: Diagnostic) -> str:
+    """The header, the source line with a caret under the span, then help and notes."""
+    lines = [f"{diagnostic.severity}[{diagnostic.code}]: {diagnostic.message}"]
+    span = diagnostic.span
+    gutter = " " * len(str(span.line)) if span else ""
+    if span:
+        lines.append(f"{gutter}--> {span.path}:{span.line}:{span.column}")
+        text = span.source.line_text(span.line)
+        last = span.end_column if span.end_line == span.line else len(text) + 1
+        shown, start, width = _window(text, span.column - 1, max(1, last - span.column))
+        label = f" {diagnostic.label}" if diagnostic.label else ""
+        lines += [
+            f"{gutter} |",
+            f"{span.line} | {shown}".rstrip(),
+            f"{gutter} | {' ' * start}{'^' * width}{label}",
+            f"{gutter} |",
+        ]
+    for prefix, text in [("help", diagnostic.help), *(("note", n) for n in diagnostic.notes)]:
+        if text:
+            lines.append(f"{gutter} = {prefix}: {text}")
+    return "\n".join(lines)
+
+
+def _window(text: str, column: int, width: int) -> tuple[str, int, int]:
+    """The part of a long line around ``column``: (shown text, caret offset, caret width)."""
+    text = text.replace("\t", " ")
+    if len(text) <= MAX_LINE:
+        return text, column, min(width, max(1, len(text) - column + 1))
+    left = max(0, column - MAX_LINE // 3)
+    shown = text[left : left + MAX_LINE]
+    prefix = "..." if left else ""
+    suffix = "..." if left + MAX_LINE < len(text) else ""
+    caret = len(prefix) + column - left
+    return prefix + shown + suffix, caret, max(1, min(width, len(shown) - (column - left)))

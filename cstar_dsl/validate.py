@@ -1,0 +1,272 @@
+"""Validation stage: merged sections -> Spec, with every problem of a file as a located diagnostic."""
+
+from __future__ import annotations
+
+import fnmatch
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from . import syntax as ast
+from .errors import CStarError, Diagnostic, did_you_mean
+from .load import load_sections
+from .lower import Section, SectionList
+from .source import Span
+from .spec import Spec
+
+Loc = tuple[str | int, ...]
+# keys whose entries the user writes under another word
+_WRITTEN = {"layers": "layer", "requirements": "require"}
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A valid recipe and its warnings."""
+
+    spec: Spec
+    warnings: tuple[Diagnostic, ...]
+
+
+def check_file(path: str | Path, *, allow_import: bool = False) -> Checked:
+    """Load, merge and validate a recipe file.
+
+    Raises:
+        CStarError: with every error found (and the warnings), sorted by position.
+    """
+    root, structural = load_sections(Path(path))
+    return check_sections(root, structural, allow_import=allow_import)
+
+
+def load_spec(path: str | Path, *, allow_import: bool = False) -> Spec:
+    """The validated recipe at ``path`` (see ``check_file``)."""
+    return check_file(path, allow_import=allow_import).spec
+
+
+def check_sections(root: Section, found: list[Diagnostic], *, allow_import: bool = False) -> Checked:
+    """Validate merged sections; ``found`` holds the problems of the earlier stages."""
+    diagnostics = list(found)
+    spec = None
+    try:
+        spec = Spec.model_validate(root, context={"allow_import": allow_import})
+    except ValidationError as error:
+        diagnostics += [_diagnostic(e, root) for e in error.errors(include_url=False)]
+    if spec is not None:
+        diagnostics += semantic_checks(spec, root)
+    diagnostics.sort(key=_position)
+    if spec is None or any(d.is_error for d in diagnostics):
+        raise CStarError(diagnostics)
+    return Checked(spec, tuple(diagnostics))
+
+
+def _position(diagnostic: Diagnostic) -> tuple[str, int, int]:
+    span = diagnostic.span
+    return (span.path, span.line, span.column) if span else ("", 0, 0)
+
+
+# ------------------------------------------------------ pydantic errors -> diagnostics
+
+
+def _diagnostic(error: Any, root: Section) -> Diagnostic:
+    loc: Loc = tuple(error["loc"])
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return _unknown_key(loc, root)
+    if kind == "missing":
+        return _missing_key(loc, root)
+    span = locate(root, loc)
+    ctx = error.get("ctx") or {}
+    if "message" in ctx:
+        return Diagnostic(kind, ctx["message"], span, label=ctx.get("label"), help=ctx.get("help"))
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        name = loc[-1] if loc else "?"
+        return Diagnostic("expected-block", f"`{name}` is a block, not a setting", span, label="expected `{ ... }`",
+                          help=f"write `{name} {{ ... }}` with its settings inside")
+    return Diagnostic("wrong-type", error["msg"], span, label="invalid value")
+
+
+def _unknown_key(loc: Loc, root: Section) -> Diagnostic:
+    parent, _ = _walk(root, loc[:-1])
+    key = str(loc[-1])
+    allowed = [_WRITTEN.get(name, name) for name in _fields_at(loc[:-1]) if name not in ("kind", "selector")]
+    if isinstance(parent, ast.Call):
+        keyword = parent.keyword(key)
+        return Diagnostic(
+            "unknown-argument", f"`{parent.name.value}` has no argument `{key}`",
+            keyword.name.span if keyword else parent.span, label=did_you_mean(key, allowed) or "unknown argument",
+            help=f"its arguments are: {', '.join(allowed)}" if allowed else f"`{parent.name.value}` takes no arguments")
+    info = parent.keys.get(key) if isinstance(parent, Section) else None
+    written = info.written if info else key
+    value = parent.get(key) if isinstance(parent, Section) else None
+    is_block = isinstance(value, Section) or (isinstance(value, SectionList) and isinstance(value[0], Section))
+    where = "the recipe" if not loc[:-1] else f"the `{_block_name(parent)}` block"
+    code = "unknown-block" if is_block else "unknown-key"
+    noun = "block" if is_block else ("line" if written == "require" else "key")
+    return Diagnostic(
+        code, f"unknown {noun} `{written}` in {where}", info.span if info else _span_of(parent),
+        label=did_you_mean(written, allowed) or f"not a {noun} of {where}",
+        help=f"allowed here: {', '.join(allowed)}" if allowed else None)
+
+
+def _missing_key(loc: Loc, root: Section) -> Diagnostic:
+    parent, _ = _walk(root, loc[:-1])
+    key = str(loc[-1])
+    if isinstance(parent, Section) and parent.kind == "file":
+        return Diagnostic(
+            "missing-block", f"the recipe has no `{key}` block", _span_of(parent), label=f"`{key} {{ ... }}` is required",
+            help="every recipe has model, data, threat, compress and train blocks (an `extend`ed base can give them)")
+    if isinstance(parent, ast.Call):
+        return Diagnostic("missing-argument", f"`{parent.name.value}` needs the argument `{key}`", parent.span,
+                          label=f"add `{key} = ...`")
+    return Diagnostic("missing-key", f"the `{_block_name(parent)}` block needs `{key}`", _span_of(parent),
+                      label=f"`{key}` is missing", help=f"add `{key} = ...` inside the block")
+
+
+def _block_name(node: object) -> str:
+    if isinstance(node, Section):
+        return node.kind
+    return "?"
+
+
+def _span_of(node: object) -> Span | None:
+    return getattr(node, "span", None)
+
+
+def locate(root: Section, loc: Loc) -> Span | None:
+    """The span of the deepest node that ``loc`` reaches in the sections."""
+    node, last_span = _walk(root, loc)
+    return _span_of(node) or last_span
+
+
+def _walk(root: Section, loc: Loc) -> tuple[object, Span | None]:
+    node: object = root
+    last_span = root.span
+    for part in loc:
+        child = _child(node, part)
+        if child is None:
+            continue  # a union tag or a name pydantic made up: stay on the node
+        node = child
+        last_span = _span_of(node) or last_span
+    return node, last_span
+
+
+def _child(node: object, part: str | int) -> object | None:
+    if isinstance(node, Section):
+        return node.get(part) if isinstance(part, str) else None
+    if isinstance(node, (SectionList, ast.List)) and isinstance(part, int):
+        entries = node.items if isinstance(node, ast.List) else node
+        return entries[part] if 0 <= part < len(entries) else None
+    if isinstance(node, ast.Call) and isinstance(part, str):
+        keyword = node.keyword(part)
+        return keyword.value if keyword else None
+    return None
+
+
+def _fields_at(loc: Loc) -> list[str]:
+    """The field names of the model that ``loc`` leads to (for "did you mean")."""
+    current: Any = Spec
+    for part in loc:
+        current = _unwrap(current)
+        if isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
+            current = current.model_fields[part].annotation
+        elif typing.get_origin(current) is tuple and isinstance(part, int):
+            current = typing.get_args(current)[0]
+        elif typing.get_origin(current) in (typing.Union, type(int | None)):
+            current = next((m for m in typing.get_args(current) if _tag(m) == part), current)
+    current = _unwrap(current)
+    return list(current.model_fields) if isinstance(current, type) and issubclass(current, BaseModel) else []
+
+
+def _unwrap(tp: Any) -> Any:
+    while typing.get_origin(tp) is typing.Annotated:
+        tp = typing.get_args(tp)[0]
+    members = [m for m in typing.get_args(tp) if m is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, type(int | None)) and len(members) == 1:
+        return _unwrap(members[0])
+    return tp
+
+
+def _tag(model: Any) -> object:
+    fields = getattr(model, "model_fields", {})
+    return fields["kind"].default if "kind" in fields else None
+
+
+# ------------------------------------------------------------------- semantic checks
+
+
+def semantic_checks(spec: Spec, root: Section) -> list[Diagnostic]:
+    """Checks across fields and blocks, run once every field is valid; each reports all instances."""
+    return [
+        *_rules_against_keep(spec, root),
+        *_phases_for_method(spec, root),
+        *_fixed_policy_ranks(spec, root),
+        *_data_root(spec, root),
+        *_normalization_channels(spec, root),
+    ]
+
+
+def _rules_against_keep(spec: Spec, root: Section) -> list[Diagnostic]:
+    found = []
+    for index, rule in enumerate(spec.compress.layers):
+        if rule.dense or rule.selector.kind == "type":
+            continue
+        kept = next((k for k in spec.compress.keep
+                     if k == rule.selector.pattern or fnmatch.fnmatchcase(rule.selector.pattern, k)), None)
+        if kept is not None:
+            found.append(Diagnostic(
+                "rule-contradicts-keep", f"layer rule {rule.selector} compresses a layer that `keep` leaves dense",
+                locate(root, ("compress", "layers", index, "selector")), label=f"kept dense by `keep` entry \"{kept}\"",
+                help="remove the layer from `keep`, or drop this rule"))
+    return found
+
+
+def _phases_for_method(spec: Spec, root: Section) -> list[Diagnostic]:
+    method, train = spec.compress.method, spec.train
+    found = []
+    if method == "cstar" and train.admm is None:
+        found.append(Diagnostic(
+            "missing-phase", "method `cstar` needs an `admm` phase", locate(root, ("train",)),
+            label="no `admm { ... }` here", help="add `admm { epochs = ..., lr = ... }` to the train block"))
+    if method != "cstar" and train.admm is not None:
+        found.append(Diagnostic(
+            "phase-ignored", f"method `{method}` has no ADMM phase; the `admm` block is not used",
+            locate(root, ("train", "admm")), severity="warning", label="ignored",
+            help="move its epochs to `finetune` to give the method the same total epochs"))
+    if train.finetune is None:
+        found.append(Diagnostic(
+            "missing-phase", f"method `{method}` needs a `finetune` phase", locate(root, ("train",)),
+            label="no `finetune { ... }` here", help="add `finetune { epochs = ..., lr = ... }` to the train block"))
+    return found
+
+
+def _fixed_policy_ranks(spec: Spec, root: Section) -> list[Diagnostic]:
+    if spec.compress.policy.kind != "fixed" or any(r.rank is not None for r in spec.compress.layers):
+        return []
+    return [Diagnostic(
+        "fixed-needs-rank", "policy `fixed` takes its ranks from `layer` rules, but none sets `rank`",
+        locate(root, ("compress", "policy")), label="no ranks to use",
+        help='add rules such as `layer type Conv2d { rank = 16 }`, or choose `policy = global`')]
+
+
+def _data_root(spec: Spec, root: Section) -> list[Diagnostic]:
+    if spec.data.dataset == "digits" or spec.data.root is not None:
+        return []
+    return [Diagnostic(
+        "missing-key", f"data set `{spec.data.dataset}` needs `root`, the folder that holds it",
+        locate(root, ("data",)), label="`root` is missing",
+        help='add `root = "path/to/data"` (relative to this recipe), or `download = true` with a root to fill')]
+
+
+def _normalization_channels(spec: Spec, root: Section) -> list[Diagnostic]:
+    channels = spec.model.input[0]
+    found = []
+    for key in ("mean", "std"):
+        values = getattr(spec.data, key)
+        if values is not None and len(values) != channels:
+            found.append(Diagnostic(
+                "shape-mismatch", f"`{key}` has {len(values)} values but the input has {channels} channels",
+                locate(root, ("data", key)), label=f"expected {channels} values",
+                help="give one value per input channel (model.input is [C, H, W])"))
+    return found
