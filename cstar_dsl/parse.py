@@ -181,13 +181,16 @@ def _bad_character(source: SourceFile, offset: int) -> Diagnostic:
             label="string starts here",
             help='close it with `"` on the same line; strings cannot span lines',
         )
-    word = _WORD.match(source.text, offset)
-    if char.isdigit() or (char in ".-" and word and any(c.isdigit() for c in word.group())):
-        text = word.group() if word else char
+    start = offset
+    while start > 0 and _WORD.fullmatch(source.text[start - 1]):
+        start -= 1
+    word = _WORD.match(source.text, start)
+    text = word.group() if word else char
+    if text[0].isdigit() or (text[0] in ".-" and any(c.isdigit() for c in text)):
         return Diagnostic(
             "invalid-number",
             f"`{_clip(text)}` is not a number",
-            source.span(offset, offset + len(text)),
+            source.span(start, start + len(text)),
             label="not a number",
             help="write numbers like 128, 0.3, 1e-3 or 8/255, with at most one unit: x, %, k, M or G",
         )

@@ -25,23 +25,27 @@ class _Block(BaseModel):
 
 
 def _typed(function: Any, /, **options: Any) -> BeforeValidator:
-    return BeforeValidator(partial(function, **options) if options else function)
+    """A before-validator from a coerce function; None (an unset optional) passes through."""
+    convert = partial(function, **options) if options else function
+    return BeforeValidator(lambda value: None if value is None else convert(value))
 
 
 def _int_at_least(low: int, what: str) -> BeforeValidator:
-    return BeforeValidator(lambda v: int(c.at_least(c.integer(v), low, what)))
+    return _typed(lambda v: int(c.at_least(c.integer(v), low, what)))
 
 
 def _positive_number(what: str, code: str = "out-of-range") -> BeforeValidator:
-    return BeforeValidator(lambda v: c.positive(c.number(v), what, code=code))
+    return _typed(lambda v: c.positive(c.number(v), what, code=code))
 
 
 def _number_at_least(low: float, what: str) -> BeforeValidator:
-    return BeforeValidator(lambda v: c.at_least(c.number(v), low, what))
+    return _typed(lambda v: c.at_least(c.number(v), low, what))
 
 
 def _path(value: object) -> Path:
     """A path; relative paths resolve against the folder of the recipe that wrote them."""
+    if isinstance(value, Path):
+        return value
     raw = Path(c.text(value, example='"data/mnist"'))
     if raw.is_absolute():
         return raw
@@ -271,7 +275,7 @@ class LayerRule(_Block):
     """``layer <selector> { ... }``: per-layer ratio, rank, rank bounds, or staying dense."""
 
     selector: Annotated[Selector, _typed(_selector)]
-    ratio: Annotated[float | None, BeforeValidator(lambda v: c.ratio(v, "a layer's ratio"))] = None
+    ratio: Annotated[float | None, _typed(c.ratio, what="a layer's ratio")] = None
     rank: Annotated[int | tuple[int, int] | None, _typed(_rank)] = None
     min_rank: Annotated[int | None, _int_at_least(1, "`min_rank`")] = None
     max_rank: Annotated[int | None, _int_at_least(1, "`max_rank`")] = None
