@@ -93,7 +93,10 @@ def _check(args: argparse.Namespace, console: Console) -> int:
 
 def _summary(spec: Spec) -> str:
     budget = spec.compress.budget
-    amount = f"{budget.ratio:g}x {budget.metric}" if budget.kind == "ratio" else f"{budget.metric} <= {_si(budget.limit)}"
+    if budget.kind == "ratio":
+        amount = f"{budget.ratio:g}x {budget.metric}"
+    else:
+        amount = f"{budget.metric} <= {_si(budget.limit)}"
     c, h, w = spec.model.input
     return (f"{spec.model.arch} {c}x{h}x{w} on {spec.data.dataset}; {spec.compress.method} {amount}, "
             f"{spec.compress.policy.kind} ranks; {spec.threat.norm} eps {_pixels(spec.threat.eps)}")

@@ -186,12 +186,13 @@ def _arguments(call: ast.Call, member: type[BaseModel]) -> dict[str, object]:
     found: dict[str, object] = {}
     positional = [a for a in call.args if not isinstance(a, ast.Keyword)]
     if len(positional) > len(names):
+        fields = [name for name in member.model_fields if name != "kind"]
         fail("invalid-argument",
              f"`{call.name.value}` takes {len(names) or 'no'} positional argument{'s' * (len(names) != 1)}, "
              f"got {len(positional)}",
              label="too many arguments",
-             help=f"name the arguments: {', '.join(f'{n} = ...' for n in _fields(member))}" if _fields(member) else None)
-    for name, arg in zip(names, positional):
+             help=f"name the arguments: {', '.join(f'{n} = ...' for n in fields)}" if fields else None)
+    for name, arg in zip(names, positional, strict=False):
         found[name] = arg
     for arg in call.args:
         if isinstance(arg, ast.Keyword):
@@ -200,10 +201,6 @@ def _arguments(call: ast.Call, member: type[BaseModel]) -> dict[str, object]:
                      label="given twice")
             found[arg.name.value] = arg.value
     return found
-
-
-def _fields(member: type[BaseModel]) -> list[str]:
-    return [name for name in member.model_fields if name != "kind"]
 
 
 def sequence(value: object, convert: Callable[[object], Any], *, what: str) -> tuple[Any, ...]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Union
 
 from .source import SourceFile, Span
 
@@ -121,7 +120,7 @@ class List:
     span: Span = _position()
 
 
-Value = Union[Number, Quantity, Fraction, String, Name, Measure, Bound, Call, List]
+Value = Number | Quantity | Fraction | String | Name | Measure | Bound | Call | List
 
 
 @dataclass(frozen=True)
@@ -160,7 +159,7 @@ class Block:
     close: Span = _position()
 
 
-Item = Union[Attribute, Block, Requirement, Extend]
+Item = Attribute | Block | Requirement | Extend
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from . import syntax as ast
-from .errors import CStarError, Diagnostic, did_you_mean
+from .errors import CStarError, Diagnostic, closest, did_you_mean
 from .load import load_sections
 from .lower import Section, SectionList
 from .source import Span
@@ -20,6 +20,7 @@ from .spec import Spec
 Loc = tuple[str | int, ...]
 # keys whose entries the user writes under another word
 _WRITTEN = {"layers": "layer", "requirements": "require"}
+_READ = {written: key for key, written in _WRITTEN.items()}
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ def check_sections(root: Section, found: list[Diagnostic], *, allow_import: bool
     try:
         spec = Spec.model_validate(root, context={"allow_import": allow_import})
     except ValidationError as error:
-        diagnostics += [_diagnostic(e, root) for e in error.errors(include_url=False)]
+        diagnostics += _pydantic_diagnostics(error.errors(include_url=False), root)
     if spec is not None:
         diagnostics += semantic_checks(spec, root)
     diagnostics.sort(key=_position)
@@ -67,6 +68,30 @@ def _position(diagnostic: Diagnostic) -> tuple[str, int, int]:
 
 
 # ------------------------------------------------------ pydantic errors -> diagnostics
+
+
+def _pydantic_diagnostics(errors: list[Any], root: Section) -> list[Diagnostic]:
+    """One diagnostic per error, except a "missing" key that a misspelt key already explains."""
+    misspelt = set()
+    for error in errors:
+        if error["type"] == "extra_forbidden":
+            loc = tuple(error["loc"])
+            match = closest(str(loc[-1]), [_WRITTEN.get(f, f) for f in _fields_at(loc[:-1])])
+            misspelt.add((*loc[:-1], _READ.get(match, match)))
+    kept = [e for e in errors if not (e["type"] == "missing" and tuple(e["loc"]) in misspelt)]
+    missing_blocks = [str(e["loc"][0]) for e in kept if e["type"] == "missing" and len(e["loc"]) == 1]
+    found = [_diagnostic(e, root) for e in kept if not (e["type"] == "missing" and len(e["loc"]) == 1)]
+    if missing_blocks:
+        found.insert(0, _missing_blocks(missing_blocks, root))
+    return found
+
+
+def _missing_blocks(names: list[str], root: Section) -> Diagnostic:
+    listed = ", ".join(f"`{n}`" for n in names[:-1]) + (" or " if len(names) > 1 else "") + f"`{names[-1]}`"
+    return Diagnostic(
+        "missing-block", f"the recipe has no {listed} block", root.span,
+        label=f"{'these blocks are' if len(names) > 1 else 'this block is'} required",
+        help="every recipe has model, data, threat, compress and train blocks (or `extend`s a base that has them)")
 
 
 def _diagnostic(error: Any, root: Section) -> Diagnostic:
@@ -113,10 +138,6 @@ def _unknown_key(loc: Loc, root: Section) -> Diagnostic:
 def _missing_key(loc: Loc, root: Section) -> Diagnostic:
     parent, _ = _walk(root, loc[:-1])
     key = str(loc[-1])
-    if isinstance(parent, Section) and parent.kind == "file":
-        return Diagnostic(
-            "missing-block", f"the recipe has no `{key}` block", _span_of(parent), label=f"`{key} {{ ... }}` is required",
-            help="every recipe has model, data, threat, compress and train blocks (an `extend`ed base can give them)")
     if isinstance(parent, ast.Call):
         return Diagnostic("missing-argument", f"`{parent.name.value}` needs the argument `{key}`", parent.span,
                           label=f"add `{key} = ...`")

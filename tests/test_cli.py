@@ -35,7 +35,7 @@ def test_check_invalid_spec_exits_1_with_located_errors(tmp_path, capsys, monkey
     out = capsys.readouterr().out
     assert "error[unknown-key]: unknown key `clases` in the `model` block" in out
     assert " --> bad.cstar:3:3" in out and "^^^^^^ did you mean `classes`?" in out
-    assert "error[missing-block]" in out and "Found 7 errors in 1 of 1 file." in out
+    assert "error[missing-block]" in out and "Found 3 errors in 1 of 1 file." in out
 
 
 def test_check_json_format(tmp_path, capsys, monkeypatch):

@@ -1,0 +1,221 @@
+"""Spec stage: the validated recipe, one frozen pydantic model per block.
+
+Values arrive as syntax nodes (from a file) or as plain Python values (from the API); the
+``coerce`` functions turn both into typed settings and raise errors with stable cstar codes.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BeforeValidator, Field, ValidationInfo, field_validator
+
+from .. import coerce as c
+from .. import registry
+from .. import syntax as ast
+from .base import Block, int_at_least, names, normalize_module_name, path, positive_number, typed
+from .compress import (
+    Budget,
+    CompressSpec,
+    EnergyPolicy,
+    FixedPolicy,
+    GlobalPolicy,
+    LayerRule,
+    LimitBudget,
+    Policy,
+    RatioBudget,
+    Selector,
+    UniformPolicy,
+)
+from .train import (
+    Adam,
+    AdmmSpec,
+    ConstantSchedule,
+    CosineSchedule,
+    GeometricRho,
+    Interval,
+    MultistepSchedule,
+    PhaseSpec,
+    Sgd,
+    StepSchedule,
+    TrainSpec,
+)
+
+__all__ = [
+    "Adam", "AdmmSpec", "Attack", "Budget", "CompressSpec", "ConstantSchedule", "CosineSchedule", "DataSpec",
+    "EnergyPolicy", "EvaluateSpec", "ExportSpec", "FgsmAttack", "FixedPolicy", "GeometricRho", "GlobalPolicy",
+    "Interval", "LayerRule", "LimitBudget", "ModelSpec", "MultistepSchedule", "PgdAttack", "PhaseSpec", "Policy",
+    "RatioBudget", "RequirementSpec", "Selector", "Sgd", "Spec", "StepSchedule", "ThreatSpec", "TrainSpec",
+    "UniformPolicy", "normalize_module_name",
+]
+
+# ------------------------------------------------------------------------ model
+
+
+def _arch(value: object, info: ValidationInfo) -> str:
+    name = c.text(value, example='"torchvision:resnet18"')
+    if name in registry.registry_names():
+        return name
+    if registry.is_import_path(name) and not name.startswith(("torchvision:", "cstar:")):
+        if (info.context or {}).get("allow_import"):
+            return name
+        c.fail("import-not-allowed", f"`{name}` would import and run your own code",
+               label="a user model factory", help="pass --allow-import to allow `package.module:function` models")
+    c.unknown(name, registry.registry_names(), what="model", code="unknown-model")
+
+
+def _input_shape(value: object) -> tuple[int, int, int]:
+    dims = c.sequence(value, lambda v: int(c.at_least(c.integer(v), 1, "every input dimension")), what="sizes")
+    if len(dims) != 3:
+        c.fail("wrong-type", f"`input` is channels, height, width: expected 3 sizes, got {len(dims)}",
+               label="expected [C, H, W]", help="for example: input = [3, 32, 32]")
+    return dims  # type: ignore[return-value]
+
+
+_STEMS = ("standard", "cifar")
+
+
+class ModelSpec(Block):
+    """``model { ... }``: which network, its classes and input shape, optional starting weights."""
+
+    arch: Annotated[str, BeforeValidator(_arch)]
+    classes: Annotated[int, int_at_least(2, "`classes`")]
+    input: Annotated[tuple[int, int, int], typed(_input_shape)]
+    stem: Annotated[Literal["standard", "cifar"], typed(c.choice, options=_STEMS, what="stem")] = "standard"
+    weights: Annotated[Path | None, typed(path)] = None
+    leaf: Annotated[tuple[str, ...], typed(names, what="module names or types")] = ()
+
+
+# ------------------------------------------------------------------------- data
+
+
+def _split(value: object) -> float | Literal["official"]:
+    if isinstance(value, (ast.Name, str)):
+        return c.choice(value, ("official",), what="split")  # type: ignore[return-value]
+    share = c.percent(value, "the training share")
+    if not 0 < share < 1:
+        c.fail("out-of-range", "the training share must lie strictly between 0% and 100%", label="outside (0%, 100%)")
+    return share
+
+
+class DataSpec(Block):
+    """``data { ... }``: the data set, where it lives, and how it is batched and augmented."""
+
+    dataset: Annotated[str, typed(c.choice, options=registry.DATASETS, what="data set", code="unknown-dataset")]
+    root: Annotated[Path | None, typed(path)] = None
+    batch_size: Annotated[int, int_at_least(1, "`batch_size`")] = 128
+    split: Annotated[float | Literal["official"], typed(_split)] = "official"
+    augment: Annotated[str, typed(c.choice, options=("standard", "none"), what="augmentation")] = "standard"
+    download: Annotated[bool, typed(c.boolean)] = False
+    workers: Annotated[int, int_at_least(0, "`workers`")] = 0
+    mean: Annotated[tuple[float, ...] | None, typed(c.sequence, convert=c.number, what="numbers")] = None
+    std: Annotated[tuple[float, ...] | None, typed(
+        c.sequence, convert=lambda v: c.positive(c.number(v), "every std"), what="numbers")] = None
+
+
+# ----------------------------------------------------------------------- threat
+
+
+class ThreatSpec(Block):
+    """``threat { ... }``: the attacker trained against (inputs in [0, 1], so eps is in pixels)."""
+
+    norm: Annotated[str, typed(c.choice, options=("linf", "l2"), what="norm")]
+    eps: Annotated[float, positive_number("`eps`", "eps-not-positive")]
+    step: Annotated[float, positive_number("`step`")]
+    steps: Annotated[int, int_at_least(1, "`steps`")] = 10
+    random_start: Annotated[bool, typed(c.boolean)] = True
+    restarts: Annotated[int, int_at_least(1, "`restarts`")] = 1
+
+    @field_validator("step")
+    @classmethod
+    def _step_within_eps(cls, step: float, info: ValidationInfo) -> float:
+        eps = info.data.get("eps")
+        if eps is not None and step > eps:
+            c.fail("step-exceeds-eps", f"the attack step {step:.3g} is larger than eps {eps:.3g}",
+                   label="larger than eps", help="a PGD step is a fraction of eps, typically eps/4 for 10 steps")
+        return step
+
+
+# --------------------------------------------------------------------- evaluate
+
+
+class PgdAttack(Block):
+    """Projected gradient descent; ``eps`` and ``step`` default to the threat block's."""
+
+    kind: Literal["pgd"] = "pgd"
+    steps: Annotated[int, int_at_least(1, "`steps`")] = 20
+    restarts: Annotated[int, int_at_least(1, "`restarts`")] = 1
+    eps: Annotated[float | None, positive_number("`eps`", "eps-not-positive")] = None
+    step: Annotated[float | None, positive_number("`step`")] = None
+
+
+class FgsmAttack(Block):
+    """The fast gradient sign method: one step of size eps."""
+
+    kind: Literal["fgsm"] = "fgsm"
+    eps: Annotated[float | None, positive_number("`eps`", "eps-not-positive")] = None
+
+
+_ATTACKS = {"pgd": PgdAttack, "fgsm": FgsmAttack}
+Attack = Annotated[PgdAttack | FgsmAttack, Field(discriminator="kind")]
+
+
+def _attack(value: object) -> object:
+    return c.variant(value, _ATTACKS, what="attack", code="unknown-attack")
+
+
+class RequirementSpec(Block):
+    """``require clean >= 95%``: checked after compiling; accuracy as a fraction in [0, 1]."""
+
+    metric: Literal["clean", "robust"]
+    op: Literal[">=", ">"]
+    value: float
+
+
+def _requirement(value: object) -> object:
+    if not isinstance(value, ast.Requirement):
+        return value
+    bound = value.bound
+    metric = c.choice(bound.subject, ("clean", "robust"), what="requirement metric")
+    if bound.op not in (">=", ">"):
+        c.fail("invalid-requirement", f"a requirement is a floor: write `require {metric} >= ...`",
+               label="use `>=`")
+    return {"metric": metric, "op": bound.op, "value": c.percent(bound.limit, "a required accuracy")}
+
+
+class EvaluateSpec(Block):
+    """``evaluate { ... }``: the attacks reported and the accuracies required."""
+
+    attacks: Annotated[tuple[Attack, ...], typed(c.sequence, convert=_attack, what="attacks")] = (PgdAttack(),)
+    requirements: tuple[Annotated[RequirementSpec, BeforeValidator(_requirement)], ...] = ()
+    samples: Annotated[int | None, int_at_least(1, "`samples`")] = None
+
+
+# ----------------------------------------------------------------------- export
+
+
+_export_format = partial(c.choice, options=registry.EXPORT_FORMATS, what="export format")
+
+
+class ExportSpec(Block):
+    """``export { ... }``: the formats written next to the compiled model."""
+
+    formats: Annotated[tuple[str, ...], typed(c.sequence, convert=_export_format, what="formats")] = ("safetensors",)
+    opset: Annotated[int, int_at_least(17, "`opset`")] = 17
+
+
+# ------------------------------------------------------------------------- spec
+
+
+class Spec(Block):
+    """A whole validated recipe."""
+
+    model: ModelSpec
+    data: DataSpec
+    threat: ThreatSpec
+    compress: CompressSpec
+    train: TrainSpec
+    evaluate: EvaluateSpec = EvaluateSpec()
+    export: ExportSpec = ExportSpec()

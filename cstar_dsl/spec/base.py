@@ -1,0 +1,58 @@
+"""Spec stage, shared parts: the frozen block base and the before-validators built on ``coerce``."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict
+
+from .. import coerce as c
+from .. import syntax as ast
+
+_MODULE_PREFIXES = ("module.", "_orig_mod.")
+
+
+class Block(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def typed(function: Any, /, **options: Any) -> BeforeValidator:
+    """A before-validator from a coerce function; None (an unset optional) passes through."""
+    convert = partial(function, **options) if options else function
+    return BeforeValidator(lambda value: None if value is None else convert(value))
+
+
+def int_at_least(low: int, what: str) -> BeforeValidator:
+    return typed(lambda v: int(c.at_least(c.integer(v), low, what)))
+
+
+def positive_number(what: str, code: str = "out-of-range") -> BeforeValidator:
+    return typed(lambda v: c.positive(c.number(v), what, code=code))
+
+
+def number_at_least(low: float, what: str) -> BeforeValidator:
+    return typed(lambda v: c.at_least(c.number(v), low, what))
+
+
+def path(value: object) -> Path:
+    """A path; relative paths resolve against the folder of the recipe that wrote them."""
+    if isinstance(value, Path):
+        return value
+    raw = Path(c.text(value, example='"data/mnist"'))
+    if raw.is_absolute():
+        return raw
+    base = Path(value.span.source.path).resolve().parent if isinstance(value, ast.String) else Path.cwd()
+    return (base / raw).resolve()
+
+
+def names(value: object, what: str) -> tuple[str, ...]:
+    return c.sequence(value, lambda v: c.text(v, example='"layer4.1.conv2"'), what=what)
+
+
+def normalize_module_name(name: str) -> str:
+    """Drop the wrapper prefixes that DDP and torch.compile add (``module.``, ``_orig_mod.``)."""
+    while name.startswith(_MODULE_PREFIXES):
+        name = name.split(".", 1)[1]
+    return name
