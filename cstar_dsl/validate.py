@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ from . import syntax as ast
 from .errors import CStarError, Diagnostic, closest, did_you_mean
 from .load import load_sections
 from .lower import Section, SectionList
+from .problems import SpecProblem
 from .source import Span
 from .spec import Spec
 
@@ -25,10 +26,15 @@ _READ = {written: key for key, written in _WRITTEN.items()}
 
 @dataclass(frozen=True)
 class Checked:
-    """A valid recipe and its warnings."""
+    """A valid recipe, its warnings, and its sections (to point later stages' problems at lines)."""
 
     spec: Spec
     warnings: tuple[Diagnostic, ...]
+    sections: Section = field(repr=False, compare=False)
+
+    def diagnostic(self, problem: SpecProblem) -> Diagnostic:
+        """A later stage's problem as a diagnostic at the recipe line it concerns."""
+        return problem.diagnostic(locate(self.sections, problem.loc))
 
 
 def check_file(path: str | Path, *, allow_import: bool = False) -> Checked:
@@ -59,7 +65,7 @@ def check_sections(root: Section, found: list[Diagnostic], *, allow_import: bool
     diagnostics.sort(key=_position)
     if spec is None or any(d.is_error for d in diagnostics):
         raise CStarError(diagnostics)
-    return Checked(spec, tuple(diagnostics))
+    return Checked(spec, tuple(diagnostics), root)
 
 
 def _position(diagnostic: Diagnostic) -> tuple[str, int, int]:

@@ -113,7 +113,8 @@ def test_golden_full_render(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     if UPDATE:
         expected_path.write_text(rendered, encoding="utf-8", newline="")
         return
-    expected = expected_path.read_text(encoding="utf-8", newline="")
+    with expected_path.open(encoding="utf-8", newline="") as stream:
+        expected = stream.read()
     assert rendered == expected, f"{case}: rendered diagnostics differ from {case}.txt (CSTAR_UPDATE_GOLDEN=1 rewrites)"
 
 

@@ -1,0 +1,168 @@
+"""Inventory stage: a model -> its traced graph and the facts planning needs about each layer.
+
+This is the one place where torch facts (shapes, spectra) become plain data; planning after it
+is pure Python.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from .decompose import spectra
+from .problems import SpecProblem
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A Linear or Conv2d layer as planning sees it; ``energies`` are normalized squared spectra
+    (one tuple per decomposed mode: output then input channels for a conv, one for a Linear)."""
+
+    name: str
+    type_name: str
+    in_features: int
+    out_features: int
+    kernel: tuple[int, int]
+    groups: int
+    calls: int
+    in_positions: int  # spatial positions (or tokens) the layer's input has, per sample
+    out_positions: int  # the same for its output
+    energies: tuple[tuple[float, ...], ...]
+
+    @property
+    def is_conv(self) -> bool:
+        return self.type_name == "Conv2d"
+
+    @property
+    def params(self) -> int:
+        """Weight parameters (biases are left out, as in the compression ratio)."""
+        return self.out_features * self.in_features * self.kernel[0] * self.kernel[1] // self.groups
+
+    @property
+    def macs(self) -> int:
+        return self.params * self.out_positions
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        if self.is_conv:
+            return (self.out_features, self.in_features // self.groups, *self.kernel)
+        return (self.out_features, self.in_features)
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """The traced model, its compressible layers, and the parameters outside them."""
+
+    graph: fx.GraphModule
+    layers: tuple[LayerInfo, ...]
+    total_params: int
+
+    @property
+    def other_params(self) -> int:
+        return self.total_params - sum(layer.params for layer in self.layers)
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer with the spec's leaf modules, remembering where it is for error messages."""
+
+    def __init__(self, leaves: Iterable[str]) -> None:
+        super().__init__()
+        self.leaves = set(leaves)
+        self.path: list[tuple[str, str]] = []
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return (qualified_name in self.leaves or type(module).__name__ in self.leaves
+                or super().is_leaf_module(module, qualified_name))
+
+    def call_module(self, module: nn.Module, forward, args, kwargs):  # noqa: ANN001, ANN201 (fx's signature)
+        self.path.append((self.path_of_module(module), type(module).__name__))
+        result = super().call_module(module, forward, args, kwargs)
+        self.path.pop()
+        return result
+
+
+def trace(model: nn.Module, leaves: Iterable[str] = ()) -> fx.GraphModule:
+    """Symbolically trace ``model``; an untraceable model names the module that failed.
+
+    Raises:
+        SpecProblem: ``untraceable-model`` at the spec's ``model.arch``.
+    """
+    tracer = _Tracer(leaves)
+    try:
+        graph = tracer.trace(model)
+    except Exception as error:  # fx raises many kinds; each means the same to the user
+        where = tracer.path[-1] if tracer.path else ("", type(model).__name__)
+        name = where[0] or "the model itself"
+        frame = traceback.extract_tb(error.__traceback__)[-1]
+        raise SpecProblem(
+            ("model", "arch"), "untraceable-model", f"torch.fx cannot trace `{name}` ({where[1]}): {error}",
+            label="this model", notes=(f"failed at {frame.filename}:{frame.lineno}",),
+            help=f'mark the module a leaf so it is kept whole: `leaf = ["{where[0] or where[1]}"]` in the model block',
+        ) from error
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def collect(model: nn.Module, input_shape: tuple[int, ...], leaves: Iterable[str] = ()) -> Inventory:
+    """Trace the model, run it once on zeros to learn each layer's positions, and read spectra."""
+    graph = trace(model, leaves)
+    calls = Counter(node.target for node in graph.graph.nodes if node.op == "call_module")
+    shapes = _io_positions(model, input_shape)
+    layers = []
+    for name, module in model.named_modules():
+        if name in calls and isinstance(module, (nn.Linear, nn.Conv2d)) and name in shapes:
+            layers.append(_layer_info(name, module, calls[name], shapes[name]))
+    total = sum(p.numel() for p in model.parameters())
+    return Inventory(graph, tuple(sorted(layers, key=lambda layer: layer.name)), total)
+
+
+def _io_positions(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, tuple[int, int]]:
+    found: dict[str, tuple[int, int]] = {}
+
+    def record(name: str):  # noqa: ANN202
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            found.setdefault(name, (_positions(inputs[0], module), _positions(output, module)))
+        return hook
+
+    handles = [m.register_forward_hook(record(n)) for n, m in model.named_modules()
+               if isinstance(m, (nn.Linear, nn.Conv2d))]
+    parameter = next(model.parameters(), None)
+    options = {"device": parameter.device, "dtype": parameter.dtype} if parameter is not None else {}
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *input_shape, **options))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found
+
+
+def _positions(tensor: torch.Tensor, module: nn.Module) -> int:
+    if isinstance(module, nn.Conv2d):
+        return int(tensor.shape[-1] * tensor.shape[-2])
+    return int(tensor.numel() // tensor.shape[-1] // tensor.shape[0])
+
+
+def _layer_info(name: str, module: nn.Linear | nn.Conv2d, calls: int, positions: tuple[int, int]) -> LayerInfo:
+    weight = module.weight.detach()
+    if isinstance(module, nn.Conv2d):
+        in_features, out_features = module.in_channels, module.out_channels
+        kernel, groups = (int(module.kernel_size[0]), int(module.kernel_size[1])), module.groups
+    else:
+        in_features, out_features, kernel, groups = module.in_features, module.out_features, (1, 1), 1
+    useful = groups == 1 and calls == 1
+    energies = tuple(_normalized(s) for s in spectra(weight)) if useful else ()
+    return LayerInfo(name, type(module).__name__, in_features, out_features, kernel, groups, calls,
+                     positions[0], positions[1], energies)
+
+
+def _normalized(singular_values: torch.Tensor) -> tuple[float, ...]:
+    energy = singular_values.double() ** 2
+    total = float(energy.sum())
+    if total == 0:
+        return tuple(1.0 / len(energy) for _ in range(len(energy)))
+    return tuple(float(e) / total for e in energy)
