@@ -7,7 +7,8 @@ pydantic collects every error of a file and the validate stage can point at each
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, NoReturn
 
 from pydantic import BaseModel
@@ -22,11 +23,35 @@ def fail(code: str, message: str, **context: object) -> NoReturn:
     raise PydanticCustomError(code, "{message}", {"message": message, **context})
 
 
+@contextmanager
+def inside(*path: str | int) -> Iterator[None]:
+    """Errors raised within concern a part of the value (a list item, a call's name, ...):
+    record the path to it, so the diagnostic's caret lands on that part."""
+    try:
+        yield
+    except PydanticCustomError as error:
+        context = dict(error.context or {})
+        context["at"] = (*path, *context.get("at", ()))
+        raise PydanticCustomError(error.type, error.message_template, context) from None
+
+
+def clip(text: str, limit: int = 60) -> str:
+    """Long user text shortened for a message."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def shown(value: object) -> str:
+    """A value as written in the recipe (``8/255``), else as a number."""
+    if isinstance(value, (ast.Number, ast.Quantity, ast.Fraction)):
+        return value.text
+    return _fmt(value) if isinstance(value, (int, float)) else str(value)
+
+
 def describe(value: object) -> str:
     """How a value is named in messages: its source text, or its Python repr."""
     if isinstance(value, (ast.Number, ast.Quantity, ast.Fraction, ast.String, ast.Name,
                           ast.Measure, ast.Bound, ast.Call, ast.List)):
-        return f"`{ast.render_value(value)}`"
+        return f"`{clip(ast.render_value(value))}`"
     if isinstance(value, dict):
         return "a block"
     if isinstance(value, ast.Requirement):
@@ -42,6 +67,8 @@ def _wrong_type(value: object, expected: str, example: str | None = None) -> NoR
 def number(value: object, *, example: str = "0.1") -> float:
     """A plain number or a fraction such as ``8/255``; a unit is an error."""
     if isinstance(value, ast.Number):
+        if not math.isfinite(value.value):
+            fail("out-of-range", f"`{clip(value.text)}` is too large", label="not a finite number")
         return float(value.value)
     if isinstance(value, ast.Fraction):
         if value.denominator.value == 0:
@@ -66,15 +93,16 @@ def integer(value: object, *, example: str = "10") -> int:
     _wrong_type(value, "a whole number", example)
 
 
-def at_least(value: float, low: float, what: str, *, code: str = "out-of-range") -> float:
+def at_least(value: float, low: float, what: str, *, code: str = "out-of-range", written: str = "") -> float:
     if value < low:
-        fail(code, f"{what} must be at least {_fmt(low)}, got {_fmt(value)}", label=f"must be >= {_fmt(low)}")
+        fail(code, f"{what} must be at least {_fmt(low)}, got {written or _fmt(value)}",
+             label=f"must be >= {_fmt(low)}")
     return value
 
 
-def positive(value: float, what: str, *, code: str = "out-of-range") -> float:
+def positive(value: float, what: str, *, code: str = "out-of-range", written: str = "") -> float:
     if value <= 0:
-        fail(code, f"{what} must be greater than 0, got {_fmt(value)}", label="must be > 0")
+        fail(code, f"{what} must be greater than 0, got {written or _fmt(value)}", label="must be > 0")
     return value
 
 
@@ -111,10 +139,10 @@ def choice(value: object, options: Iterable[str], *, what: str, code: str = "unk
     return word
 
 
-def unknown(word: str, options: Iterable[str], *, what: str, code: str) -> NoReturn:
+def unknown(word: str, options: Iterable[str], *, what: str, code: str, match: str | None = None) -> NoReturn:
     options = tuple(options)
-    match = closest(word, options)
-    fail(code, f"unknown {what} `{word}`",
+    match = match or closest(word, options)
+    fail(code, f"unknown {what} `{clip(word)}`",
          label=f"did you mean `{match}`?" if match else f"not a known {what}",
          help=f"choose one of: {', '.join(options)}" if len(options) <= 12 else None)
 
@@ -149,7 +177,7 @@ def ratio(value: object, what: str) -> float:
         _wrong_type(value, "a ratio such as `4x`", "4x")
     if amount < 1:
         fail("ratio-below-one", f"{what} must be at least 1x, got {_fmt(amount)}x",
-             label="less than 1x would grow the layer",
+             label="must be at least 1x",
              help="a ratio is dense size / compressed size: 4x keeps a quarter")
     return amount
 
@@ -177,7 +205,8 @@ def variant(value: object, family: Mapping[str, type[BaseModel]], *, what: str, 
         return {"kind": choice(value, family, what=what, code=code)}
     if not isinstance(value, ast.Call):
         _wrong_type(value, f"a {what}", next(iter(family)))
-    kind = choice(value.name, family, what=what, code=code)
+    with inside("@name"):
+        kind = choice(value.name, family, what=what, code=code)
     return {"kind": kind, **_arguments(value, family[kind])}
 
 
@@ -187,25 +216,38 @@ def _arguments(call: ast.Call, member: type[BaseModel]) -> dict[str, object]:
     positional = [a for a in call.args if not isinstance(a, ast.Keyword)]
     if len(positional) > len(names):
         fields = [name for name in member.model_fields if name != "kind"]
+        context = {"at": (call.args.index(positional[len(names)]),)}
         fail("invalid-argument",
              f"`{call.name.value}` takes {len(names) or 'no'} positional argument{'s' * (len(names) != 1)}, "
              f"got {len(positional)}",
              label="too many arguments",
-             help=f"name the arguments: {', '.join(f'{n} = ...' for n in fields)}" if fields else None)
+             help=f"name the arguments: {', '.join(f'{n} = ...' for n in fields)}" if fields else None, **context)
     for name, arg in zip(names, positional, strict=False):
         found[name] = arg
-    for arg in call.args:
+    for index, arg in enumerate(call.args):
         if isinstance(arg, ast.Keyword):
+            if arg.name.value == "kind":
+                fail("unknown-argument", f"`{call.name.value}` has no argument `kind`", label="not an argument",
+                     at=(index,), help=f"`{call.name.value}` itself is the kind")
             if arg.name.value in found:
                 fail("duplicate-key", f"argument `{arg.name.value}` of `{call.name.value}` is given twice",
-                     label="given twice")
+                     label="given twice", at=(index,), help="keep one of the two")
             found[arg.name.value] = arg.value
     return found
 
 
 def sequence(value: object, convert: Callable[[object], Any], *, what: str) -> tuple[Any, ...]:
     """Each element of a list converted by ``convert``."""
-    return tuple(convert(item) for item in items(value, what=what))
+    converted = []
+    for index, item in enumerate(items(value, what=what)):
+        with inside(index) if isinstance(value, ast.List) else _nowhere():
+            converted.append(convert(item))
+    return tuple(converted)
+
+
+@contextmanager
+def _nowhere() -> Iterator[None]:
+    yield
 
 
 def _percent_example(value: ast.Value) -> str:

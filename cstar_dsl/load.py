@@ -68,9 +68,10 @@ def _base_path(path: Path, extend: ast.Extend, chain: tuple[tuple[Path, ast.Exte
             "extend-cycle", "this `extend` makes a cycle", extend.path.span, label="leads back here",
             notes=(f"cycle: {cycle}",), help="a recipe cannot extend itself, directly or through its bases")])
     if not target.is_file():
+        what = "a folder, not a recipe" if target.is_dir() else "no such file"
         raise CStarError([Diagnostic(
             "extend-not-found", f"base recipe not found: {display_path(target)}", extend.path.span,
-            label="no such file", help="paths in a recipe are relative to the recipe's own folder")])
+            label=what, help="paths in a recipe are relative to the recipe's own folder")])
     return target
 
 

@@ -17,6 +17,7 @@ from .source import Span
 # labelled blocks and the list key they gather under
 LABELLED_BLOCKS = {"layer": "layers"}
 REQUIREMENTS_KEY = "requirements"
+TOP_LEVEL_BLOCKS = ("model", "data", "threat", "compress", "train", "evaluate", "export")
 
 
 class Section(dict[str, Any]):
@@ -81,35 +82,55 @@ def _take_extend(result: Lowered, item: ast.Extend, index: int) -> None:
 
 def _top_level_item(item: ast.Item) -> Diagnostic:
     if isinstance(item, ast.Requirement):
-        return _misplaced_requirement(item, "the top level")
+        return _misplaced_requirement(item, "at the top level")
     key = item.key.value  # type: ignore[union-attr]
+    if key in TOP_LEVEL_BLOCKS:
+        return Diagnostic(
+            "expected-block", f"`{key}` is a block, not a setting", item.span,  # type: ignore[union-attr]
+            label="expected `{ ... }`", help=f"write `{key} {{ ... }}` with its settings inside")
     return Diagnostic(
         "top-level-setting", f"setting `{key}` is outside any block", item.span,  # type: ignore[union-attr]
         label="not inside a block", help="put settings inside a block such as `model { ... }`")
 
 
+# keys the lowering fills from other syntax; written as settings they would be confused with it
+_RESERVED = {
+    LABELLED_BLOCKS["layer"]: 'write one `layer "name" { ... }` block per rule',
+    REQUIREMENTS_KEY: "write one `require metric >= value` line per requirement",
+    "selector": 'the selector is the block\'s label: `layer "name" { ... }` or `layer type Linear { ... }`',
+}
+
+
+def _reserved_key(item: ast.Attribute, kind: str) -> Diagnostic:
+    return Diagnostic(
+        "unknown-key", f"unknown key `{item.key.value}` in the `{kind}` block", item.key.span,
+        label="not a setting", help=_RESERVED[item.key.value])
+
+
 def _misplaced_requirement(item: ast.Requirement, where: str) -> Diagnostic:
     return Diagnostic(
-        "misplaced-require", f"`require` is not allowed in {where}", item.span,
+        "misplaced-require", f"`require` is not allowed {where}", item.span,
         label="only allowed in `evaluate`", help="move it into the `evaluate { ... }` block")
 
 
 def _block_section(block: ast.Block, diagnostics: list[Diagnostic]) -> Section:
     section = Section(block.kind.value, block.span)
     for item in block.items:
-        if isinstance(item, ast.Attribute):
+        if isinstance(item, ast.Attribute) and item.key.value in _RESERVED:
+            diagnostics.append(_reserved_key(item, block.kind.value))
+        elif isinstance(item, ast.Attribute):
             _set(section, item.key.value, item.value, KeyInfo(item.key.span, item.key.value), diagnostics)
         elif isinstance(item, ast.Block):
             _add(section, item, diagnostics)
         elif isinstance(item, ast.Requirement):
             if block.kind.value != "evaluate":
-                diagnostics.append(_misplaced_requirement(item, f"the `{block.kind.value}` block"))
+                diagnostics.append(_misplaced_requirement(item, f"in the `{block.kind.value}` block"))
             else:
                 _append_unique(section, REQUIREMENTS_KEY, item, KeyInfo(item.span, "require"), diagnostics)
         else:
             diagnostics.append(Diagnostic(
                 "misplaced-extend", "`extend` must come first in the file, outside every block", item.span,
-                label="not allowed inside a block"))
+                label="not allowed inside a block", help="move it to the first line of the file"))
     return section
 
 
@@ -121,6 +142,10 @@ def _add(parent: Section, block: ast.Block, diagnostics: list[Diagnostic]) -> No
         if selector is not None:
             _set(section, "selector", selector, KeyInfo(block.kind.span, kind), diagnostics)
             _append_unique(parent, LABELLED_BLOCKS[kind], section, KeyInfo(block.kind.span, kind), diagnostics)
+        return
+    if kind in _RESERVED:
+        diagnostics.append(Diagnostic(
+            "unknown-block", f"unknown block `{kind}`", block.kind.span, label="not a block", help=_RESERVED[kind]))
         return
     if block.labels:
         diagnostics.append(Diagnostic(
@@ -175,7 +200,7 @@ def _append_unique(section: Section, key: str, value: Any, info: KeyInfo, diagno
     what = "layer rule" if isinstance(value, Section) else "requirement"
     diagnostics.append(Diagnostic(
         f"duplicate-{'rule' if isinstance(value, Section) else 'requirement'}",
-        f"this {what} repeats the one on line {first_span.line}", value.span,
+        f"this {what} repeats an earlier one", value.span,
         label=f"second {what} for the same {'selector' if isinstance(value, Section) else 'metric'}",
         notes=(f"first given on line {first_span.line}",), help=f"merge the two into one {what}"))
 

@@ -135,7 +135,8 @@ def _imported(spec: ModelSpec, allow_import: bool) -> nn.Module:
         factory = getattr(importlib.import_module(module_name), function)
         model = factory(num_classes=spec.classes)
     except Exception as error:  # the user's own code: report whatever it raised
-        raise SpecProblem(("model", "arch"), "model-import-failed", f"building `{spec.arch}` failed: {error}") from error
+        message = f"building `{spec.arch}` failed: {error}"
+        raise SpecProblem(("model", "arch"), "model-import-failed", message) from error
     if not isinstance(model, nn.Module):
         raise SpecProblem(("model", "arch"), "model-import-failed",
                           f"`{spec.arch}` returned {type(model).__name__}, not a torch.nn.Module")

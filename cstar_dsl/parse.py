@@ -173,7 +173,8 @@ def _bad_character(source: SourceFile, offset: int) -> Diagnostic:
     char = source.text[offset]
     if char == '"':
         end = source.text.find("\n", offset)
-        span = source.span(offset, len(source.text) if end < 0 else end)
+        end = len(source.text) if end < 0 else end
+        span = source.span(offset, end - (source.text[end - 1 : end] == "\r"))
         return Diagnostic(
             "unterminated-string",
             "this string has no closing quote",
@@ -186,7 +187,8 @@ def _bad_character(source: SourceFile, offset: int) -> Diagnostic:
         start -= 1
     word = _WORD.match(source.text, start)
     text = word.group() if word else char
-    if text[0].isdigit() or (text[0] in ".-" and any(c.isdigit() for c in text)):
+    in_word = char.isalnum() or char in "._%"
+    if in_word and (text[0].isdigit() or (text[0] in ".-" and any(c.isdigit() for c in text))):
         return Diagnostic(
             "invalid-number",
             f"`{_clip(text)}` is not a number",
@@ -217,7 +219,15 @@ def _bad_token(source: SourceFile, error: UnexpectedToken) -> Diagnostic:
             help=f"close the `{opener.value}` opened on line {opener.line}" if opener else None,
         )
     span = _token_span(source, token)
-    shown = "a line break" if token.type == "_NL" else f"`{_clip(str(token.value))}`"
+    shown = "line break" if token.type == "_NL" else f"`{_clip(str(token.value))}`"
+    if token.type == "_NL" and "LBRACE" in error.expected and "EQUALS" not in error.expected:
+        return Diagnostic(
+            "missing-equals",
+            "this line is neither a setting nor a block",
+            span,
+            label="expected `=` or `{`",
+            help="write a setting as `key = value`, and a block as `name { ... }`",
+        )
     if "EQUALS" in error.expected and len(error.expected) <= 4 and token.type != "_NL":
         return Diagnostic(
             "missing-equals",
@@ -227,6 +237,9 @@ def _bad_token(source: SourceFile, error: UnexpectedToken) -> Diagnostic:
             help="write a setting as `key = value`, one per line",
         )
     if "_NL" in error.expected and token.type not in ("_NL", "RBRACE"):
+        if token.type == "EQUALS":  # `a = 1 b = 2`: `1 b` read as a measure; the new item starts at `b`
+            span = _word_before(source, span.start)
+            shown = f"`{source.text[span.start:span.end]}`"
         return Diagnostic(
             "missing-line-break",
             f"unexpected {shown} after a complete item",
@@ -240,6 +253,16 @@ def _bad_token(source: SourceFile, error: UnexpectedToken) -> Diagnostic:
         span,
         label=f"expected {_one_of(expected)}",
     )
+
+
+def _word_before(source: SourceFile, offset: int) -> Span:
+    end = offset
+    while end > 0 and source.text[end - 1] in " \t":
+        end -= 1
+    start = end
+    while start > 0 and _WORD.fullmatch(source.text[start - 1]):
+        start -= 1
+    return source.span(start, end)
 
 
 def _unclosed_opener(source: SourceFile) -> Token | None:

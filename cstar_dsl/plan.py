@@ -115,7 +115,7 @@ def factorized_macs(layer: LayerInfo, ranks: Ranks) -> int:
 
 def energy_lost(layer: LayerInfo, ranks: Ranks) -> float:
     """The normalized spectral energy the ranks drop, summed over the modes (the HOSVD error bound)."""
-    return sum(1.0 - sum(energies[:rank]) for energies, rank in zip(layer.energies, ranks))
+    return sum(1.0 - sum(energies[:rank]) for energies, rank in zip(layer.energies, ranks, strict=True))
 
 
 def full_ranks(layer: LayerInfo) -> Ranks:
@@ -210,7 +210,7 @@ def _slot(layer: LayerInfo, compress: CompressSpec) -> _Slot:
     floor = rule.min_rank if rule and rule.min_rank else compress.min_rank or DEFAULT_MIN_RANK
     ceiling = rule.max_rank if rule and rule.max_rank else max(full)
     slot.low = tuple(min(floor, f) for f in full)
-    slot.high = tuple(max(low, min(ceiling, f)) for low, f in zip(slot.low, full))
+    slot.high = tuple(max(low, min(ceiling, f)) for low, f in zip(slot.low, full, strict=True))
     if rule and rule.rank is not None:
         _fix_rank(slot, rule, compress)
     elif rule and rule.ratio is not None:
@@ -237,7 +237,7 @@ def _fix_rank(slot: _Slot, rule: LayerRule, compress: CompressSpec) -> None:
         raise SpecProblem(("compress", "layers", index, "rank"), "rank-shape",
                           f"`{layer.name}` is a Linear layer: it takes one rank, not a pair",
                           help="give a single number; pairs [r_out, r_in] are for Conv2d layers")
-    too_big = [(r, f) for r, f in zip(ranks, full_ranks(layer)) if r > f]
+    too_big = [(r, f) for r, f in zip(ranks, full_ranks(layer), strict=True) if r > f]
     if too_big:
         raise SpecProblem(("compress", "layers", index, "rank"), "rank-too-large",
                           f"rank {too_big[0][0]} exceeds what `{layer.name}` has ({too_big[0][1]})",
@@ -258,7 +258,7 @@ def _fix_ratio(slot: _Slot, ratio: float) -> None:
 
 def _scaled(slot: _Slot, scale: float) -> Ranks:
     return tuple(max(low, min(high, math.floor(scale * f)))
-                 for low, high, f in zip(slot.low, slot.high, full_ranks(slot.layer)))
+                 for low, high, f in zip(slot.low, slot.high, full_ranks(slot.layer), strict=True))
 
 
 def _bisect(fits: Callable[[float], bool]) -> float:
@@ -327,7 +327,7 @@ def _require_met(slots: Sequence[_Slot], cost: Cost, target: float, compress: Co
 
 def _energy_ranks(slot: _Slot, threshold: float) -> None:
     ranks = []
-    for energies, low, high in zip(slot.layer.energies, slot.low, slot.high):
+    for energies, low, high in zip(slot.layer.energies, slot.low, slot.high, strict=True):
         kept, rank = 0.0, 0
         while rank < len(energies) and kept < threshold - 1e-12:
             kept += energies[rank]

@@ -70,9 +70,9 @@ def render_full(diagnostic: Diagnostic) -> str:
 
 def _window(text: str, column: int, width: int) -> tuple[str, int, int]:
     """The part of a long line around ``column``: (shown text, caret offset, caret width)."""
-    text = text.replace("\t", " ")
+    text = "".join(c if c.isprintable() else ("\ufffd" if c != "\t" else " ") for c in text)
     if len(text) <= MAX_LINE:
-        return text, column, min(width, max(1, len(text) - column + 1))
+        return text, column, min(width, max(1, len(text) - column))
     left = max(0, column - MAX_LINE // 3)
     shown = text[left : left + MAX_LINE]
     prefix = "..." if left else ""

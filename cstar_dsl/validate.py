@@ -6,6 +6,7 @@ import fnmatch
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -19,6 +20,8 @@ from .source import Span
 from .spec import Spec
 
 Loc = tuple[str | int, ...]
+_SYNTAX_VALUES = (ast.Number, ast.Quantity, ast.Fraction, ast.String, ast.Name, ast.Measure, ast.Bound, ast.Call,
+                  ast.List, ast.Requirement)
 # keys whose entries the user writes under another word
 _WRITTEN = {"layers": "layer", "requirements": "require"}
 _READ = {written: key for key, written in _WRITTEN.items()}
@@ -54,18 +57,29 @@ def load_spec(path: str | Path, *, allow_import: bool = False) -> Spec:
 
 def check_sections(root: Section, found: list[Diagnostic], *, allow_import: bool = False) -> Checked:
     """Validate merged sections; ``found`` holds the problems of the earlier stages."""
-    diagnostics = list(found)
-    spec = None
-    try:
-        spec = Spec.model_validate(root, context={"allow_import": allow_import})
-    except ValidationError as error:
-        diagnostics += _pydantic_diagnostics(error.errors(include_url=False), root)
-    if spec is not None:
-        diagnostics += semantic_checks(spec, root)
+    blocks, errors = _validate_blocks(root, {"allow_import": allow_import})
+    diagnostics = [*found, *_pydantic_diagnostics(errors, root), *semantic_checks(blocks, root)]
     diagnostics.sort(key=_position)
-    if spec is None or any(d.is_error for d in diagnostics):
+    if errors or any(d.is_error for d in diagnostics):
         raise CStarError(diagnostics)
-    return Checked(spec, tuple(diagnostics), root)
+    return Checked(Spec(**blocks), tuple(diagnostics), root)
+
+
+def _validate_blocks(root: Section, context: dict[str, Any]) -> tuple[dict[str, BaseModel], list[Any]]:
+    """Each block on its own, so that a bad block does not hide the cross-block checks of the others."""
+    blocks: dict[str, BaseModel] = {}
+    errors: list[Any] = [{"type": "extra_forbidden", "loc": (key,), "input": None} for key in root
+                         if key not in Spec.model_fields]
+    for name, field_info in Spec.model_fields.items():
+        if name not in root:
+            if field_info.is_required():
+                errors.append({"type": "missing", "loc": (name,), "input": None})
+            continue
+        try:
+            blocks[name] = field_info.annotation.model_validate(root[name], context=context)  # type: ignore[union-attr]
+        except ValidationError as error:
+            errors += [{**e, "loc": (name, *e["loc"])} for e in error.errors(include_url=False)]
+    return blocks, errors
 
 
 def _position(diagnostic: Diagnostic) -> tuple[str, int, int]:
@@ -107,15 +121,34 @@ def _diagnostic(error: Any, root: Section) -> Diagnostic:
         return _unknown_key(loc, root)
     if kind == "missing":
         return _missing_key(loc, root)
-    span = locate(root, loc)
     ctx = error.get("ctx") or {}
+    span = _error_span(root, loc, ctx, error.get("input"))
     if "message" in ctx:
-        return Diagnostic(kind, ctx["message"], span, label=ctx.get("label"), help=ctx.get("help"))
+        return Diagnostic(kind, ctx["message"], span, label=ctx.get("label"), help=ctx.get("help"),
+                          notes=_related_note(root, span, ctx.get("related")))
     if kind in ("model_type", "model_attributes_type", "dict_type"):
         name = loc[-1] if loc else "?"
         return Diagnostic("expected-block", f"`{name}` is a block, not a setting", span, label="expected `{ ... }`",
                           help=f"write `{name} {{ ... }}` with its settings inside")
     return Diagnostic("wrong-type", error["msg"], span, label="invalid value")
+
+
+def _error_span(root: Section, loc: Loc, ctx: dict[str, Any], value: object) -> Span | None:
+    """Where an error points: the part named by ``at``, else the offending value, else the key."""
+    if "at" in ctx:
+        node, found = _walk(root, loc)
+        for part in ctx["at"]:
+            node = _child(node, part) or node
+        return _span_of(node) or found
+    return _span_of(value) if isinstance(value, _SYNTAX_VALUES) else locate(root, loc)
+
+
+def _related_note(root: Section, span: Span | None, related: Loc | None) -> tuple[str, ...]:
+    """Point at the setting an error depends on when another file (an `extend`ed base) set it."""
+    other = locate(root, tuple(related)) if related else None
+    if other is None or span is None or other.path == span.path:
+        return ()
+    return (f"`{related[-1]}` is set at {other.path}:{other.line}:{other.column}",)
 
 
 def _unknown_key(loc: Loc, root: Section) -> Diagnostic:
@@ -144,9 +177,10 @@ def _unknown_key(loc: Loc, root: Section) -> Diagnostic:
 def _missing_key(loc: Loc, root: Section) -> Diagnostic:
     parent, _ = _walk(root, loc[:-1])
     key = str(loc[-1])
-    if isinstance(parent, ast.Call):
-        return Diagnostic("missing-argument", f"`{parent.name.value}` needs the argument `{key}`", parent.span,
-                          label=f"add `{key} = ...`")
+    if isinstance(parent, (ast.Call, ast.Name)):
+        name = parent.name.value if isinstance(parent, ast.Call) else parent.value
+        return Diagnostic("missing-argument", f"`{name}` needs the argument `{key}`", parent.span,
+                          label=f"add `{key} = ...`", help=f"write it as `{name}({key} = ...)`")
     return Diagnostic("missing-key", f"the `{_block_name(parent)}` block needs `{key}`", _span_of(parent),
                       label=f"`{key}` is missing", help=f"add `{key} = ...` inside the block")
 
@@ -180,6 +214,10 @@ def _walk(root: Section, loc: Loc) -> tuple[object, Span | None]:
 
 
 def _child(node: object, part: str | int) -> object | None:
+    if isinstance(part, str) and part.startswith("@"):
+        return _part(node, part[1:])
+    if isinstance(node, ast.Call) and isinstance(part, int):
+        return node.args[part] if 0 <= part < len(node.args) else None
     if isinstance(node, Section):
         return node.get(part) if isinstance(part, str) else None
     if isinstance(node, (SectionList, ast.List)) and isinstance(part, int):
@@ -189,6 +227,14 @@ def _child(node: object, part: str | int) -> object | None:
         keyword = node.keyword(part)
         return keyword.value if keyword else None
     return None
+
+
+def _part(node: object, name: str) -> object | None:
+    """A named part of a syntax node: a call's `name`, a measure's `amount`/`unit`, a bound's
+    `subject`/`limit` (a requirement's through its bound)."""
+    if isinstance(node, ast.Requirement):
+        node = node.bound
+    return getattr(node, name, None)
 
 
 def _fields_at(loc: Loc) -> list[str]:
@@ -223,18 +269,15 @@ def _tag(model: Any) -> object:
 # ------------------------------------------------------------------- semantic checks
 
 
-def semantic_checks(spec: Spec, root: Section) -> list[Diagnostic]:
-    """Checks across fields and blocks, run once every field is valid; each reports all instances."""
-    return [
-        *_rules_against_keep(spec, root),
-        *_phases_for_method(spec, root),
-        *_fixed_policy_ranks(spec, root),
-        *_data_root(spec, root),
-        *_normalization_channels(spec, root),
-    ]
+def semantic_checks(blocks: dict[str, BaseModel], root: Section) -> list[Diagnostic]:
+    """Checks across fields and blocks; each runs once the blocks it reads are valid, and reports
+    every instance it finds."""
+    view = SimpleNamespace(**blocks)
+    return [diagnostic for needed, check in _CHECKS if all(name in blocks for name in needed)
+            for diagnostic in check(view, root)]
 
 
-def _rules_against_keep(spec: Spec, root: Section) -> list[Diagnostic]:
+def _rules_against_keep(spec: SimpleNamespace, root: Section) -> list[Diagnostic]:
     found = []
     for index, rule in enumerate(spec.compress.layers):
         if rule.dense or rule.selector.kind == "type":
@@ -249,7 +292,7 @@ def _rules_against_keep(spec: Spec, root: Section) -> list[Diagnostic]:
     return found
 
 
-def _phases_for_method(spec: Spec, root: Section) -> list[Diagnostic]:
+def _phases_for_method(spec: SimpleNamespace, root: Section) -> list[Diagnostic]:
     method, train = spec.compress.method, spec.train
     found = []
     if method == "cstar" and train.admm is None:
@@ -268,7 +311,7 @@ def _phases_for_method(spec: Spec, root: Section) -> list[Diagnostic]:
     return found
 
 
-def _fixed_policy_ranks(spec: Spec, root: Section) -> list[Diagnostic]:
+def _fixed_policy_ranks(spec: SimpleNamespace, root: Section) -> list[Diagnostic]:
     if spec.compress.policy.kind != "fixed" or any(r.rank is not None for r in spec.compress.layers):
         return []
     return [Diagnostic(
@@ -277,7 +320,7 @@ def _fixed_policy_ranks(spec: Spec, root: Section) -> list[Diagnostic]:
         help='add rules such as `layer type Conv2d { rank = 16 }`, or choose `policy = global`')]
 
 
-def _data_root(spec: Spec, root: Section) -> list[Diagnostic]:
+def _data_root(spec: SimpleNamespace, root: Section) -> list[Diagnostic]:
     if spec.data.dataset == "digits" or spec.data.root is not None:
         return []
     return [Diagnostic(
@@ -286,14 +329,28 @@ def _data_root(spec: Spec, root: Section) -> list[Diagnostic]:
         help='add `root = "path/to/data"` (relative to this recipe), or `download = true` with a root to fill')]
 
 
-def _normalization_channels(spec: Spec, root: Section) -> list[Diagnostic]:
+def _normalization_channels(spec: SimpleNamespace, root: Section) -> list[Diagnostic]:
     channels = spec.model.input[0]
     found = []
     for key in ("mean", "std"):
         values = getattr(spec.data, key)
         if values is not None and len(values) != channels:
             found.append(Diagnostic(
-                "shape-mismatch", f"`{key}` has {len(values)} values but the input has {channels} channels",
-                locate(root, ("data", key)), label=f"expected {channels} values",
+                "shape-mismatch",
+                f"`{key}` has {_count(len(values), 'value')} but the input has {_count(channels, 'channel')}",
+                locate(root, ("data", key)), label=f"expected {_count(channels, 'value')}",
                 help="give one value per input channel (model.input is [C, H, W])"))
     return found
+
+
+_CHECKS = (
+    (("compress",), _rules_against_keep),
+    (("compress", "train"), _phases_for_method),
+    (("compress",), _fixed_policy_ranks),
+    (("data",), _data_root),
+    (("model", "data"), _normalization_channels),
+)
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'s' * (number != 1)}"

@@ -57,14 +57,7 @@ FILE_LEVEL_CODES = frozenset({"file-not-found", "unreadable-file"})
 # Cases whose current behaviour is a known bug: a traceback instead of a diagnostic, or an invalid
 # recipe accepted. Their .txt holds the output they should have (written by hand). strict: once the
 # bug is fixed the case fails loudly, so that it is taken off this list and its .txt reviewed.
-KNOWN_BUGS: dict[str, tuple[type[BaseException], str]] = {
-    "crash_requirements_key_before_require": (
-        TypeError, "lower._append_unique iterates a user's `requirements = ...` value (TypeError)"),
-    "crash_layers_key_before_layer": (
-        TypeError, "lower._append_unique iterates a user's `layers = ...` value (TypeError)"),
-    "non_finite_number_accepted": (
-        pytest.fail.Exception, "coerce.number accepts 1e999 (inf) for eps: the recipe checks clean"),
-}
+KNOWN_BUGS: dict[str, tuple[type[BaseException], str]] = {}
 
 
 def _cases() -> list[str]:

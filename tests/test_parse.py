@@ -100,7 +100,7 @@ def test_blank_lines_comments_and_crlf_are_layout_only():
         ("model {\n  eps = @\n}\n", "unexpected-character", 2, 9),
         ("model {\n  classes = 10\n", "unexpected-end", 3, 1),
         ("model {\n  eps = }\n", "unexpected-token", 2, 9),
-        ("model {\n  a = 1  b = 2\n}\n", "missing-line-break", 2, 12),
+        ("model {\n  a = 1  b = 2\n}\n", "missing-line-break", 2, 10),
         ("", None, None, None),
     ],
 )

@@ -63,7 +63,9 @@ def _arch(value: object, info: ValidationInfo) -> str:
             return name
         c.fail("import-not-allowed", f"`{name}` would import and run your own code",
                label="a user model factory", help="pass --allow-import to allow `package.module:function` models")
-    c.unknown(name, registry.registry_names(), what="model", code="unknown-model")
+    prefixed = next((f"{source}:{name}" for source in ("torchvision", "cstar")
+                     if f"{source}:{name}" in registry.registry_names()), None)
+    c.unknown(name, registry.registry_names(), what="model", code="unknown-model", match=prefixed)
 
 
 def _input_shape(value: object) -> tuple[int, int, int]:
@@ -134,7 +136,8 @@ class ThreatSpec(Block):
         eps = info.data.get("eps")
         if eps is not None and step > eps:
             c.fail("step-exceeds-eps", f"the attack step {step:.3g} is larger than eps {eps:.3g}",
-                   label="larger than eps", help="a PGD step is a fraction of eps, typically eps/4 for 10 steps")
+                   label="larger than eps", help="a PGD step is a fraction of eps, typically eps/4 for 10 steps",
+                   related=("threat", "eps"))
         return step
 
 
@@ -178,11 +181,14 @@ def _requirement(value: object) -> object:
     if not isinstance(value, ast.Requirement):
         return value
     bound = value.bound
-    metric = c.choice(bound.subject, ("clean", "robust"), what="requirement metric")
+    with c.inside("@subject"):
+        metric = c.choice(bound.subject, ("clean", "robust"), what="requirement metric")
     if bound.op not in (">=", ">"):
         c.fail("invalid-requirement", f"a requirement is a floor: write `require {metric} >= ...`",
                label="use `>=`")
-    return {"metric": metric, "op": bound.op, "value": c.percent(bound.limit, "a required accuracy")}
+    with c.inside("@limit"):
+        share = c.percent(bound.limit, "a required accuracy")
+    return {"metric": metric, "op": bound.op, "value": share}
 
 
 class EvaluateSpec(Block):

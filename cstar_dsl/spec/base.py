@@ -25,15 +25,15 @@ def typed(function: Any, /, **options: Any) -> BeforeValidator:
 
 
 def int_at_least(low: int, what: str) -> BeforeValidator:
-    return typed(lambda v: int(c.at_least(c.integer(v), low, what)))
+    return typed(lambda v: int(c.at_least(c.integer(v), low, what, written=c.shown(v))))
 
 
 def positive_number(what: str, code: str = "out-of-range") -> BeforeValidator:
-    return typed(lambda v: c.positive(c.number(v), what, code=code))
+    return typed(lambda v: c.positive(c.number(v), what, code=code, written=c.shown(v)))
 
 
 def number_at_least(low: float, what: str) -> BeforeValidator:
-    return typed(lambda v: c.at_least(c.number(v), low, what))
+    return typed(lambda v: c.at_least(c.number(v), low, what, written=c.shown(v)))
 
 
 def path(value: object) -> Path:

@@ -37,13 +37,17 @@ def _budget(value: object) -> object:
     if isinstance(value, (BaseModel, dict)):
         return value
     if isinstance(value, ast.Measure):
-        metric = c.choice(value.unit, ("params", "macs"), what="budget metric")
-        return {"kind": "ratio", "metric": metric, "ratio": c.ratio(value.amount, "the budget")}
+        with c.inside("@unit"):
+            metric = c.choice(value.unit, ("params", "macs"), what="budget metric")
+        with c.inside("@amount"):
+            return {"kind": "ratio", "metric": metric, "ratio": c.ratio(value.amount, "the budget")}
     if isinstance(value, ast.Bound):
-        metric = c.choice(value.subject, ("params", "macs"), what="budget metric")
+        with c.inside("@subject"):
+            metric = c.choice(value.subject, ("params", "macs"), what="budget metric")
         if value.op not in ("<=", "<"):
             c.fail("invalid-budget", f"a budget is a ceiling: write `{metric} <= ...`", label="use `<=`")
-        return {"kind": "limit", "metric": metric, "limit": _absolute(value.limit)}
+        with c.inside("@limit"):
+            return {"kind": "limit", "metric": metric, "limit": _absolute(value.limit)}
     if isinstance(value, ast.Quantity) and value.unit == "x":
         c.fail("missing-unit", f"`{value.text}` of what? A budget names its metric",
                label="add `params` or `macs`", help=_BUDGET_HELP)
@@ -114,8 +118,9 @@ def _selector(value: object) -> object:
     if isinstance(value, (BaseModel, dict)):
         return value
     if isinstance(value, ast.Call):  # `layer type Conv2d`, lowered as type(Conv2d)
-        layer_type = c.choice(value.args[0], registry.FACTORIZABLE_LAYER_TYPES, what="layer type",
-                              code="unknown-layer-type")
+        with c.inside(0):
+            layer_type = c.choice(value.args[0], registry.FACTORIZABLE_LAYER_TYPES, what="layer type",
+                                  code="unknown-layer-type")
         return {"kind": "type", "pattern": layer_type}
     pattern = normalize_module_name(c.text(value))
     if not pattern:

@@ -77,8 +77,10 @@ def _interval(value: object) -> object:
     if not isinstance(value, ast.Measure):
         c.fail("missing-unit", f"the interval {c.describe(value)} has no unit", label="epochs or steps?",
                help="write `1 epoch` or `200 steps`")
-    unit = c.choice(value.unit, ("epoch", "epochs", "step", "steps"), what="interval unit")
-    every = int(c.at_least(c.integer(value.amount), 1, "the interval"))
+    with c.inside("@unit"):
+        unit = c.choice(value.unit, ("epoch", "epochs", "step", "steps"), what="interval unit")
+    with c.inside("@amount"):
+        every = int(c.at_least(c.integer(value.amount), 1, "the interval"))
     return {"every": every, "unit": unit.removesuffix("s")}
 
 
