@@ -146,10 +146,11 @@ def _fmt(args: argparse.Namespace, console: Console) -> int:
         elif not args.check:
             _write_atomically(path, formatted)
     _print_diagnostics(console, diagnostics, args.format)
-    verb = "would reformat" if args.check or args.diff else "reformatted"
+    dry = args.check or args.diff
     for name in changed:
-        console.out(f"{verb} {name}")
+        console.out(f"{'would reformat' if dry else 'reformatted'} {name}")
     unchanged = len(args.files) - len(changed) - len(failed)
+    verb = "would be reformatted" if dry else "reformatted"
     console.out(f"{len(changed)} file{'s' * (len(changed) != 1)} {verb}, {unchanged} left unchanged"
                 + (f", {len(failed)} with errors" if failed else ""))
     if failed or ((args.check or args.diff) and changed):

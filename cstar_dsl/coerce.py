@@ -147,7 +147,7 @@ def unknown(word: str, options: Iterable[str], *, what: str, code: str, match: s
          help=f"choose one of: {', '.join(options)}" if len(options) <= 12 else None)
 
 
-def percent(value: object, what: str) -> float:
+def percent(value: object, what: str, *, code: str = "requirement-out-of-range") -> float:
     """A percentage such as ``60%``, as a fraction in [0, 1]."""
     if isinstance(value, ast.Quantity) and value.unit == "%":
         share = value.scaled
@@ -159,7 +159,7 @@ def percent(value: object, what: str) -> float:
     else:
         _wrong_type(value, "a percentage", "60%")
     if not 0 <= share <= 1:
-        fail("requirement-out-of-range", f"{what} must lie between 0% and 100%, got {_fmt(share * 100)}%",
+        fail(code, f"{what} must lie between 0% and 100%, got {_fmt(share * 100)}%",
              label="outside 0%..100%")
     return share
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from . import syntax as ast
 from .errors import Diagnostic
+from .registry import normalize_module_name
 from .source import Span
 
 # labelled blocks and the list key they gather under
@@ -185,7 +186,8 @@ def _set(section: Section, key: str, value: Any, info: KeyInfo, diagnostics: lis
 def identity(entry: Any) -> object:
     """What makes two ``layer`` rules or two requirements the same one (for duplicates and `extend`)."""
     if isinstance(entry, Section):
-        return entry.get("selector")
+        selector = entry.get("selector")
+        return normalize_module_name(selector.value) if isinstance(selector, ast.String) else selector
     return entry.bound.subject.value
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .problems import SpecProblem
+from .registry import normalize_module_name
 from .spec import ModelSpec
 
 _RESNETS = ("resnet", "resnext", "wide_resnet")
@@ -146,7 +147,7 @@ def _imported(spec: ModelSpec, allow_import: bool) -> nn.Module:
 def load_weights(model: nn.Module, path: Path) -> None:
     """Load a safetensors file, or a torch checkpoint without unpickling arbitrary objects."""
     state = _read_state(path)
-    state = {_strip_prefixes(k): v for k, v in state.items()}
+    state = {normalize_module_name(k): v for k, v in state.items()}
     expected = model.state_dict()
     mismatched = [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
                   for k, v in state.items() if k in expected and expected[k].shape != v.shape]
@@ -177,9 +178,3 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise SpecProblem(("model", "weights"), "unreadable-weights", f"{path.name} holds no state dict of tensors")
     return state
-
-
-def _strip_prefixes(key: str) -> str:
-    from .spec import normalize_module_name
-
-    return normalize_module_name(key)

@@ -196,12 +196,14 @@ def _bad_character(source: SourceFile, offset: int) -> Diagnostic:
             label="not a number",
             help="write numbers like 128, 0.3, 1e-3 or 8/255, with at most one unit: x, %, k, M or G",
         )
+    after_number = offset > 1 and source.text[offset - 1] == " " and source.text[offset - 2].isdigit()
     return Diagnostic(
         "unexpected-character",
         f"unexpected character {_describe_char(char)}",
         source.span(offset, offset + 1),
         label="not allowed here",
-        help="names, numbers, strings in double quotes, `=`, brackets and `#` comments make up a recipe",
+        help="write a unit right after its number, as in `45%`" if char == "%" and after_number else
+        "names, numbers, strings in double quotes, `=`, brackets and `#` comments make up a recipe",
     )
 
 

@@ -13,9 +13,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 from .errors import closest
-from .inventory import LayerInfo
+from .layers import LayerInfo
 from .problems import SpecProblem
-from .spec import CompressSpec, LayerRule, Spec, normalize_module_name
+from .registry import normalize_module_name
+from .spec import CompressSpec, LayerRule, Spec
 
 DEFAULT_MIN_RANK = 2  # a rank-1 factor rarely trains well
 Ranks = tuple[int, ...]  # (r,) for a Linear, (r_out, r_in) for a conv

@@ -37,6 +37,7 @@ FACTORIZABLE_LAYER_TYPES: tuple[str, ...] = ("Conv2d", "Linear")
 METHODS: tuple[str, ...] = ("cstar", "svd-finetune", "channel-prune")
 EXPORT_FORMATS: tuple[str, ...] = ("safetensors", "onnx", "torchscript")
 
+_MODULE_PREFIXES = ("module.", "_orig_mod.")
 _IMPORT_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -49,3 +50,9 @@ def is_import_path(name: str) -> bool:
     """Whether ``name`` has the ``package.module:function`` form of a user"s own model factory."""
     return _IMPORT_PATH.fullmatch(name) is not None
 
+
+def normalize_module_name(name: str) -> str:
+    """Drop the wrapper prefixes that DDP and torch.compile add (``module.``, ``_orig_mod.``)."""
+    while name.startswith(_MODULE_PREFIXES):
+        name = name.split(".", 1)[1]
+    return name

@@ -329,6 +329,20 @@ def _data_root(spec: SimpleNamespace, root: Section) -> list[Diagnostic]:
         help='add `root = "path/to/data"` (relative to this recipe), or `download = true` with a root to fill')]
 
 
+def _split_for_dataset(spec: SimpleNamespace, root: Section) -> list[Diagnostic]:
+    dataset, split = spec.data.dataset, spec.data.split
+    if dataset == "digits" and split == "official":
+        return [Diagnostic(
+            "invalid-split", "`digits` has no official train/test split", locate(root, ("data", "split")),
+            label="no official split", help="give the training share, for example `split = 80%` (the default)")]
+    if dataset != "digits" and isinstance(split, float):
+        return [Diagnostic(
+            "invalid-split", f"`{dataset}` has an official train/test split; a share cannot replace it",
+            locate(root, ("data", "split")), label="not for this data set",
+            help="remove `split` (or write `split = official`)")]
+    return []
+
+
 def _normalization_channels(spec: SimpleNamespace, root: Section) -> list[Diagnostic]:
     channels = spec.model.input[0]
     found = []
@@ -348,6 +362,7 @@ _CHECKS = (
     (("compress", "train"), _phases_for_method),
     (("compress",), _fixed_policy_ranks),
     (("data",), _data_root),
+    (("data",), _split_for_dataset),
     (("model", "data"), _normalization_channels),
 )
 

@@ -99,7 +99,7 @@ def test_fmt_rewrites_in_place_and_keeps_comments(tmp_path, capsys):
     assert main(["fmt", str(path)]) == 0
     assert path.read_text() == PRETTY
     assert main(["fmt", "--check", str(path)]) == 0
-    assert "0 files would reformat, 1 left unchanged" in capsys.readouterr().out
+    assert "0 files would be reformatted, 1 left unchanged" in capsys.readouterr().out
 
 
 def test_fmt_check_and_diff_change_nothing(tmp_path, capsys):

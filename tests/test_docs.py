@@ -6,8 +6,11 @@
   example is already in the canonical `cstar fmt` format.
 - docs/errors.md: every ``<!-- error: CODE -->`` example fails with a diagnostic of that code (and
   every ``<!-- warning: CODE -->`` example passes with that warning); the plain ``` block after it
-  is exactly what `cstar check` prints for it. Every code that cstar_dsl can emit has a
-  ``## CODE`` section, and every such section names a real code.
+  is exactly what `cstar check` prints for it. Every code that cstar_dsl can emit (every
+  hyphenated string literal in its source that is not a registry option name) has a ``## CODE``
+  section, and every such section names a real code. Each section has an example, except the codes
+  about the file itself (API_ONLY_CODES, tested here directly) and the codes of later stages,
+  emitted only by modules that `cstar check` never loads (planning, model building).
 
 Examples are written into a temporary folder holding a copy of specs/*.cstar, as ``example.cstar``
 (or the name given with ``file: NAME``), and checked from that folder, so ``extend "digits.cstar"``
@@ -135,7 +138,7 @@ def code_sections(text: str) -> dict[str, str]:
     """``## code`` heading -> the text of its section."""
     matches = list(SECTION.finditer(text))
     sections = {}
-    for match, following in zip(matches, [*matches[1:], None]):
+    for match, following in zip(matches, [*matches[1:], None], strict=True):
         end = following.start() if following else len(text)
         rest = text[match.end():end]
         stop = re.search(r"^#{1,2} ", rest, re.MULTILINE)

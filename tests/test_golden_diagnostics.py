@@ -32,6 +32,7 @@ UPDATE = os.environ.get("CSTAR_UPDATE_GOLDEN") == "1"
 # Every code a recipe file can produce. The corpus must keep at least one case for each, so that
 # removing (or renaming) a case or a code is noticed.
 EXPECTED_CODES = frozenset({
+    "invalid-split",
     # parse
     "invalid-encoding", "unexpected-character", "unterminated-string", "invalid-number",
     "unexpected-token", "unexpected-end", "missing-equals", "missing-line-break", "too-deeply-nested",
@@ -152,7 +153,7 @@ def test_every_code_in_the_source_is_expected() -> None:
     """A code added to cstar_dsl needs a golden case (and a place in EXPECTED_CODES)."""
     patterns = (r'Diagnostic\(\s*"([a-z][a-z-]*)"', r'\bfail\(\s*"([a-z][a-z-]*)"', r'\bcode\s*=\s*"([a-z][a-z-]*)"')
     found: set[str] = set()
-    for path in SOURCE.glob("*.py"):
+    for path in SOURCE.rglob("*.py"):
         text = path.read_text(encoding="utf-8")
         for pattern in patterns:
             found.update(re.findall(pattern, text))

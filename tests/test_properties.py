@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -28,7 +28,9 @@ from cstar_dsl.parse import MAX_DEPTH, parse
 from cstar_dsl.validate import Checked, check_file
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
-SPEC_NAMES = sorted(p.name for p in SPECS.glob("*.cstar"))
+# read once: strategies must not see a spec change halfway through a run
+SPEC_TEXTS = {p.name: p.read_text(encoding="utf-8") for p in sorted(SPECS.glob("*.cstar"))}
+SPEC_NAMES = sorted(SPEC_TEXTS)
 CODE = re.compile(r"^[a-z]+(-[a-z]+)*$")
 # CSTAR_HYPOTHESIS_SCALE=10 runs ten times the examples (a longer local bug hunt); CI uses 1
 SCALE = float(os.environ.get("CSTAR_HYPOTHESIS_SCALE", "1"))
@@ -53,9 +55,11 @@ def _settings(examples: int, **overrides: object) -> settings:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A private copy of specs/ (so `extend "resnet18.cstar"` resolves) to write test files into."""
-    root = tmp_path_factory.mktemp("properties")
-    shutil.copytree(SPECS, root / "specs")
-    return root / "specs"
+    folder = tmp_path_factory.mktemp("properties") / "specs"
+    folder.mkdir()
+    for name, text in SPEC_TEXTS.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    return folder
 
 
 def assert_well_formed(error: CStarError) -> None:
@@ -169,7 +173,7 @@ def test_check_file_of_any_bytes_reports(workdir, data):
     check_or_report(workdir / "fuzz.cstar", data)
 
 
-@_settings(200)
+@_settings(150)
 @given(tokens=st.lists(SOUP, max_size=60), spaces=st.lists(st.sampled_from(["", " ", "\t", "\n"]), max_size=60))
 def test_check_file_of_token_soup_reports(workdir, tokens, spaces):
     """Random sequences of recipe tokens parse, format and check, or are reported."""
@@ -214,10 +218,6 @@ def tokenize(text: str) -> list[tuple[str, str]]:
     return tokens
 
 
-def _spec_text(name: str) -> str:
-    return (SPECS / name).read_text(encoding="utf-8")
-
-
 @st.composite
 def mutation(draw, text: str) -> str:
     """``text`` after one token or line mutation."""
@@ -254,7 +254,7 @@ def mutation(draw, text: str) -> str:
 def mutants(draw, most: int = 4) -> tuple[str, str]:
     """(spec name, the spec's text after one to ``most`` mutations)."""
     name = draw(st.sampled_from(SPEC_NAMES))
-    text = _spec_text(name)
+    text = SPEC_TEXTS[name]
     for _ in range(draw(st.integers(1, most))):
         text = draw(mutation(text))
     return name, text
@@ -264,11 +264,11 @@ def mutants(draw, most: int = 4) -> tuple[str, str]:
 def test_specs_check_and_are_formatted(workdir, name):
     """Every example recipe checks clean and is already in canonical format (the mutations' base)."""
     assert isinstance(check_file(workdir / name), Checked)
-    text = _spec_text(name)
+    text = SPEC_TEXTS[name]
     assert format_text(text) == text
 
 
-@_settings(400)
+@_settings(300)
 @given(mutant=mutants())
 def test_mutated_specs_check_or_report(workdir, mutant):
     """A mutated spec is either still valid or rejected with at least one error diagnostic."""
@@ -280,10 +280,10 @@ def test_mutated_specs_check_or_report(workdir, mutant):
 # Values at the edges of what the lexer accepts. Each is one token, so the file still parses
 # (apart from the 4301-digit number); what must hold is that check_file reports, never crashes.
 BIG = "1" + "0" * 400  # an integer far beyond the range of a float
+HOSTILE_PATHS = ['"a\x00b"', '"' + "a" * 300 + '"', '"' + "a/" * 2100 + '"', '""', '"/"', '"."']
 HOSTILE_VALUES = [
     BIG, "-" + BIG, BIG + "k", BIG + "x", BIG + "%", BIG + "/3", "1/" + BIG, BIG + " epoch", "9" * 4301,
-    "1e999", "-1e999", "1e-999", "-0", "0/0", "0x", "0%",
-    '"a\x00b"', '"' + "a" * 300 + '"', '"' + "a/" * 2100 + '"', '""', '"/"', '"."',
+    "1e999", "-1e999", "1e-999", "-0", "0/0", "0x", "0%", *HOSTILE_PATHS,
 ]
 KNOWN_CRASHES = (
     "known bugs in cstar_dsl (see the reproducers below): integers beyond float range raise "
@@ -295,13 +295,14 @@ KNOWN_CRASHES = (
 @st.composite
 def hostile_mutants(draw) -> str:
     """A spec with one value token replaced by an extreme value, or with an extreme `extend` first."""
-    text = _spec_text(draw(st.sampled_from(SPEC_NAMES)))
+    text = SPEC_TEXTS[draw(st.sampled_from(SPEC_NAMES))]
     if draw(st.integers(0, 4)) == 0:
-        return f"extend {draw(st.sampled_from([v for v in HOSTILE_VALUES if v.startswith(chr(34))]))}\n" + text
-    tokens = [t for _, t in tokenize(text)]
-    values = [i for i, (kind, _) in enumerate(tokenize(text)) if kind in ("number", "string")]
-    tokens[draw(st.sampled_from(values))] = draw(st.sampled_from(HOSTILE_VALUES))
-    return "".join(tokens)
+        return f"extend {draw(st.sampled_from(HOSTILE_PATHS))}\n" + text
+    tokens = tokenize(text)
+    values = [i for i, (kind, _) in enumerate(tokens) if kind in ("number", "string")]
+    texts = [t for _, t in tokens]
+    texts[draw(st.sampled_from(values))] = draw(st.sampled_from(HOSTILE_VALUES))
+    return "".join(texts)
 
 
 @pytest.mark.xfail(reason=KNOWN_CRASHES, strict=False)
@@ -312,20 +313,23 @@ def test_extreme_values_in_specs_check_or_report(workdir, text):
     check_or_report(workdir / "hostile.cstar", text)
 
 
-def _crash(text: str, reason: str):
-    return pytest.param(text, marks=pytest.mark.xfail(reason=reason, strict=False))
+def _crash(name: str, text: str, reason: str):
+    return pytest.param(text, id=name, marks=pytest.mark.xfail(reason=reason, strict=False))
 
 
 @pytest.mark.parametrize("text", [
-    _crash("a = " + "1" * 4301 + "\n", "parse: int() digit limit -> VisitError in _to_number"),
-    _crash(f"threat {{\n  eps = {BIG}\n}}\n", "coerce.number: float(int) -> OverflowError"),
-    _crash(f"threat {{\n  eps = {BIG}/3\n}}\n", "coerce.number: int / int -> OverflowError"),
-    _crash(f"data {{\n  batch_size = {BIG}k\n}}\n", "Quantity.scaled -> OverflowError"),
-    _crash(f"data {{\n  split = {BIG}%\n}}\n", "Quantity.scaled (%) -> OverflowError"),
-    _crash(f"model {{\n  classes = -{BIG}\n}}\n", "coerce._fmt: format(int, 'g') -> OverflowError"),
-    _crash(f"compress {{\n  budget = {BIG}x params\n}}\n", "coerce.ratio: float(int) -> OverflowError"),
-    _crash('extend "\x00"\n', "load._base_path: Path.resolve() -> ValueError (embedded null byte)"),
-    _crash('extend "' + "a" * 256 + '"\n', "load._base_path: Path.is_file() -> OSError (ENAMETOOLONG)"),
+    _crash("4301-digits", "a = " + "1" * 4301 + "\n", "parse._to_number: int() digit limit -> VisitError"),
+    _crash("big-number", f"threat {{\n  eps = {BIG}\n}}\n", "coerce.number: float(int) -> OverflowError"),
+    _crash("big-fraction", f"threat {{\n  eps = {BIG}/3\n}}\n", "coerce.number: int / int -> OverflowError"),
+    _crash("big-thousands", f"data {{\n  batch_size = {BIG}k\n}}\n", "Quantity.scaled: int * 1e3 -> OverflowError"),
+    _crash("big-percent", f"data {{\n  split = {BIG}%\n}}\n", "Quantity.scaled: int / 100 -> OverflowError"),
+    _crash("big-negative", f"model {{\n  classes = -{BIG}\n}}\n", "coerce._fmt: format(int, 'g') -> OverflowError"),
+    _crash("big-ratio", f"compress {{\n  budget = {BIG}x params\n}}\n", "coerce.ratio: float(int) -> OverflowError"),
+    _crash("big-require", f"evaluate {{\n  require robust >= {BIG}\n}}\n",
+           "coerce.eval_number (help text of missing-unit): float(int) -> OverflowError"),
+    _crash("extend-nul", 'extend "\x00"\n', "load._base_path: Path.resolve() -> ValueError (embedded null byte)"),
+    _crash("extend-long-name", 'extend "' + "a" * 256 + '"\n',
+           "load._base_path: Path.is_file() -> OSError (ENAMETOOLONG)"),
 ])
 def test_known_crash_reproducers(workdir, text):
     """Minimal reproducers of crashes found by the properties above: each must be a CStarError."""
@@ -339,10 +343,10 @@ def test_known_crash_reproducers(workdir, text):
 @pytest.mark.parametrize("name", SPEC_NAMES)
 def test_format_properties_of_specs(name):
     """fmt is idempotent, keeps the tree and keeps every comment on each example recipe."""
-    assert_format_properties(_spec_text(name))
+    assert_format_properties(SPEC_TEXTS[name])
 
 
-@_settings(120)
+@_settings(80)
 @given(mutant=mutants(most=2))
 def test_format_properties_of_parseable_mutants(mutant):
     """On mutated specs that still parse, fmt is idempotent and keeps the tree and the comments."""
@@ -422,8 +426,8 @@ def value_tokens(draw, depth: int = 0) -> list[str]:
 def join_tokens(draw, tokens: list[str], nl: str) -> str:
     """Tokens with random spacing; inside brackets also line breaks, with or without comments."""
     text, brackets = tokens[0], 0
-    for before, token in zip(tokens, tokens[1:]):
-        brackets += (before in "([") - (before in ")]")
+    for before, token in pairwise(tokens):
+        brackets += (before in ("(", "[")) - (before in (")", "]"))
         gaps = [" ", "  ", "\t"] + ([""] if before in PUNCT or token in PUNCT else [])
         if brackets > 0:
             gaps += [nl + draw(INDENTS), "  " + draw(COMMENTS) + nl + draw(INDENTS)]
@@ -451,16 +455,19 @@ def item_text(draw, depth: int, nl: str, top: bool) -> str:
         return join_tokens(draw, [draw(NAMES), "=", *value_tokens(draw)], nl)
     if kind == "require":
         return join_tokens(draw, ["require", *draw(BOUNDS)], nl)
-    header = [draw(NAMES), *draw(st.lists(STRINGS | NAMES, max_size=2))]
-    items = draw(st.integers(0, 3))
-    layout = draw(st.sampled_from(["lines", "lines", "one-line"]))
-    if layout == "one-line" and items <= 1:
-        inner = " " + item_text(draw, depth + 1, nl, False) + " " if items else draw(st.sampled_from(["", " "]))
-        return join_tokens(draw, [*header, "{"], nl) + inner + "}"
-    text = join_tokens(draw, [*header, "{"], nl) + line_end(draw, nl)
-    for _ in range(items):
-        text += filler(draw, nl) + draw(INDENTS) + item_text(draw, depth + 1, nl, False) + line_end(draw, nl)
-    return text + filler(draw, nl) + draw(INDENTS) + "}"
+    header = join_tokens(draw, [draw(NAMES), *draw(st.lists(STRINGS | NAMES, max_size=2)), "{"], nl)
+    items = [item_text(draw, depth + 1, nl, False) for _ in range(draw(st.integers(0, 3)))]
+    if len(items) <= 1 and draw(st.booleans()):  # a { b = 1 }  or  a {}
+        return header + (" " + items[0] + " " if items else draw(st.sampled_from(["", " "]))) + "}"
+    text = header
+    for index, item in enumerate(items):
+        if index == 0 and draw(st.booleans()):  # a { b = 1
+            text += " " + item
+        else:
+            text += line_end(draw, nl) + filler(draw, nl) + draw(INDENTS) + item
+    if items and draw(st.booleans()):  # c = 3 }
+        return text + " }"
+    return text + line_end(draw, nl) + filler(draw, nl) + draw(INDENTS) + "}"
 
 
 @st.composite
@@ -476,7 +483,7 @@ def recipes(draw) -> str:
     return text.removesuffix(nl) if draw(st.booleans()) else text
 
 
-@_settings(250)
+@_settings(150)
 @given(text=recipes())
 @example("a {\n  x = [1, # one\n  2]\n}\n")
 @example("a { # open\n}  # close\n")

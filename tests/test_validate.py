@@ -99,7 +99,7 @@ def test_extend_overrides_blocks_keys_rules_and_requirements(tmp_path):
 
 def test_extend_paths_resolve_against_the_file_that_wrote_them(tmp_path):
     (tmp_path / "base").mkdir()
-    _write(tmp_path / "base", DIGITS.replace("dataset = digits", 'dataset = mnist\n  root = "mnist"'), "b.cstar")
+    _write(tmp_path / "base", DIGITS.replace("dataset = digits", 'dataset = mnist\n  root = "mnist"').replace("split = 80%", "split = official"), "b.cstar")
     child = _write(tmp_path, 'extend "base/b.cstar"\n')
     assert load_spec(child).data.root == (tmp_path / "base" / "mnist").resolve()
 

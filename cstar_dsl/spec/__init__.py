@@ -96,7 +96,7 @@ class ModelSpec(Block):
 def _split(value: object) -> float | Literal["official"]:
     if isinstance(value, (ast.Name, str)):
         return c.choice(value, ("official",), what="split")  # type: ignore[return-value]
-    share = c.percent(value, "the training share")
+    share = c.percent(value, "the training share", code="out-of-range")
     if not 0 < share < 1:
         c.fail("out-of-range", "the training share must lie strictly between 0% and 100%", label="outside (0%, 100%)")
     return share
@@ -108,7 +108,7 @@ class DataSpec(Block):
     dataset: Annotated[str, typed(c.choice, options=registry.DATASETS, what="data set", code="unknown-dataset")]
     root: Annotated[Path | None, typed(path)] = None
     batch_size: Annotated[int, int_at_least(1, "`batch_size`")] = 128
-    split: Annotated[float | Literal["official"], typed(_split)] = "official"
+    split: Annotated[float | Literal["official"] | None, typed(_split)] = None  # None: the data set's default
     augment: Annotated[str, typed(c.choice, options=("standard", "none"), what="augmentation")] = "standard"
     download: Annotated[bool, typed(c.boolean)] = False
     workers: Annotated[int, int_at_least(0, "`workers`")] = 0
@@ -153,6 +153,15 @@ class PgdAttack(Block):
     eps: Annotated[float | None, positive_number("`eps`", "eps-not-positive")] = None
     step: Annotated[float | None, positive_number("`step`")] = None
 
+    @field_validator("step")
+    @classmethod
+    def _step_within_eps(cls, step: float | None, info: ValidationInfo) -> float | None:
+        eps = info.data.get("eps")
+        if step is not None and eps is not None and step > eps:
+            c.fail("step-exceeds-eps", f"the attack step {step:.3g} is larger than its eps {eps:.3g}",
+                   label="larger than eps", help="a PGD step is a fraction of eps, typically eps/4")
+        return step
+
 
 class FgsmAttack(Block):
     """The fast gradient sign method: one step of size eps."""
@@ -194,7 +203,9 @@ def _requirement(value: object) -> object:
 class EvaluateSpec(Block):
     """``evaluate { ... }``: the attacks reported and the accuracies required."""
 
-    attacks: Annotated[tuple[Attack, ...], typed(c.sequence, convert=_attack, what="attacks")] = (PgdAttack(),)
+    attacks: Annotated[tuple[Annotated[Attack, BeforeValidator(_attack)], ...], typed(c.items, what="attacks")] = (
+        PgdAttack(),
+    )
     requirements: tuple[Annotated[RequirementSpec, BeforeValidator(_requirement)], ...] = ()
     samples: Annotated[int | None, int_at_least(1, "`samples`")] = None
 
@@ -208,8 +219,19 @@ _export_format = partial(c.choice, options=registry.EXPORT_FORMATS, what="export
 class ExportSpec(Block):
     """``export { ... }``: the formats written next to the compiled model."""
 
-    formats: Annotated[tuple[str, ...], typed(c.sequence, convert=_export_format, what="formats")] = ("safetensors",)
+    formats: Annotated[tuple[Annotated[str, typed(_export_format)], ...], typed(c.items, what="formats")] = (
+        "safetensors",
+    )
     opset: Annotated[int, int_at_least(17, "`opset`")] = 17
+
+    @field_validator("formats")
+    @classmethod
+    def _each_once(cls, formats: tuple[str, ...]) -> tuple[str, ...]:
+        repeated = sorted({f for f in formats if formats.count(f) > 1})
+        if repeated:
+            c.fail("duplicate-key", f"export format `{repeated[0]}` is listed twice", label="listed twice",
+                   help="list each format once")
+        return formats
 
 
 # ------------------------------------------------------------------------- spec

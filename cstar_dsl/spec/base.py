@@ -10,8 +10,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict
 
 from .. import coerce as c
 from .. import syntax as ast
-
-_MODULE_PREFIXES = ("module.", "_orig_mod.")
+from ..registry import normalize_module_name  # noqa: F401 (re-exported)
 
 
 class Block(BaseModel):
@@ -49,10 +48,3 @@ def path(value: object) -> Path:
 
 def names(value: object, what: str) -> tuple[str, ...]:
     return c.sequence(value, lambda v: c.text(v, example='"layer4.1.conv2"'), what=what)
-
-
-def normalize_module_name(name: str) -> str:
-    """Drop the wrapper prefixes that DDP and torch.compile add (``module.``, ``_orig_mod.``)."""
-    while name.startswith(_MODULE_PREFIXES):
-        name = name.split(".", 1)[1]
-    return name

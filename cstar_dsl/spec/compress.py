@@ -132,8 +132,8 @@ def _rank(value: object) -> int | tuple[int, int]:
     if isinstance(value, ast.List) or isinstance(value, (list, tuple)):
         ranks = c.sequence(value, lambda v: int(c.at_least(c.integer(v), 1, "a rank")), what="ranks")
         if len(ranks) != 2:
-            c.fail("wrong-type", f"a Tucker-2 rank pair has 2 entries (input, output), got {len(ranks)}",
-                   label="expected [r_in, r_out]")
+            c.fail("wrong-type", f"a Tucker-2 rank pair has 2 entries (output, input), got {len(ranks)}",
+                   label="expected [r_out, r_in]")
         return ranks  # type: ignore[return-value]
     return int(c.at_least(c.integer(value, example="8"), 1, "a rank"))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from .. import coerce as c
 from .. import syntax as ast
@@ -40,9 +40,17 @@ class StepSchedule(Block):
 
 class MultistepSchedule(Block):
     kind: Literal["multistep"] = "multistep"
-    milestones: Annotated[tuple[int, ...], typed(c.sequence, convert=c.integer, what="epochs")]
+    milestones: Annotated[tuple[Annotated[int, int_at_least(1, "a milestone")], ...], typed(c.items, what="epochs")]
     gamma: Annotated[float, positive_number("`gamma`")] = 0.1
     positional: ClassVar[tuple[str, ...]] = ("milestones",)
+
+    @field_validator("milestones")
+    @classmethod
+    def _increasing(cls, milestones: tuple[int, ...]) -> tuple[int, ...]:
+        if list(milestones) != sorted(set(milestones)):
+            c.fail("out-of-range", f"milestones must increase, got {list(milestones)}", label="not increasing",
+                   help="list the epochs at which the learning rate drops, in order")
+        return milestones
 
 
 class GeometricRho(Block):
