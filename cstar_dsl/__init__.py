@@ -20,6 +20,10 @@ _EXPORTS = {
     "CStarError": "errors",
     "Diagnostic": "errors",
     "render": "render",
+    "build_model": "api",
+    "make_plan": "api",
+    "factorize": "api",
+    "Plan": "plan",
 }
 
 __all__ = ["__version__", *_EXPORTS]

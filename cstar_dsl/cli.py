@@ -12,7 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rich import box
 from rich.console import Console
+from rich.table import Table
 from rich.text import Text
 
 from . import __version__
@@ -20,6 +22,7 @@ from .errors import CStarError, Diagnostic
 from .render import FORMATS, render, to_dict
 
 if TYPE_CHECKING:
+    from .plan import Plan
     from .spec import Spec
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
@@ -50,6 +53,14 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--allow-import", action="store_true",
                        help="allow `package.module:function` models (imports and runs that code)")
     check.set_defaults(run=_check)
+
+    plan = commands.add_parser("plan", help="show which layers a recipe factorizes, at which ranks, and what it buys")
+    plan.add_argument("files", nargs=1, metavar="FILE")
+    plan.add_argument("--format", choices=("table", "json", *FORMATS[1:]), default="table",
+                      help="the plan as a table or JSON (diagnostics follow --format full/concise)")
+    plan.add_argument("--allow-import", action="store_true",
+                      help="allow `package.module:function` models (imports and runs that code)")
+    plan.set_defaults(run=_plan)
 
     fmt = commands.add_parser("fmt", help="rewrite recipes in the canonical format, comments kept")
     fmt.add_argument("files", nargs="+", metavar="FILE")
@@ -113,6 +124,68 @@ def _pixels(eps: float) -> str:
     """eps as the k/255 people write, when it is one."""
     steps = eps * 255
     return f"{round(steps)}/255" if abs(steps - round(steps)) < 1e-6 and steps >= 1 else f"{eps:g}"
+
+
+# -------------------------------------------------------------------- plan
+
+
+def _plan(args: argparse.Namespace, console: Console) -> int:
+    import time
+
+    from .api import build_model, make_plan
+    from .problems import SpecProblem
+    from .validate import check_file
+
+    started = time.perf_counter()
+    diagnostic_format = "json" if args.format == "json" else "full"
+    try:
+        checked = check_file(args.files[0], allow_import=args.allow_import)
+        plan = make_plan(checked.spec, build_model(checked.spec, allow_import=args.allow_import))
+    except CStarError as error:
+        _print_diagnostics(console, list(error.diagnostics), diagnostic_format)
+        return EXIT_INVALID
+    except SpecProblem as problem:
+        _print_diagnostics(console, [checked.diagnostic(problem)], diagnostic_format)
+        return EXIT_INVALID
+    seconds = time.perf_counter() - started
+    if args.format == "json":
+        console.out(json.dumps({"spec": args.files[0], "model": checked.spec.model.arch, "seconds": seconds,
+                                **plan.to_dict()}, indent=2))
+        return EXIT_OK
+    _print_diagnostics(console, list(checked.warnings), "full")
+    console.print(_plan_table(plan, f"{args.files[0]}: {checked.spec.model.arch}"))
+    console.out(_plan_summary(plan, seconds))
+    if checked.spec.model.weights is None and checked.spec.compress.policy.kind in ("global", "energy"):
+        console.out("note: no starting weights, so these ranks follow the spectra of a random initialization; "
+                    "`cstar compile` plans again from the trained weights.")
+    return EXIT_OK
+
+
+def _plan_table(plan: Plan, title: str) -> Table:
+    table = Table(title=title, title_justify="left", show_footer=True, box=box.SIMPLE_HEAD)
+    footer = {"layer": "total", "params": f"{_si(plan.params_before)} -> {_si(plan.params_after)}",
+              "MACs": f"{_si(plan.macs_before)} -> {_si(plan.macs_after)}"}
+    for column in ("layer", "kind", "shape", "rule", "ranks", "params", "MACs", "energy"):
+        numeric = column in ("params", "MACs", "energy")
+        table.add_column(column, footer=footer.get(column, ""), justify="right" if numeric else "left")
+    for layer in plan.layers:
+        ranks = "dense: " + layer.reason if layer.ranks is None else (
+            f"{layer.method} {'x'.join(map(str, layer.ranks))}")
+        table.add_row(
+            layer.name, layer.type_name, "x".join(map(str, layer.shape)), layer.rule, ranks,
+            f"{_si(layer.params_before)} -> {_si(layer.params_after)}",
+            f"{_si(layer.macs_before)} -> {_si(layer.macs_after)}",
+            "" if layer.energy_kept is None else f"{layer.energy_kept:.1%}")
+    return table
+
+
+def _plan_summary(plan: Plan, seconds: float) -> str:
+    params = plan.params_before / max(1, plan.params_after)
+    macs = plan.macs_before / max(1, plan.macs_after)
+    factorized = sum(layer.ranks is not None for layer in plan.layers)
+    return (f"budget {plan.budget}, policy {plan.policy}: {factorized} of {len(plan.layers)} layers factorized; "
+            f"params {params:.2f}x, MACs {macs:.2f}x (conv + linear weights; "
+            f"{_si(plan.other_params)} other parameters unchanged); planned in {seconds:.1f} s")
 
 
 # --------------------------------------------------------------------- fmt

@@ -268,4 +268,6 @@ def eval_number(value: ast.Value) -> float:
 
 
 def _fmt(amount: float) -> str:
+    if isinstance(amount, int):
+        return clip(str(amount), 24)  # a huge whole number does not fit a float
     return f"{amount:g}"

@@ -60,19 +60,37 @@ def _load(path: Path, chain: tuple[tuple[Path, ast.Extend], ...]) -> tuple[Secti
 
 
 def _base_path(path: Path, extend: ast.Extend, chain: tuple[tuple[Path, ast.Extend], ...]) -> Path:
-    target = (path.parent / extend.path.value).resolve()
+    target = (path.parent / extend.path.value).resolve()  # strings cannot hold NUL: the grammar refuses it
     visited = [p for p, _ in chain] + [path]
     if target in visited:
         cycle = " -> ".join(display_path(p) for p in visited[visited.index(target):] + [target])
         raise CStarError([Diagnostic(
             "extend-cycle", "this `extend` makes a cycle", extend.path.span, label="leads back here",
             notes=(f"cycle: {cycle}",), help="a recipe cannot extend itself, directly or through its bases")])
-    if not target.is_file():
-        what = "a folder, not a recipe" if target.is_dir() else "no such file"
+    if not _is_file(target):
+        what = "a folder, not a recipe" if _is_dir(target) else "no such file"
         raise CStarError([Diagnostic(
-            "extend-not-found", f"base recipe not found: {display_path(target)}", extend.path.span,
+            "extend-not-found", f"base recipe not found: {_clip(display_path(target))}", extend.path.span,
             label=what, help="paths in a recipe are relative to the recipe's own folder")])
     return target
+
+
+def _clip(text: str, limit: int = 100) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name too long for the file system, say
+        return False
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
 
 
 def merge(base: Section, override: Section) -> Section:

@@ -172,6 +172,15 @@ _WORD = re.compile(r"[^\s,()\[\]{}=#]+")
 def _bad_character(source: SourceFile, offset: int) -> Diagnostic:
     char = source.text[offset]
     if char == '"':
+        control = re.compile(r'[\x00-\x08\x0a-\x1f\x7f]|(?<!\\)"').search(source.text, offset + 1)
+        if control and control.group() not in '"\n\r':
+            return Diagnostic(
+                "unexpected-character",
+                f"unexpected character {_describe_char(control.group())} in a string",
+                source.span(control.start(), control.start() + 1),
+                label="control character",
+                help="strings cannot hold control characters",
+            )
         end = source.text.find("\n", offset)
         end = len(source.text) if end < 0 else end
         span = source.span(offset, end - (source.text[end - 1 : end] == "\r"))

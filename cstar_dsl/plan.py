@@ -7,7 +7,6 @@ name; by glob (the first written wins among globs); by layer type; the policy's 
 from __future__ import annotations
 
 import fnmatch
-import heapq
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -117,6 +116,22 @@ def factorized_macs(layer: LayerInfo, ranks: Ranks) -> int:
 def energy_lost(layer: LayerInfo, ranks: Ranks) -> float:
     """The normalized spectral energy the ranks drop, summed over the modes (the HOSVD error bound)."""
     return sum(1.0 - sum(energies[:rank]) for energies, rank in zip(layer.energies, ranks, strict=True))
+
+
+def energy_kept(layer: LayerInfo, ranks: Ranks) -> float:
+    """The share of the layer's normalized spectral energy the ranks keep (product over the modes)."""
+    return math.prod(sum(energies[:rank]) for energies, rank in zip(layer.energies, ranks, strict=True))
+
+
+def _weighted_loss(layer: LayerInfo, ranks: Ranks | None) -> float:
+    """What the global policy minimizes, summed over layers: -log(energy kept) x the layer's size.
+
+    The log makes each further cut of a layer dearer than the last, so no layer is destroyed to
+    spare another (a linear loss drives whole layers to the rank floor when spectra are flat);
+    the size weight makes the cost per parameter saved comparable across layers. Near full
+    energy, -log(kept) ~ energy lost, so redundant (fast-decaying) layers are cut first.
+    """
+    return 0.0 if ranks is None else -math.log(max(energy_kept(layer, ranks), 1e-12)) * layer.params
 
 
 def full_ranks(layer: LayerInfo) -> Ranks:
@@ -361,71 +376,52 @@ def _uniform_ranks(free: Sequence[_Slot], slots: Sequence[_Slot], cost: Cost, ta
 
 def _global_ranks(free: Sequence[_Slot], slots: Sequence[_Slot], cost: Cost, target: float,
                   compress: CompressSpec) -> None:
-    """Greedy: repeatedly take the step that loses the least normalized energy per unit of cost
-    saved, until the budget is met; then give back steps that still fit, best first."""
-    total = _total(slots, cost)
-    heap: list[tuple[float, str, int]] = []
-    versions = {s.layer.name: 0 for s in free}
-    by_name = {s.layer.name: s for s in free}
-    for slot in free:
-        _push_cut(heap, slot, cost, versions)
-    while total > target and heap:
-        _, name, version = heapq.heappop(heap)
-        slot = by_name[name]
-        if version != versions[name]:
-            continue
-        before = cost(slot.layer, slot.ranks)
-        slot.ranks = _next_cut(slot, cost)[1]
-        total += cost(slot.layer, slot.ranks) - before
-        versions[name] += 1
-        _push_cut(heap, slot, cost, versions)
-    if total > target:
+    """Minimize the summed weighted loss under the budget (Lagrangian relaxation).
+
+    Each layer's candidates are dense and the points of its own greedy path from full rank down to
+    its floor. For a price ``lam`` on cost, every layer independently takes the candidate that
+    minimizes loss + lam * cost; bisection finds the lowest price that meets the budget, and the
+    slack left is then given back one rank at a time. Deterministic: no randomness, fixed order.
+    """
+    paths = {id(slot): _path(slot, cost) for slot in free}
+    fixed_cost = _total([s for s in slots if s not in free], cost)
+
+    def choose(lam: float) -> float:
+        total = fixed_cost
+        for slot in free:
+            ranks, slot_cost, _ = min(paths[id(slot)], key=lambda p: (p[2] + lam * p[1], p[1]))
+            slot.ranks = ranks
+            total += slot_cost
+        return total
+
+    low, high = 0.0, 1.0
+    while choose(high) > target and high < 1e30:
+        low, high = high, high * 16
+    if choose(high) > target:
         raise _infeasible(slots, cost, compress)
+    for _ in range(100):
+        middle = (low + high) / 2
+        low, high = (low, middle) if choose(middle) <= target else (middle, high)
+    total = choose(high)
     _give_back(free, cost, target - total)
     for slot in free:
         if slot.ranks is None:
             slot.reason = "not worth factorizing under this budget"
 
 
-def _next_cut(slot: _Slot, cost: Cost) -> tuple[float, Ranks] | None:
-    """The cheapest next step down for a layer: (energy lost per unit saved, new ranks)."""
-    layer = slot.layer
-    current_cost = cost(layer, slot.ranks)
-    current_loss = energy_lost(layer, slot.ranks) if slot.ranks else 0.0
-    if slot.ranks is None:
-        ranks = _break_even(slot, cost)
-        if ranks is None:
-            return None
-        return (energy_lost(layer, ranks) - current_loss) / max(1, current_cost - cost(layer, ranks)), ranks
-    best = None
-    for mode in range(len(slot.ranks)):
-        if slot.ranks[mode] <= slot.low[mode]:
-            continue
-        ranks = slot.ranks[:mode] + (slot.ranks[mode] - 1,) + slot.ranks[mode + 1:]
-        saved = current_cost - cost(layer, ranks)
-        if saved > 0:
-            step = ((energy_lost(layer, ranks) - current_loss) / saved, ranks)
-            best = step if best is None or step < best else best
-    return best
-
-
-def _break_even(slot: _Slot, cost: Cost) -> Ranks | None:
-    """The first ranks on the layer's own greedy path that cost less than the dense layer."""
+def _path(slot: _Slot, cost: Cost) -> list[tuple[Ranks | None, int, float]]:
+    """Dense, then the layer's ranks from its ceiling down to its floor, always cutting the mode
+    that loses the least per unit of cost saved: (ranks, cost, weighted loss) per point."""
     layer, ranks = slot.layer, slot.high
-    dense = cost(layer, None)
-    while cost(layer, ranks) >= dense:
-        probe = _Slot(layer, slot.rule, slot.low, slot.high, ranks)
-        step = _next_cut(probe, cost)
-        if step is None:
-            return None
-        ranks = step[1]
-    return ranks
-
-
-def _push_cut(heap: list[tuple[float, str, int]], slot: _Slot, cost: Cost, versions: dict[str, int]) -> None:
-    step = _next_cut(slot, cost)
-    if step is not None:
-        heapq.heappush(heap, (step[0], slot.layer.name, versions[slot.layer.name]))
+    points: list[tuple[Ranks | None, int, float]] = [(None, cost(layer, None), 0.0)]
+    while True:
+        points.append((ranks, cost(layer, ranks), _weighted_loss(layer, ranks)))
+        cuts = [ranks[:m] + (ranks[m] - 1,) + ranks[m + 1:] for m in range(len(ranks)) if ranks[m] > slot.low[m]]
+        cuts = [c for c in cuts if cost(layer, c) < cost(layer, ranks)]
+        if not cuts:
+            return points
+        ranks = min(cuts, key=lambda c: ((_weighted_loss(layer, c) - points[-1][2])
+                                         / (points[-1][1] - cost(layer, c)), c))
 
 
 def _give_back(free: Sequence[_Slot], cost: Cost, slack: float) -> None:
@@ -442,7 +438,7 @@ def _give_back(free: Sequence[_Slot], cost: Cost, slack: float) -> None:
                 extra = cost(slot.layer, ranks) - cost(slot.layer, slot.ranks)
                 if extra > slack or cost(slot.layer, ranks) >= cost(slot.layer, None):
                     continue
-                gain = (energy_lost(slot.layer, slot.ranks) - energy_lost(slot.layer, ranks)) / max(1, extra)
+                gain = (_weighted_loss(slot.layer, slot.ranks) - _weighted_loss(slot.layer, ranks)) / max(1, extra)
                 candidate = (-gain, slot.layer.name, mode, ranks, extra)
                 best = candidate if best is None or candidate < best else best
         if best is None:
@@ -458,7 +454,7 @@ def _layer_plan(slot: _Slot) -> LayerPlan:
     layer, ranks = slot.layer, slot.ranks
     method = "dense" if ranks is None else ("tucker2" if layer.is_conv else "svd")
     reason = slot.reason or ("fixed by rule" if slot.fixed else "chosen by policy")
-    energy = None if ranks is None else max(0.0, 1.0 - energy_lost(layer, ranks))
+    energy = None if ranks is None else energy_kept(layer, ranks)
     return LayerPlan(
         name=layer.name, type_name=layer.type_name, shape=layer.shape, rule=slot.rule, method=method,
         ranks=ranks, reason=reason if ranks is None or slot.fixed else "chosen by policy",
