@@ -168,6 +168,8 @@ def ratio(value: object, what: str) -> float:
     """A compression ratio such as ``16x`` (at least 1)."""
     if isinstance(value, ast.Quantity) and value.unit == "x":
         amount = float(value.amount)
+        if not math.isfinite(amount):
+            fail("out-of-range", f"`{clip(value.text)}` is too large", label="not a finite ratio")
     elif isinstance(value, ast.Number):
         fail("missing-unit", f"{what} needs a unit: write `{value.text}x`", label="add `x`",
              help="ratios are written with `x`: 4x keeps a quarter of the parameters")

@@ -319,7 +319,7 @@ def _total(slots: Sequence[_Slot], cost: Cost) -> int:
 def _infeasible(slots: Sequence[_Slot], cost: Cost, compress: CompressSpec) -> SpecProblem:
     smallest = sum(min(cost(s.layer, None), cost(s.layer, s.low)) if s.low and not s.fixed and not s.reason
                    else cost(s.layer, s.ranks) for s in slots)
-    reachable = sum(cost(s.layer, None) for s in slots) / max(1, smallest)
+    reachable = math.floor(sum(cost(s.layer, None) for s in slots) / max(1, smallest) * 100) / 100
     return SpecProblem(
         ("compress", "budget"), "infeasible-budget",
         f"the budget {_budget_text(compress)} cannot be met: the largest reachable ratio is {reachable:.2f}x",

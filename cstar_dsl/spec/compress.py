@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import math
 from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
@@ -56,6 +57,8 @@ def _budget(value: object) -> object:
 
 def _absolute(value: object) -> float:
     amount = value.scaled if isinstance(value, ast.Quantity) and value.unit in ast.SCALE else c.number(value)
+    if not math.isfinite(amount):
+        c.fail("out-of-range", f"{c.describe(value)} is too large", label="not a finite limit")
     return c.positive(amount, "a budget limit")
 
 

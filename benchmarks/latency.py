@@ -1,0 +1,435 @@
+"""Batch-1 CPU latency of dense vs factorized models: is a factorized model as fast as it is small?
+
+For each model (a recipe in specs/) and each target compression ratio R, the recipe's budget is
+replaced by ``R x params`` (every other setting kept), the model is planned and factorized, and the
+dense and factorized models are timed in the same process, on the same input, interleaved (dense,
+factorized, dense, ...) so that a load change on the machine hits both alike:
+
+- eval mode, ``torch.inference_mode()``, batch size 1, ``torch.set_num_threads(threads)``;
+- ``warmup`` calls of each model first, not timed; then ``repeats`` timed calls of each;
+- the median wall time and its interquartile range are reported, with the minimum and the median
+  process CPU time as a check for noise from other processes (with one thread, wall > CPU time
+  means the process was waiting for a core).
+
+Two modes are timed per case: ``eager`` (the model as built and as ``cstar_dsl.factorize``
+returns it) and ``inference`` (both models passed through
+``cstar_dsl.inference.optimize_for_inference``: batch norms folded, redundant 1x1 convs merged,
+module calls lowered to function calls). The target: from 8x on, the speedup must be at least half
+the MAC reduction of the plan.
+
+    .venv/bin/python benchmarks/latency.py            # full run, ~5 minutes on 2 cores
+    .venv/bin/python benchmarks/latency.py --quick    # smoke run: one ratio, few repetitions
+    .venv/bin/python benchmarks/latency.py --experiments   # the optimization experiments
+
+Results go to benchmarks/results/latency.json (``--quick``: latency-quick.json; experiments:
+experiments.json); docs/performance.md discusses them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import cstar_dsl  # noqa: E402
+from cstar_dsl.inference import InferenceReport, optimize_for_inference  # noqa: E402
+from cstar_dsl.spec import Spec  # noqa: E402
+from cstar_dsl.spec.compress import RatioBudget  # noqa: E402
+
+MODELS = {"resnet18": ROOT / "specs" / "resnet18.cstar", "vgg16": ROOT / "specs" / "vgg16.cstar",
+          "digits": ROOT / "specs" / "digits.cstar"}
+DEFAULT_MODELS = ("resnet18", "vgg16")
+RATIOS = (2.0, 4.0, 8.0, 16.0, 32.0)
+TARGET_FROM = 8.0  # the target applies from this ratio on
+MODES = ("eager", "inference")
+RESULTS = ROOT / "benchmarks" / "results"
+NOISY = 1.15  # wall median over CPU-time median beyond which a single-threaded timing is flagged
+
+
+# ------------------------------------------------------------------ timing
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Milliseconds per call of one model over the timed repetitions."""
+
+    median: float
+    q1: float
+    q3: float
+    minimum: float
+    cpu_median: float
+    repeats: int
+
+    @property
+    def iqr(self) -> float:
+        return self.q3 - self.q1
+
+    @classmethod
+    def of(cls, wall: Sequence[float], cpu: Sequence[float]) -> Timing:
+        ms = [t * 1e3 for t in wall]
+        quartiles = statistics.quantiles(ms, n=4) if len(ms) > 1 else [ms[0]] * 3
+        return cls(statistics.median(ms), quartiles[0], quartiles[2], min(ms),
+                   statistics.median(cpu) * 1e3, len(ms))
+
+
+def measure(calls: dict[str, Callable[[], object]], *, repeats: int, warmup: int) -> dict[str, Timing]:
+    """Time each zero-argument call ``repeats`` times, interleaved, after ``warmup`` untimed calls each."""
+    wall: dict[str, list[float]] = {name: [] for name in calls}
+    cpu: dict[str, list[float]] = {name: [] for name in calls}
+    with torch.inference_mode():
+        for call in calls.values():
+            for _ in range(warmup):
+                call()
+        for _ in range(repeats):
+            for name, call in calls.items():
+                cpu_start = time.process_time()
+                start = time.perf_counter()
+                call()
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - cpu_start)
+    return {name: Timing.of(wall[name], cpu[name]) for name in calls}
+
+
+# ------------------------------------------------------------ models, plans
+
+
+def with_budget(spec: Spec, ratio: float) -> Spec:
+    """The spec with its budget replaced by ``ratio x params``; every other setting kept."""
+    budget = RatioBudget(metric="params", ratio=ratio)
+    return spec.model_copy(update={"compress": spec.compress.model_copy(update={"budget": budget})})
+
+
+def load(name: str, seed: int = 0) -> tuple[Spec, nn.Module]:
+    """A registered model's spec and its dense model (random weights from ``seed``), in eval mode."""
+    spec = cstar_dsl.load_spec(MODELS[name])
+    torch.manual_seed(seed)
+    return spec, cstar_dsl.build_model(spec).eval()
+
+
+def example_input(spec: Spec, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(1, *spec.model.input, generator=generator)
+
+
+def inference_form(model: nn.Module, spec: Spec) -> nn.Module:
+    return optimize_for_inference(model, leaves=spec.model.leaf)
+
+
+# --------------------------------------------------------------- the runs
+
+
+def benchmark_model(name: str, spec: Spec, model: nn.Module, ratios: Iterable[float], *, repeats: int = 50,
+                    warmup: int = 10, threads: int = 1, modes: Sequence[str] = MODES,
+                    log: Callable[[str], None] = lambda _: None) -> list[dict[str, object]]:
+    """One row per (ratio, mode): the dense and factorized latency of ``model`` at batch size 1.
+
+    This is the benchmark's core; ``main`` runs it for each model and writes the rows out.
+    """
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        raise ValueError(f"unknown modes {sorted(unknown)}; known: {', '.join(MODES)}")
+    torch.set_num_threads(threads)
+    x = example_input(spec)
+    dense_forms = {mode: model if mode == "eager" else inference_form(model, spec) for mode in modes}
+    rows: list[dict[str, object]] = []
+    for ratio in ratios:
+        started = time.perf_counter()
+        ratio_spec = with_budget(spec, ratio)
+        plan = cstar_dsl.make_plan(ratio_spec, model)
+        factorized = cstar_dsl.factorize(model, plan, ratio_spec).eval()
+        calls: dict[str, Callable[[], object]] = {}
+        for mode in modes:
+            report = InferenceReport()
+            fast = factorized if mode == "eager" else optimize_for_inference(
+                factorized, leaves=spec.model.leaf, report=report)
+            _check_same(dense_forms[mode], model, x, f"{name} dense ({mode})")
+            _check_same(fast, factorized, x, f"{name} at {ratio:g}x ({mode})")
+            calls[f"dense/{mode}"] = _bind(dense_forms[mode], x)
+            calls[f"factorized/{mode}"] = _bind(fast, x)
+        load_before = os.getloadavg()[0]
+        timings = measure(calls, repeats=repeats, warmup=warmup)
+        load_after = os.getloadavg()[0]
+        for mode in modes:
+            rows.append(_row(name, ratio, mode, plan, timings[f"dense/{mode}"], timings[f"factorized/{mode}"],
+                             threads, warmup, (load_before, load_after)))
+            log(_line(rows[-1]))
+        log(f"  ({name} {ratio:g}x took {time.perf_counter() - started:.1f} s)")
+    return rows
+
+
+def _bind(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    return lambda: model(x)
+
+
+def _check_same(fast: nn.Module, reference: nn.Module, x: torch.Tensor, what: str, tolerance: float = 1e-4) -> None:
+    if fast is reference:
+        return
+    with torch.inference_mode():
+        difference = (fast(x) - reference(x)).abs().max().item()
+    if difference > tolerance:
+        raise AssertionError(f"{what}: the optimized model differs by {difference:.3g} (> {tolerance:g})")
+
+
+def _row(name: str, ratio: float, mode: str, plan: object, dense: Timing, factorized: Timing, threads: int,
+         warmup: int, load: tuple[float, float]) -> dict[str, object]:
+    macs_ratio = plan.macs_before / max(1, plan.macs_after)  # type: ignore[attr-defined]
+    params_ratio = plan.params_before / max(1, plan.params_after)  # type: ignore[attr-defined]
+    speedup = dense.median / factorized.median
+    noisy = threads == 1 and any(t.median > NOISY * t.cpu_median for t in (dense, factorized))
+    return {
+        "model": name, "target_ratio": ratio, "mode": mode,
+        "params_ratio": round(params_ratio, 3), "macs_ratio": round(macs_ratio, 3),
+        "dense_ms": round(dense.median, 3), "factorized_ms": round(factorized.median, 3),
+        "speedup": round(speedup, 3),
+        "speedup_over_macs": round(speedup / macs_ratio, 3),
+        "target_speedup": round(macs_ratio / 2, 3) if ratio >= TARGET_FROM else None,
+        "target_met": (speedup >= macs_ratio / 2) if ratio >= TARGET_FROM else None,
+        "dense_iqr_ms": round(dense.iqr, 3), "factorized_iqr_ms": round(factorized.iqr, 3),
+        "dense_min_ms": round(dense.minimum, 3), "factorized_min_ms": round(factorized.minimum, 3),
+        "dense_cpu_ms": round(dense.cpu_median, 3), "factorized_cpu_ms": round(factorized.cpu_median, 3),
+        "noisy": noisy, "loadavg": [round(v, 2) for v in load],
+        "threads": threads, "repeats": dense.repeats, "warmup": warmup, "batch": 1,
+    }
+
+
+# ------------------------------------------------------------ experiments
+
+
+def _channels_last(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+    return lambda: model(x)
+
+
+def _fx_fold_bn(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    from torch.fx.experimental import optimization
+
+    fused = optimization.fuse(model)
+    return lambda: fused(x)
+
+
+def _fx_mkldnn(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    from torch.fx.experimental import optimization
+
+    converted = optimization.optimize_for_inference(copy.deepcopy(model))
+    return lambda: converted(x)
+
+
+def _jit_freeze(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    with warnings.catch_warnings():  # TorchScript is deprecated: kept for the comparison only
+        warnings.simplefilter("ignore")
+        frozen = torch.jit.freeze(torch.jit.trace(copy.deepcopy(model), x))
+    return lambda: frozen(x)
+
+
+def _compiled(freezing: bool) -> Callable[[nn.Module, torch.Tensor], Callable[[], object]]:
+    def build(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+        import torch._inductor.config as inductor
+
+        torch._dynamo.reset()
+        with inductor.patch(freezing=freezing), torch.no_grad():
+            compiled = torch.compile(optimize_for_inference(model, merge=False, lower=False))
+            compiled(x)
+        return lambda: compiled(x)
+    return build
+
+
+def _no_mkldnn(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    fast = optimize_for_inference(model)
+
+    def call() -> object:
+        with torch.backends.mkldnn.flags(enabled=False):
+            return fast(x)
+    return call
+
+
+def _inference(**options: bool) -> Callable[[nn.Module, torch.Tensor], Callable[[], object]]:
+    def build(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+        fast = optimize_for_inference(model, **options)
+        return lambda: fast(x)
+    return build
+
+
+def _inference_channels_last(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    return _channels_last(optimize_for_inference(model), x)
+
+
+EXPERIMENTS: dict[str, tuple[str, Callable[[nn.Module, torch.Tensor], Callable[[], object]]]] = {
+    "eager": ("as built / as factorize returns it", lambda m, x: _bind(m, x)),
+    "channels_last": ("eager, model and input in channels-last memory format", _channels_last),
+    "fx_fold_bn": ("torch.fx.experimental.optimization.fuse (conv+BN folding)", _fx_fold_bn),
+    "fold_bn": ("optimize_for_inference(merge=False, lower=False)", _inference(merge=False, lower=False)),
+    "fold_merge": ("optimize_for_inference(lower=False)", _inference(lower=False)),
+    "fold_lower": ("optimize_for_inference(merge=False)", _inference(merge=False)),
+    "inference": ("optimize_for_inference(): fold + merge + lower", _inference()),
+    "inference_cl": ("optimize_for_inference() + channels-last", _inference_channels_last),
+    "no_mkldnn": ("optimize_for_inference() with oneDNN disabled (aten's own kernels only)", _no_mkldnn),
+    "fx_mkldnn": ("torch.fx.experimental.optimization.optimize_for_inference (oneDNN layouts)", _fx_mkldnn),
+    "jit_freeze": ("torch.jit.trace + torch.jit.freeze (deprecated TorchScript)", _jit_freeze),
+    "compile": ("torch.compile (inductor) of the BN-folded model", _compiled(freezing=False)),
+    "compile_freezing": ("torch.compile with inductor freezing (oneDNN weight prepacking)", _compiled(freezing=True)),
+}
+
+
+def run_experiments(names: Sequence[str], ratios: Sequence[float], variants: Sequence[str], *, repeats: int,
+                    warmup: int, threads: int, log: Callable[[str], None]) -> list[dict[str, object]]:
+    """Each variant applied to the dense and the factorized model alike, all timed interleaved."""
+    torch.set_num_threads(threads)
+    rows: list[dict[str, object]] = []
+    for name in names:
+        spec, model = load(name)
+        x = example_input(spec)
+        for ratio in ratios:
+            ratio_spec = with_budget(spec, ratio)
+            plan = cstar_dsl.make_plan(ratio_spec, model)
+            factorized = cstar_dsl.factorize(model, plan, ratio_spec).eval()
+            calls: dict[str, Callable[[], object]] = {}
+            build_s: dict[str, float] = {}
+            for variant in variants:
+                for kind, source in (("dense", model), ("factorized", factorized)):
+                    started = time.perf_counter()
+                    try:
+                        call = EXPERIMENTS[variant][1](source, x)
+                        with torch.inference_mode():
+                            call()
+                    except Exception as error:  # a variant that does not run is a result too
+                        log(f"  {name} {ratio:g}x {variant} {kind}: failed: {type(error).__name__}: {error}")
+                        continue
+                    calls[f"{variant}/{kind}"] = call
+                    build_s[f"{variant}/{kind}"] = time.perf_counter() - started
+            timings = measure(calls, repeats=repeats, warmup=warmup)
+            eager_dense = timings.get("eager/dense")
+            macs_ratio = plan.macs_before / max(1, plan.macs_after)
+            for variant in variants:
+                dense, fact = timings.get(f"{variant}/dense"), timings.get(f"{variant}/factorized")
+                if dense is None or fact is None:
+                    continue
+                row = {
+                    "model": name, "target_ratio": ratio, "variant": variant, "macs_ratio": round(macs_ratio, 3),
+                    "dense_ms": round(dense.median, 3), "factorized_ms": round(fact.median, 3),
+                    "dense_iqr_ms": round(dense.iqr, 3), "factorized_iqr_ms": round(fact.iqr, 3),
+                    "dense_cpu_ms": round(dense.cpu_median, 3), "factorized_cpu_ms": round(fact.cpu_median, 3),
+                    "speedup": round(dense.median / fact.median, 3),
+                    "speedup_vs_eager_dense": round(eager_dense.median / fact.median, 3) if eager_dense else None,
+                    "build_s": round(build_s[f"{variant}/dense"] + build_s[f"{variant}/factorized"], 1),
+                    "threads": threads, "repeats": repeats,
+                }
+                rows.append(row)
+                log(f"{name:9s} {ratio:4g}x {variant:17s} dense {dense.median:8.3f} ms  factorized "
+                    f"{fact.median:7.3f} ms  speedup {row['speedup']:6.2f}x  (MACs {macs_ratio:5.2f}x)")
+    return rows
+
+
+# ------------------------------------------------------------------ output
+
+
+def machine() -> dict[str, object]:
+    """The machine that ran the benchmark."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+        "python": platform.python_version(), "torch": torch.__version__,
+        "mkldnn": torch.backends.mkldnn.is_available(), "date": datetime.datetime.now().astimezone().isoformat(
+            timespec="seconds"),
+        "loadavg_at_start": [round(v, 2) for v in os.getloadavg()],
+    }
+
+
+def _line(row: dict[str, object]) -> str:
+    met = {True: "yes", False: "NO", None: "-"}[row["target_met"]]  # type: ignore[index]
+    return (f"{row['model']:9s} {row['target_ratio']:4g}x {row['mode']:9s} params {row['params_ratio']:6.2f}x  "
+            f"MACs {row['macs_ratio']:6.2f}x  dense {row['dense_ms']:8.3f} ms (IQR {row['dense_iqr_ms']:.3f})  "
+            f"factorized {row['factorized_ms']:7.3f} ms (IQR {row['factorized_iqr_ms']:.3f})  "
+            f"speedup {row['speedup']:6.2f}x  target {met}{'  [noisy]' if row['noisy'] else ''}")
+
+
+def table(rows: Sequence[dict[str, object]]) -> str:
+    """The rows as a Markdown table (the one docs/performance.md shows)."""
+    lines = ["| model | target | mode | params | MACs | dense ms (IQR) | factorized ms (IQR) | speedup | "
+             "needed | met |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        needed = "-" if r["target_speedup"] is None else f"{r['target_speedup']:.2f}x"
+        met = {True: "yes", False: "**no**", None: "-"}[r["target_met"]]  # type: ignore[index]
+        lines.append(
+            f"| {r['model']} | {r['target_ratio']:g}x | {r['mode']} | {r['params_ratio']:.2f}x | "
+            f"{r['macs_ratio']:.2f}x | {r['dense_ms']:.2f} ({r['dense_iqr_ms']:.2f}) | "
+            f"{r['factorized_ms']:.2f} ({r['factorized_iqr_ms']:.2f}) | {r['speedup']:.2f}x | {needed} | {met} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: 8x only, 5 repetitions, 2 warm-up calls")
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), help="default: resnet18 vgg16")
+    parser.add_argument("--ratios", nargs="+", type=float, help="default: 2 4 8 16 32 (--quick: 8)")
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    parser.add_argument("--repeats", type=int, help="timed calls per model (default 60; --quick 5)")
+    parser.add_argument("--warmup", type=int, help="untimed calls per model first (default 10; --quick 2)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--experiments", action="store_true", help="time the optimization variants instead")
+    parser.add_argument("--variants", nargs="+", choices=sorted(EXPERIMENTS), help="experiments to run (default all)")
+    parser.add_argument("--output", type=Path, help="where to write the JSON results")
+    args = parser.parse_args(argv)
+
+    names = args.models or list(DEFAULT_MODELS)
+    ratios = args.ratios or ([8.0] if args.quick else ([8.0, 32.0] if args.experiments else list(RATIOS)))
+    repeats = args.repeats or (5 if args.quick else (30 if args.experiments else 60))
+    warmup = args.warmup if args.warmup is not None else (2 if args.quick else 10)
+    default_name = "experiments.json" if args.experiments else ("latency-quick.json" if args.quick else "latency.json")
+    output = args.output or RESULTS / default_name
+    header = machine()
+    header.update(threads=args.threads, repeats=repeats, warmup=warmup, batch=1,
+                  command=" ".join([".venv/bin/python", "benchmarks/latency.py", *(argv or sys.argv[1:])]))
+    print(f"# {header['cpu']}, {header['cores']} cores, torch {header['torch']}, {args.threads} thread(s), "
+          f"{repeats} repetitions after {warmup} warm-up calls, batch 1; load average {header['loadavg_at_start']}",
+          flush=True)
+    started = time.perf_counter()
+
+    def log(text: str) -> None:
+        print(text, flush=True)
+
+    if args.experiments:
+        variants = args.variants or list(EXPERIMENTS)
+        rows = run_experiments(names, ratios, variants, repeats=repeats, warmup=warmup, threads=args.threads,
+                               log=log)
+        header["variants"] = {name: EXPERIMENTS[name][0] for name in variants}
+    else:
+        rows = []
+        for name in names:
+            spec, model = load(name)
+            rows += benchmark_model(name, spec, model, ratios, repeats=repeats, warmup=warmup, threads=args.threads,
+                                    modes=args.modes, log=log)
+        print("\n" + table(rows))
+    header["seconds"] = round(time.perf_counter() - started, 1)
+    header["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps({"machine": header, "rows": rows}, indent=2) + "\n")
+    print(f"\nwrote {output} in {header['seconds']} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
