@@ -81,7 +81,8 @@ def test_bad_input_never_gives_a_traceback(tmp_path, content):
 def test_check_and_fmt_never_import_torch():
     code = (
         "import sys; from cstar_dsl.cli import main; "
-        "main(['check', 'specs/digits.cstar', 'specs/resnet18-8x.cstar']); main(['fmt', '--check', 'specs/mnist.cstar']); "
+        "main(['check', 'specs/digits.cstar', 'specs/resnet18-8x.cstar']); "
+        "main(['fmt', '--check', 'specs/mnist.cstar']); "
         "heavy = sorted(m for m in ('torch', 'torchvision', 'numpy') if m in sys.modules); "
         "print('HEAVY', heavy)"
     )

@@ -50,7 +50,8 @@ def test_compound_values():
     assert _value("16x params") == ast.Measure(ast.Quantity(16, "x", "16x"), ast.Name("params"))
     assert _value("params <= 700k") == ast.Bound(ast.Name("params"), "<=", ast.Quantity(700, "k", "700k"))
     call = _value("pgd(20, restarts = 2)")
-    assert call == ast.Call(ast.Name("pgd"), (ast.Number(20, "20"), ast.Keyword(ast.Name("restarts"), ast.Number(2, "2"))))
+    restarts = ast.Keyword(ast.Name("restarts"), ast.Number(2, "2"))
+    assert call == ast.Call(ast.Name("pgd"), (ast.Number(20, "20"), restarts))
     assert _value("[\n  1,\n  [2, 3],\n]") == ast.List(
         (ast.Number(1, "1"), ast.List((ast.Number(2, "2"), ast.Number(3, "3"))))
     )

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from cstar_dsl.errors import CStarError
 from cstar_dsl.spec import EnergyPolicy, LimitBudget, PgdAttack, RatioBudget, Spec
@@ -62,11 +63,11 @@ def test_units_and_fractions(tmp_path):
 
 def test_spec_is_frozen_and_rejects_unknown_fields_from_python():
     spec = load_spec(SPECS / "digits.cstar")
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         spec.model.classes = 3  # type: ignore[misc]
     data = spec.model_dump()
     data["threat"]["epss"] = 1
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         Spec.model_validate(data)
 
 
@@ -99,7 +100,8 @@ def test_extend_overrides_blocks_keys_rules_and_requirements(tmp_path):
 
 def test_extend_paths_resolve_against_the_file_that_wrote_them(tmp_path):
     (tmp_path / "base").mkdir()
-    _write(tmp_path / "base", DIGITS.replace("dataset = digits", 'dataset = mnist\n  root = "mnist"').replace("split = 80%", "split = official"), "b.cstar")
+    base = DIGITS.replace("dataset = digits", 'dataset = mnist\n  root = "mnist"').replace("split = 80%", "split = official")
+    _write(tmp_path / "base", base, "b.cstar")
     child = _write(tmp_path, 'extend "base/b.cstar"\n')
     assert load_spec(child).data.root == (tmp_path / "base" / "mnist").resolve()
 
@@ -116,14 +118,15 @@ def test_extend_cycle_and_missing_base(tmp_path):
 
 def test_every_semantic_error_of_a_file_is_reported_together(tmp_path):
     text = DIGITS.replace("eps = 0.1", "eps = -0.1").replace("batch_size = 64", "batch_size = 0")
-    text = text.replace("budget = 4x params", "budget = 4").replace('arch = "cstar:digits-cnn"', 'arch = "cstar:digit-cnn"')
+    text = text.replace("budget = 4x params", "budget = 4")
+    text = text.replace('arch = "cstar:digits-cnn"', 'arch = "cstar:digit-cnn"')
     codes = _codes(tmp_path, text)
     assert codes == [("unknown-model", 5), ("out-of-range", 13), ("eps-not-positive", 19), ("missing-unit", 26)]
 
 
 def test_rule_that_contradicts_keep(tmp_path):
-    text = DIGITS.replace('keep = ["fc"]  # the 10-way classifier is tiny',
-                          'keep = ["fc", "conv*"]\n\n  layer "conv1" {\n    rank = 2\n  }\n\n  layer "fc" {\n    dense = true\n  }')
+    rules = 'keep = ["fc", "conv*"]\n\n  layer "conv1" {\n    rank = 2\n  }\n\n  layer "fc" {\n    dense = true\n  }'
+    text = DIGITS.replace('keep = ["fc"]  # the 10-way classifier is tiny', rules)
     assert _codes(tmp_path, text) == [("rule-contradicts-keep", 30)]
 
 
