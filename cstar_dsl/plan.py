@@ -113,11 +113,6 @@ def factorized_macs(layer: LayerInfo, ranks: Ranks) -> int:
         layer.out_positions)
 
 
-def energy_lost(layer: LayerInfo, ranks: Ranks) -> float:
-    """The normalized spectral energy the ranks drop, summed over the modes (the HOSVD error bound)."""
-    return sum(1.0 - sum(energies[:rank]) for energies, rank in zip(layer.energies, ranks, strict=True))
-
-
 def energy_kept(layer: LayerInfo, ranks: Ranks) -> float:
     """The share of the layer's normalized spectral energy the ranks keep (product over the modes)."""
     return math.prod(sum(energies[:rank]) for energies, rank in zip(layer.energies, ranks, strict=True))
