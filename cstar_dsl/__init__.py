@@ -11,22 +11,25 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+# Bound eagerly: these functions share their names with their modules, and importing a
+# submodule binds the module on the package, which would hide a lazily exported function.
+from .parse import parse
+from .render import render
+
 _EXPORTS = {
-    "parse": "parse",
     "format_text": "fmt",
     "load_spec": "validate",
     "check_file": "validate",
     "Spec": "spec",
     "CStarError": "errors",
     "Diagnostic": "errors",
-    "render": "render",
     "build_model": "api",
     "make_plan": "api",
     "factorize": "api",
     "Plan": "plan",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = ["__version__", "parse", "render", *_EXPORTS]
 
 
 def __getattr__(name: str) -> Any:

@@ -19,8 +19,9 @@ from .spec import Spec
 
 
 def build_model(spec: Spec, *, allow_import: bool = False) -> nn.Module:
-    """The recipe's model (registry name, classes, stem, starting weights), in eval mode."""
-    return models.build_model(spec.model, allow_import=allow_import)
+    """The recipe's model (registry name, classes, stem, starting weights), initialized from the
+    recipe's seed, in eval mode."""
+    return models.build_model(spec.model, seed=spec.train.seed, allow_import=allow_import)
 
 
 def make_plan(spec: Spec, model: nn.Module) -> Plan:

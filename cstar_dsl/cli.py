@@ -56,8 +56,8 @@ def _parser() -> argparse.ArgumentParser:
 
     plan = commands.add_parser("plan", help="show which layers a recipe factorizes, at which ranks, and what it buys")
     plan.add_argument("files", nargs=1, metavar="FILE")
-    plan.add_argument("--format", choices=("table", "json", *FORMATS[1:]), default="table",
-                      help="the plan as a table or JSON (diagnostics follow --format full/concise)")
+    plan.add_argument("--format", choices=("table", "concise", "json"), default="table",
+                      help="the plan as a table (with full or concise diagnostics) or as JSON")
     plan.add_argument("--allow-import", action="store_true",
                       help="allow `package.module:function` models (imports and runs that code)")
     plan.set_defaults(run=_plan)
@@ -137,7 +137,7 @@ def _plan(args: argparse.Namespace, console: Console) -> int:
     from .validate import check_file
 
     started = time.perf_counter()
-    diagnostic_format = "json" if args.format == "json" else "full"
+    diagnostic_format = {"table": "full", "concise": "concise", "json": "json"}[args.format]
     try:
         checked = check_file(args.files[0], allow_import=args.allow_import)
         plan = make_plan(checked.spec, build_model(checked.spec, allow_import=args.allow_import))
@@ -152,7 +152,7 @@ def _plan(args: argparse.Namespace, console: Console) -> int:
         console.out(json.dumps({"spec": args.files[0], "model": checked.spec.model.arch, "seconds": seconds,
                                 **plan.to_dict()}, indent=2))
         return EXIT_OK
-    _print_diagnostics(console, list(checked.warnings), "full")
+    _print_diagnostics(console, list(checked.warnings), diagnostic_format)
     console.print(_plan_table(plan, f"{args.files[0]}: {checked.spec.model.arch}"))
     console.out(_plan_summary(plan, seconds))
     if checked.spec.model.weights is None and checked.spec.compress.policy.kind in ("global", "energy"):

@@ -10,6 +10,7 @@ import traceback
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import fx, nn
@@ -63,13 +64,21 @@ def trace(model: nn.Module, leaves: Iterable[str] = ()) -> fx.GraphModule:
     except Exception as error:  # fx raises many kinds; each means the same to the user
         where = tracer.path[-1] if tracer.path else ("", type(model).__name__)
         name = where[0] or "the model itself"
-        frame = traceback.extract_tb(error.__traceback__)[-1]
+        frame = _user_frame(error)
         raise SpecProblem(
             ("model", "arch"), "untraceable-model", f"torch.fx cannot trace `{name}` ({where[1]}): {error}",
             label="this model", notes=(f"failed at {frame.filename}:{frame.lineno}",),
             help=f'mark the module a leaf so it is kept whole: `leaf = ["{where[0] or where[1]}"]` in the model block',
         ) from error
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _user_frame(error: BaseException) -> traceback.FrameSummary:
+    """The innermost frame of the traceback outside torch: the model's own line that failed."""
+    frames = traceback.extract_tb(error.__traceback__)
+    torch_root = str(Path(torch.__file__).parent)
+    outside = [f for f in frames if not f.filename.startswith(torch_root) and f.filename != __file__]
+    return (outside or frames)[-1]
 
 
 def collect(model: nn.Module, input_shape: tuple[int, ...], leaves: Iterable[str] = ()) -> Inventory:
@@ -82,7 +91,7 @@ def collect(model: nn.Module, input_shape: tuple[int, ...], leaves: Iterable[str
         if name in calls and isinstance(module, (nn.Linear, nn.Conv2d)) and name in shapes:
             layers.append(_layer_info(name, module, calls[name], shapes[name]))
     total = sum(p.numel() for p in model.parameters())
-    return Inventory(graph, tuple(sorted(layers, key=lambda layer: layer.name)), total)
+    return Inventory(graph, tuple(layers), total)
 
 
 def _io_positions(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, tuple[int, int]]:

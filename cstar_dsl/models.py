@@ -111,15 +111,18 @@ def _cifar_variant(name: str, model: nn.Module) -> None:
 # -------------------------------------------------------------------- builders
 
 
-def build_model(spec: ModelSpec, *, allow_import: bool = False) -> nn.Module:
-    """The model a recipe names, with its starting weights when it gives them; in eval mode."""
+def build_model(spec: ModelSpec, *, seed: int = 0, allow_import: bool = False) -> nn.Module:
+    """The model a recipe names, initialized from ``seed`` (the caller's random state is left as it
+    was), with its starting weights when it gives them; in eval mode."""
     source, _, name = spec.arch.partition(":")
-    if source == "torchvision":
-        model = _torchvision(name, spec)
-    elif source == "cstar":
-        model = OWN_MODELS[name](spec)
-    else:
-        model = _imported(spec, allow_import)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if source == "torchvision":
+            model = _torchvision(name, spec)
+        elif source == "cstar":
+            model = OWN_MODELS[name](spec)
+        else:
+            model = _imported(spec, allow_import)
     if spec.weights is not None:
         load_weights(model, spec.weights)
     return model.eval()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -160,7 +161,7 @@ def make_plan(spec: Spec, layers: Sequence[LayerInfo], other_params: int = 0) ->
     """
     compress = spec.compress
     _check_selectors(compress, layers)
-    slots = [_slot(layer, compress) for layer in sorted(layers, key=lambda x: x.name)]
+    slots = [_slot(layer, compress) for layer in sorted(layers, key=lambda x: _natural(x.name))]
     metric = compress.budget.metric
     cost = _cost_function(metric)
     target = _target(compress, slots, cost, other_params)
@@ -180,8 +181,13 @@ def make_plan(spec: Spec, layers: Sequence[LayerInfo], other_params: int = 0) ->
                 layers=tuple(_layer_plan(s) for s in slots), other_params=other_params)
 
 
+def _natural(name: str) -> tuple[str | int, ...]:
+    """Sort key that puts `features.3` before `features.10`."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
+
+
 def _check_selectors(compress: CompressSpec, layers: Sequence[LayerInfo]) -> None:
-    names = [layer.name for layer in layers]
+    names = [normalize_module_name(layer.name) for layer in layers]
     for index, rule in enumerate(compress.layers):
         if not any(rule.selector.matches(layer.name, layer.type_name) for layer in layers):
             match = closest(rule.selector.pattern, names) if rule.selector.kind != "type" else None
@@ -225,7 +231,7 @@ def _slot(layer: LayerInfo, compress: CompressSpec) -> _Slot:
     if rule and rule.rank is not None:
         _fix_rank(slot, rule, compress)
     elif rule and rule.ratio is not None:
-        _fix_ratio(slot, rule.ratio)
+        _fix_ratio(slot, rule.ratio, ("compress", "layers", compress.layers.index(rule), "ratio"))
     return slot
 
 
@@ -258,13 +264,22 @@ def _fix_rank(slot: _Slot, rule: LayerRule, compress: CompressSpec) -> None:
         slot.ranks, slot.reason = None, "fixed rank saves nothing"
 
 
-def _fix_ratio(slot: _Slot, ratio: float) -> None:
-    layer = slot.layer
-    budget = layer.params / ratio
-    scale = _bisect(lambda s: factorized_params(layer, _scaled(slot, s)) <= budget)
-    slot.ranks, slot.fixed = _scaled(slot, scale), True
-    if factorized_params(layer, slot.ranks) >= layer.params:
-        slot.ranks, slot.reason = None, "factorizing saves nothing at this ratio"
+def _fix_ratio(slot: _Slot, ratio: float, loc: tuple[str | int, ...]) -> None:
+    slot.ranks, slot.fixed = _ratio_ranks(slot, ratio, _cost_function("params")), True
+    if slot.ranks is None:
+        floor = factorized_params(slot.layer, slot.low)
+        raise SpecProblem(
+            loc, "infeasible-ratio",
+            f"`{slot.layer.name}` cannot be compressed {ratio:g}x: at its rank floor {list(slot.low)} it "
+            f"reaches {slot.layer.params / floor:.2f}x", label="out of reach",
+            help="lower the ratio, or lower `min_rank` for this layer")
+
+
+def _ratio_ranks(slot: _Slot, ratio: float, cost: Cost) -> Ranks | None:
+    """The largest ranks, all modes scaled alike, that cost at most 1/ratio of the dense layer."""
+    limit = cost(slot.layer, None) / ratio
+    ranks = _scaled(slot, _bisect(lambda scale: cost(slot.layer, _scaled(slot, scale)) <= limit))
+    return ranks if cost(slot.layer, ranks) <= limit else None
 
 
 def _scaled(slot: _Slot, scale: float) -> Ranks:
@@ -351,19 +366,26 @@ def _energy_ranks(slot: _Slot, threshold: float) -> None:
 
 def _uniform_ranks(free: Sequence[_Slot], slots: Sequence[_Slot], cost: Cost, target: float,
                    compress: CompressSpec) -> None:
-    def apply(scale: float) -> None:
+    """The same compression ratio for every free layer (in the budget's metric): the smallest
+    ratio that meets the budget, found by bisection; a layer that cannot reach it goes to its
+    floor. The rounding slack is then given back one rank at a time, as for `global`."""
+
+    def apply(ratio: float) -> int:
         for slot in free:
-            ranks = _scaled(slot, scale)
-            slot.ranks = ranks if cost(slot.layer, ranks) < cost(slot.layer, None) else None
+            slot.ranks = _ratio_ranks(slot, ratio, cost) or slot.low
+            if cost(slot.layer, slot.ranks) >= cost(slot.layer, None):
+                slot.ranks = None
+        return _total(slots, cost)
 
-    def fits(scale: float) -> bool:
-        apply(scale)
-        return _total(slots, cost) <= target
-
-    scale = _bisect(fits)
-    apply(scale)
-    if _total(slots, cost) > target:
+    low, high = 1.0, 2.0
+    while apply(high) > target and high < 1e9:
+        low, high = high, high * 2
+    if apply(high) > target:
         raise _infeasible(slots, cost, compress)
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (low, middle) if apply(middle) <= target else (middle, high)
+    _give_back(free, cost, target - apply(high))
     for slot in free:
         if slot.ranks is None:
             slot.reason = "factorizing saves nothing at the uniform ratio"

@@ -21,6 +21,8 @@ def python_blocks(text: str) -> list[tuple[int, str]]:
 
 
 def test_every_python_block_of_api_md_runs(monkeypatch):
+    """Each block runs and prints something; a `print(...)  # text` line shows what it prints, so the
+    text of its comment must appear in the block's output."""
     monkeypatch.chdir(ROOT)
     blocks = python_blocks(API.read_text())
     assert blocks, "docs/api.md has no ```python example"
@@ -29,28 +31,34 @@ def test_every_python_block_of_api_md_runs(monkeypatch):
         output = io.StringIO()
         with contextlib.redirect_stdout(output):
             try:
-                exec(compile(code, f"docs/api.md:{line}", "exec"), namespace)  # noqa: S102
+                exec(compile(code, f"docs/api.md:{line}", "exec"), namespace)
             except Exception as error:  # report which block failed
                 pytest.fail(f"the ```python block at docs/api.md:{line} raised {type(error).__name__}: {error}")
-        assert output.getvalue(), f"the block at docs/api.md:{line} prints nothing"
+        printed = output.getvalue()
+        assert printed, f"the block at docs/api.md:{line} prints nothing"
+        for claimed in re.findall(r"^[ \t]*print\(.*\)[ \t]+#[ \t]*(.+)$", code, re.M):
+            assert claimed.strip() in printed, f"docs/api.md:{line}: {claimed!r} is not what the block prints"
 
 
-def test_printed_results_match_the_comments(monkeypatch):
-    """A `print(...)  # text` line in a block shows what it prints: the comment must be in the output."""
-    monkeypatch.chdir(ROOT)
-    namespace: dict[str, object] = {"__name__": "api_md"}
-    for line, code in python_blocks(API.read_text()):
-        output = io.StringIO()
-        with contextlib.redirect_stdout(output):
-            exec(compile(code, f"docs/api.md:{line}", "exec"), namespace)  # noqa: S102
-        for claimed in re.findall(r"^\s*print\(.*\)\s+#\s*(.+)$", code, re.M):
-            assert claimed.strip() in output.getvalue(), f"docs/api.md:{line}: {claimed!r} not printed"
+FUNCTIONS = ["load_spec", "check_file", "build_model", "make_plan", "factorize", "parse", "format_text"]
 
 
-@pytest.mark.parametrize("name", ["load_spec", "check_file", "build_model", "make_plan", "factorize", "parse",
-                                  "format_text"])
+@pytest.mark.parametrize("name", FUNCTIONS)
 def test_api_md_documents_the_public_function(name):
     import cstar_dsl
 
-    assert callable(getattr(cstar_dsl, name))
+    assert name in cstar_dsl.__all__
     assert f"`cstar_dsl.{name}(" in API.read_text()
+
+
+def test_public_functions_stay_callable_after_first_use():
+    import subprocess
+    import sys
+
+    code = ("import cstar_dsl\n"
+            "for _ in range(2):\n"
+            "    for name in cstar_dsl.__all__[1:]:\n"
+            "        value = getattr(cstar_dsl, name)\n"
+            "        assert callable(value), (name, value)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr.strip().splitlines()[-1]

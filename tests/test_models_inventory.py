@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DIGITS = (ROOT / "specs" / "digits.cstar").read_text()
 
 
-def model_spec(arch: str, classes: int = 10, shape: tuple[int, int, int] = (3, 32, 32), **options) -> ModelSpec:  # noqa: ANN003
+def model_spec(arch: str, classes: int = 10, shape: tuple[int, int, int] = (3, 32, 32), **options) -> ModelSpec:
     return ModelSpec(arch=arch, classes=classes, input=shape, **options)
 
 
@@ -135,7 +135,7 @@ def source():
     return models.build_model(model_spec("cstar:digits-cnn", shape=(1, 8, 8)))
 
 
-def _build_with(folder: Path, weights: str):  # noqa: ANN202
+def _build_with(folder: Path, weights: str):
     spec = load_spec(digits_recipe(folder, f'  weights = "{weights}"\n'))
     return api.build_model(spec)
 
@@ -214,6 +214,25 @@ def test_an_unreadable_weights_file_is_a_problem_not_a_traceback(tmp_path, name,
     assert name in caught.value.message
 
 
+class _Payload:
+    """Unpickling this (without weights_only) would create the marker file: code from the checkpoint."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_checkpoint_is_never_unpickled_as_code(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"fc.weight": _Payload(marker)}, tmp_path / "hostile.pt")
+    with pytest.raises(SpecProblem) as caught:
+        _build_with(tmp_path, "hostile.pt")
+    assert caught.value.code == "unreadable-weights"
+    assert not marker.exists(), "loading the weights ran code from the checkpoint"
+
+
 def test_a_missing_weights_file(tmp_path):
     with pytest.raises(SpecProblem) as caught:
         _build_with(tmp_path, "nowhere.pt")
@@ -288,10 +307,6 @@ def test_an_untraceable_module_is_named_with_a_leaf_suggestion(branchy):
     assert diagnostic.span.line == 5  # `arch = "branchy_model:build"` in the model block
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "docs/errors.md says the note of untraceable-model gives the source line, but inventory.trace takes "
-    "the last frame of the traceback, which is inside torch (torch/fx/proxy.py), not the model's "
-    "`if x.mean() > 0:` line"))
 def test_the_untraceable_note_points_at_the_models_source_line(branchy):
     import branchy_model
 
@@ -360,7 +375,7 @@ def test_inventory_facts_of_a_tiny_cnn():
     model = Tiny().eval()
     found = inventory.collect(model, (3, 8, 8))
     layers = {layer.name: layer for layer in found.layers}
-    assert list(layers) == ["conv1", "conv2", "depthwise", "fc", "point", "tokens"]  # sorted by name
+    assert list(layers) == ["conv1", "conv2", "depthwise", "point", "fc", "tokens"]  # in the model's order
 
     facts = {name: (layer.type_name, layer.in_features, layer.out_features, layer.kernel, layer.groups, layer.calls,
                     layer.in_positions, layer.out_positions, layer.params, layer.macs, layer.shape)
@@ -406,7 +421,7 @@ def test_inventory_leaves_the_model_unchanged_and_in_eval_mode():
 def test_inventory_of_registry_models():
     digits = inventory.collect(models.build_model(model_spec("cstar:digits-cnn", shape=(1, 8, 8))), (1, 8, 8))
     names = [layer.name for layer in digits.layers]
-    assert names == ["fc", "features.0", "features.10", "features.3", "features.7"]  # sorted by name
+    assert names == ["features.0", "features.3", "features.7", "features.10", "fc"]  # in the model's order
     facts = {layer.name: (layer.in_positions, layer.out_positions, layer.params) for layer in digits.layers}
     assert facts["features.0"] == (64, 64, 32 * 9) and facts["features.7"] == (16, 16, 64 * 128 * 9)
     assert facts["fc"] == (1, 1, 1280)

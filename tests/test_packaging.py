@@ -23,7 +23,7 @@ def test_wheel_ships_and_loads_the_grammar(tmp_path):
 
     # Run from the unpacked wheel alone: the repository's grammar/ folder is out of reach.
     code = (
-        "import cstar_dsl.parse as p, pathlib; "
+        "import importlib, pathlib; p = importlib.import_module('cstar_dsl.parse'); "
         "assert 'site' in p.__file__, p.__file__; "
         "assert not (pathlib.Path(p.__file__).parent.parent / 'grammar').exists(); "
         "print(p.parse('threat {\\n  eps = 8/255\\n}\\n').items[0].kind.value)"

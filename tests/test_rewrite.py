@@ -19,12 +19,13 @@ from torch import fx, nn
 from cstar_dsl import api
 from cstar_dsl.factorized import LowRankLinear, Tucker2Conv2d
 from cstar_dsl.layers import LayerInfo
-from cstar_dsl.plan import LayerPlan, Plan, factorized_macs, factorized_params, full_ranks
+from cstar_dsl.plan import LayerPlan, Plan, factorized_params, full_ranks
 from cstar_dsl.validate import load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"
-MOBILENET_MODEL = 'model {\n  arch = "torchvision:mobilenet_v2"\n  classes = 10\n  input = [3, 32, 32]\n  stem = cifar\n}\n'
+MOBILENET_MODEL = ('model {\n  arch = "torchvision:mobilenet_v2"\n  classes = 10\n  input = [3, 32, 32]\n'
+                   "  stem = cifar\n}\n")
 MOBILENET_COMPRESS = "compress {\n  method = cstar\n  budget = 2x params\n  policy = global\n}\n"
 
 
@@ -34,7 +35,7 @@ def _swap_block(text: str, name: str, block: str) -> str:
     return replaced
 
 
-def _spec(arch: str, folder: Path):  # noqa: ANN202
+def _spec(arch: str, folder: Path):
     if arch == "resnet18":
         return load_spec(SPECS / "resnet18.cstar")
     if arch == "vgg16_bn":
@@ -58,15 +59,14 @@ def randomize_norms(model: nn.Module, seed: int = 1) -> None:
 
 
 def _info(layer: LayerPlan) -> LayerInfo:
-    """The planning facts of a planned (ungrouped) layer, from its weight shape."""
+    """The shape facts of a planned (ungrouped) layer, from its weight shape (positions unknown)."""
     kernel = tuple(layer.shape[2:]) if layer.type_name == "Conv2d" else (1, 1)
-    return LayerInfo(layer.name, layer.type_name, layer.shape[1], layer.shape[0], kernel, 1, 1,
-                     layer.macs_before // max(1, layer.params_before), layer.macs_before // max(1, layer.params_before),
-                     ())
+    return LayerInfo(layer.name, layer.type_name, layer.shape[1], layer.shape[0], kernel, 1, 1, 1, 1, ())
 
 
 def at_full_rank(plan: Plan) -> Plan:
-    """The same plan with every layer factorized at its full ranks, except grouped convs."""
+    """The same plan with every layer factorized at its full ranks, except grouped convs
+    (``params_after`` updated; the MAC columns are left as they were)."""
     layers = []
     for layer in plan.layers:
         if layer.reason.startswith("grouped conv"):
@@ -76,7 +76,7 @@ def at_full_rank(plan: Plan) -> Plan:
         ranks = full_ranks(info)
         layers.append(dataclasses.replace(
             layer, ranks=ranks, method="tucker2" if info.is_conv else "svd", reason="full rank (test)",
-            params_after=factorized_params(info, ranks), macs_after=factorized_macs(info, ranks)))
+            params_after=factorized_params(info, ranks)))
     return dataclasses.replace(plan, layers=tuple(layers))
 
 
