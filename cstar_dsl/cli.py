@@ -19,7 +19,7 @@ from rich.text import Text
 
 from . import __version__
 from .errors import CStarError, Diagnostic
-from .render import FORMATS, render, to_dict
+from .render import FORMATS, render, si, to_dict
 
 if TYPE_CHECKING:
     from .plan import Plan
@@ -107,17 +107,10 @@ def _summary(spec: Spec) -> str:
     if budget.kind == "ratio":
         amount = f"{budget.ratio:g}x {budget.metric}"
     else:
-        amount = f"{budget.metric} <= {_si(budget.limit)}"
+        amount = f"{budget.metric} <= {si(budget.limit)}"
     c, h, w = spec.model.input
     return (f"{spec.model.arch} {c}x{h}x{w} on {spec.data.dataset}; {spec.compress.method} {amount}, "
             f"{spec.compress.policy.kind} ranks; {spec.threat.norm} eps {_pixels(spec.threat.eps)}")
-
-
-def _si(amount: float) -> str:
-    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if amount >= scale:
-            return f"{amount / scale:g}{suffix}"
-    return f"{amount:g}"
 
 
 def _pixels(eps: float) -> str:
@@ -163,8 +156,8 @@ def _plan(args: argparse.Namespace, console: Console) -> int:
 
 def _plan_table(plan: Plan, title: str) -> Table:
     table = Table(title=title, title_justify="left", show_footer=True, box=box.SIMPLE_HEAD)
-    footer = {"layer": "total", "params": f"{_si(plan.params_before)} -> {_si(plan.params_after)}",
-              "MACs": f"{_si(plan.macs_before)} -> {_si(plan.macs_after)}"}
+    footer = {"layer": "total", "params": f"{si(plan.params_before)} -> {si(plan.params_after)}",
+              "MACs": f"{si(plan.macs_before)} -> {si(plan.macs_after)}"}
     for column in ("layer", "kind", "shape", "rule", "ranks", "params", "MACs", "energy"):
         numeric = column in ("params", "MACs", "energy")
         table.add_column(column, footer=footer.get(column, ""), justify="right" if numeric else "left")
@@ -173,8 +166,8 @@ def _plan_table(plan: Plan, title: str) -> Table:
             f"{layer.method} {'x'.join(map(str, layer.ranks))}")
         table.add_row(
             layer.name, layer.type_name, "x".join(map(str, layer.shape)), layer.rule, ranks,
-            f"{_si(layer.params_before)} -> {_si(layer.params_after)}",
-            f"{_si(layer.macs_before)} -> {_si(layer.macs_after)}",
+            f"{si(layer.params_before)} -> {si(layer.params_after)}",
+            f"{si(layer.macs_before)} -> {si(layer.macs_after)}",
             "" if layer.energy_kept is None else f"{layer.energy_kept:.1%}")
     return table
 
@@ -185,7 +178,7 @@ def _plan_summary(plan: Plan, seconds: float) -> str:
     factorized = sum(layer.ranks is not None for layer in plan.layers)
     return (f"budget {plan.budget}, policy {plan.policy}: {factorized} of {len(plan.layers)} layers factorized; "
             f"params {params:.2f}x, MACs {macs:.2f}x (conv + linear weights; "
-            f"{_si(plan.other_params)} other parameters unchanged); planned in {seconds:.1f} s")
+            f"{si(plan.other_params)} other parameters unchanged); planned in {seconds:.1f} s")
 
 
 # --------------------------------------------------------------------- fmt

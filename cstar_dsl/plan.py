@@ -16,6 +16,7 @@ from .errors import closest
 from .layers import LayerInfo
 from .problems import SpecProblem
 from .registry import normalize_module_name
+from .render import si
 from .spec import CompressSpec, LayerRule, Spec
 
 DEFAULT_MIN_RANK = 2  # a rank-1 factor rarely trains well
@@ -485,7 +486,7 @@ def _budget_text(compress: CompressSpec) -> str:
     budget = compress.budget
     if budget.kind == "ratio":
         return f"{budget.ratio:g}x {budget.metric}"
-    return f"{budget.metric} <= {budget.limit:g}"
+    return f"{budget.metric} <= {si(budget.limit)}"
 
 
 def _policy_text(compress: CompressSpec) -> str:

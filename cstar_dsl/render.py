@@ -11,6 +11,14 @@ MAX_LINE = 120
 FORMATS = ("full", "concise", "json")
 
 
+def si(amount: float) -> str:
+    """A count with an SI suffix, as recipes write it: 80M, 697.7k, 512."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(amount) >= scale:
+            return f"{amount / scale:.4g}{suffix}"
+    return f"{amount:.4g}"
+
+
 def render(diagnostics: Sequence[Diagnostic], fmt: str = "full") -> str:
     """All diagnostics in one of ``FORMATS``, ending with a newline when there are any."""
     if fmt == "json":
