@@ -49,7 +49,7 @@ def test_plan_prints_the_table_and_totals(folder, capsys):
     assert "dense: rank 1 already" in rows["features.0"]
     assert re.search(r"tucker2 \d+x\d+", rows["features.10"]) and re.search(r"\d+\.\d%\s*$", rows["features.10"])
     assert "128x128x3x3" in rows["features.10"]
-    assert re.search(r"^\s*total\s+241\.184k -> \S+\s+4\.7383M -> \S+", out, re.M)
+    assert re.search(r"^\s*total\s+241\.2k -> \S+\s+4\.738M -> \S+", out, re.M)
     summary = re.search(r"^budget 4x params, policy global: (\d) of 5 layers factorized; params (\d+\.\d\d)x, "
                         r"MACs (\d+\.\d\d)x \(conv \+ linear weights; 714 other parameters unchanged\); "
                         r"planned in \d+\.\d s$", out, re.M)
