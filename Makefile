@@ -15,9 +15,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	@touch $(STAMP)
 
+# Until `cstar compile` lands: validate and format-check every recipe, then plan the digits one.
 demo: setup
 	$(BIN)/cstar check specs/*.cstar
 	$(BIN)/cstar fmt --check specs/*.cstar
+	$(BIN)/cstar plan specs/digits.cstar
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -32,7 +32,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
     parser = _parser()
     args = parser.parse_args(argv)
-    console = Console(highlight=False, soft_wrap=True)
+    # Logs and pipes get wide lines rather than tables wrapped at 80 columns.
+    console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_USAGE
@@ -160,7 +161,8 @@ def _plan_table(plan: Plan, title: str) -> Table:
               "MACs": f"{si(plan.macs_before)} -> {si(plan.macs_after)}"}
     for column in ("layer", "kind", "shape", "rule", "ranks", "params", "MACs", "energy"):
         numeric = column in ("params", "MACs", "energy")
-        table.add_column(column, footer=footer.get(column, ""), justify="right" if numeric else "left")
+        table.add_column(column, footer=footer.get(column, ""), justify="right" if numeric else "left",
+                         no_wrap=column in ("layer", "shape", "params", "MACs"))
     for layer in plan.layers:
         ranks = "dense: " + layer.reason if layer.ranks is None else (
             f"{layer.method} {'x'.join(map(str, layer.ranks))}")
