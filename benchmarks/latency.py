@@ -7,22 +7,28 @@ factorized, dense, ...) so that a load change on the machine hits both alike:
 
 - eval mode, ``torch.inference_mode()``, batch size 1, ``torch.set_num_threads(threads)``;
 - ``warmup`` calls of each model first, not timed; then ``repeats`` timed calls of each;
-- the median wall time and its interquartile range are reported, with the minimum and the median
-  process CPU time as a check for noise from other processes (with one thread, wall > CPU time
-  means the process was waiting for a core).
+- the median wall time and its interquartile range are reported (with the minimum, the median
+  process CPU time and the load average in the JSON);
+- the machine may be shared: every case is timed in ``rounds`` sweeps over all cases, minutes
+  apart, and each row reports the round whose timings were the least spread out (smallest
+  IQR / median), so a burst of load from other processes spoils a round, not the result. The
+  speedups of all rounds are kept in the JSON (``speedup_by_round``).
 
-Two modes are timed per case: ``eager`` (the model as built and as ``cstar_dsl.factorize``
-returns it) and ``inference`` (both models passed through
-``cstar_dsl.inference.optimize_for_inference``: batch norms folded, redundant 1x1 convs merged,
-module calls lowered to function calls). The target: from 8x on, the speedup must be at least half
-the MAC reduction of the plan.
+Three modes are timed per case, each applied to the dense and the factorized model alike:
+``eager`` (the model as built and as ``cstar_dsl.factorize`` returns it), ``inference`` (passed
+through ``cstar_dsl.inference.optimize_for_inference``: batch norms folded, redundant 1x1 convs
+merged, module calls lowered to function calls) and ``torchscript`` (that, traced and frozen by
+``cstar_dsl.inference.to_torchscript``: no Python between ops). The target: from 8x on, the
+speedup must be at least half the MAC reduction of the plan.
 
-    .venv/bin/python benchmarks/latency.py            # full run, ~5 minutes on 2 cores
-    .venv/bin/python benchmarks/latency.py --quick    # smoke run: one ratio, few repetitions
-    .venv/bin/python benchmarks/latency.py --experiments   # the optimization experiments
+    .venv/bin/python benchmarks/latency.py            # full run: 1 thread, ~3.5 minutes on 2 cores
+    .venv/bin/python benchmarks/latency.py --quick    # smoke run: 8x only, 5 repetitions, ~15 s
+    .venv/bin/python benchmarks/latency.py --threads 2 --output benchmarks/results/latency-2threads.json
+    .venv/bin/python benchmarks/latency.py --experiments --rounds 2   # the optimization variants
+    .venv/bin/python benchmarks/latency.py --layers --ratios 8 32 --repeats 50   # per-layer times
 
-Results go to benchmarks/results/latency.json (``--quick``: latency-quick.json; experiments:
-experiments.json); docs/performance.md discusses them.
+Results go to benchmarks/results/latency.json (``--quick``: latency-quick.json; ``--experiments``:
+experiments.json; ``--layers``: layers.json); docs/performance.md discusses them.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import cstar_dsl  # noqa: E402
-from cstar_dsl.inference import InferenceReport, optimize_for_inference  # noqa: E402
+from cstar_dsl.inference import optimize_for_inference, to_torchscript  # noqa: E402
 from cstar_dsl.spec import Spec  # noqa: E402
 from cstar_dsl.spec.compress import RatioBudget  # noqa: E402
 
@@ -59,9 +65,8 @@ MODELS = {"resnet18": ROOT / "specs" / "resnet18.cstar", "vgg16": ROOT / "specs"
 DEFAULT_MODELS = ("resnet18", "vgg16")
 RATIOS = (2.0, 4.0, 8.0, 16.0, 32.0)
 TARGET_FROM = 8.0  # the target applies from this ratio on
-MODES = ("eager", "inference")
+MODES = ("eager", "inference", "torchscript")
 RESULTS = ROOT / "benchmarks" / "results"
-NOISY = 1.15  # wall median over CPU-time median beyond which a single-threaded timing is flagged
 
 
 # ------------------------------------------------------------------ timing
@@ -129,27 +134,42 @@ def example_input(spec: Spec, seed: int = 0) -> torch.Tensor:
     return torch.randn(1, *spec.model.input, generator=generator)
 
 
-def inference_form(model: nn.Module, spec: Spec) -> nn.Module:
-    return optimize_for_inference(model, leaves=spec.model.leaf)
+def form(mode: str, model: nn.Module, spec: Spec, x: torch.Tensor) -> nn.Module:
+    """The model as timed in ``mode``: as it is, optimized, or optimized and frozen with TorchScript."""
+    if mode == "eager":
+        return model
+    if mode == "inference":
+        return optimize_for_inference(model, leaves=spec.model.leaf)
+    return to_torchscript(model, x, leaves=spec.model.leaf)
 
 
 # --------------------------------------------------------------- the runs
 
 
-def benchmark_model(name: str, spec: Spec, model: nn.Module, ratios: Iterable[float], *, repeats: int = 50,
-                    warmup: int = 10, threads: int = 1, modes: Sequence[str] = MODES,
-                    log: Callable[[str], None] = lambda _: None) -> list[dict[str, object]]:
-    """One row per (ratio, mode): the dense and factorized latency of ``model`` at batch size 1.
+@dataclass
+class Case:
+    """One model at one ratio, ready to time: the calls of every mode and the plan's totals."""
 
-    This is the benchmark's core; ``main`` runs it for each model and writes the rows out.
-    """
+    name: str
+    ratio: float
+    macs_ratio: float
+    params_ratio: float
+    calls: dict[str, Callable[[], object]]
+    rounds: list[tuple[dict[str, Timing], tuple[float, float]]]
+
+
+def prepare(name: str, spec: Spec, model: nn.Module, ratios: Iterable[float], *, modes: Sequence[str] = MODES,
+            log: Callable[[str], None] = lambda _: None) -> list[Case]:
+    """Plan and factorize ``model`` at each ratio, build each mode's dense and factorized forms
+    and check that the optimized forms compute what the models they come from compute."""
     unknown = set(modes) - set(MODES)
     if unknown:
         raise ValueError(f"unknown modes {sorted(unknown)}; known: {', '.join(MODES)}")
-    torch.set_num_threads(threads)
     x = example_input(spec)
-    dense_forms = {mode: model if mode == "eager" else inference_form(model, spec) for mode in modes}
-    rows: list[dict[str, object]] = []
+    dense_forms = {mode: form(mode, model, spec, x) for mode in modes}
+    for mode in modes:
+        _check_same(dense_forms[mode], model, x, f"{name} dense ({mode})")
+    cases = []
     for ratio in ratios:
         started = time.perf_counter()
         ratio_spec = with_budget(spec, ratio)
@@ -157,22 +177,57 @@ def benchmark_model(name: str, spec: Spec, model: nn.Module, ratios: Iterable[fl
         factorized = cstar_dsl.factorize(model, plan, ratio_spec).eval()
         calls: dict[str, Callable[[], object]] = {}
         for mode in modes:
-            report = InferenceReport()
-            fast = factorized if mode == "eager" else optimize_for_inference(
-                factorized, leaves=spec.model.leaf, report=report)
-            _check_same(dense_forms[mode], model, x, f"{name} dense ({mode})")
+            fast = form(mode, factorized, spec, x)
             _check_same(fast, factorized, x, f"{name} at {ratio:g}x ({mode})")
             calls[f"dense/{mode}"] = _bind(dense_forms[mode], x)
             calls[f"factorized/{mode}"] = _bind(fast, x)
-        load_before = os.getloadavg()[0]
-        timings = measure(calls, repeats=repeats, warmup=warmup)
-        load_after = os.getloadavg()[0]
-        for mode in modes:
-            rows.append(_row(name, ratio, mode, plan, timings[f"dense/{mode}"], timings[f"factorized/{mode}"],
-                             threads, warmup, (load_before, load_after)))
-            log(_line(rows[-1]))
-        log(f"  ({name} {ratio:g}x took {time.perf_counter() - started:.1f} s)")
+        cases.append(Case(name, ratio, plan.macs_before / max(1, plan.macs_after),
+                          plan.params_before / max(1, plan.params_after), calls, []))
+        log(f"  prepared {name} at {ratio:g}x in {time.perf_counter() - started:.1f} s")
+    return cases
+
+
+def time_cases(cases: Sequence[Case], *, repeats: int, warmup: int, rounds: int,
+               log: Callable[[str], None] = lambda _: None) -> None:
+    """Time every case ``rounds`` times, one sweep over all cases per round, so each case's
+    rounds lie minutes apart and a burst of load from other processes spoils at most one."""
+    for index in range(rounds):
+        started = time.perf_counter()
+        for case in cases:
+            load_before = os.getloadavg()[0]
+            timings = measure(case.calls, repeats=repeats, warmup=warmup)
+            case.rounds.append((timings, (load_before, os.getloadavg()[0])))
+        log(f"  round {index + 1}/{rounds} took {time.perf_counter() - started:.1f} s")
+
+
+def rows_of(case: Case, modes: Sequence[str], threads: int, warmup: int) -> list[dict[str, object]]:
+    """One row per mode, from the case's least disturbed round: the one whose timings of that
+    mode have the smallest summed interquartile range relative to their medians."""
+    rows = []
+    for mode in modes:
+        keys = (f"dense/{mode}", f"factorized/{mode}")
+        spreads = [sum(t[key].iqr / t[key].median for key in keys) for t, _ in case.rounds]
+        chosen = min(range(len(spreads)), key=spreads.__getitem__)
+        timings, load = case.rounds[chosen]
+        row = _row(case, mode, timings[keys[0]], timings[keys[1]], threads, warmup, load)
+        row["round"] = chosen + 1
+        row["speedup_by_round"] = [round(t[keys[0]].median / t[keys[1]].median, 3) for t, _ in case.rounds]
+        rows.append(row)
     return rows
+
+
+def benchmark_model(name: str, spec: Spec, model: nn.Module, ratios: Iterable[float], *, repeats: int = 60,
+                    warmup: int = 10, threads: int = 1, rounds: int = 1, modes: Sequence[str] = MODES,
+                    log: Callable[[str], None] = lambda _: None) -> list[dict[str, object]]:
+    """One row per (ratio, mode): the dense and factorized latency of ``model`` at batch size 1.
+
+    The benchmark's core (``main`` does the same over several models, with the rounds of all
+    models interleaved).
+    """
+    torch.set_num_threads(threads)
+    cases = prepare(name, spec, model, ratios, modes=modes, log=log)
+    time_cases(cases, repeats=repeats, warmup=warmup, rounds=rounds, log=log)
+    return [row for case in cases for row in rows_of(case, modes, threads, warmup)]
 
 
 def _bind(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
@@ -188,12 +243,10 @@ def _check_same(fast: nn.Module, reference: nn.Module, x: torch.Tensor, what: st
         raise AssertionError(f"{what}: the optimized model differs by {difference:.3g} (> {tolerance:g})")
 
 
-def _row(name: str, ratio: float, mode: str, plan: object, dense: Timing, factorized: Timing, threads: int,
-         warmup: int, load: tuple[float, float]) -> dict[str, object]:
-    macs_ratio = plan.macs_before / max(1, plan.macs_after)  # type: ignore[attr-defined]
-    params_ratio = plan.params_before / max(1, plan.params_after)  # type: ignore[attr-defined]
+def _row(case: Case, mode: str, dense: Timing, factorized: Timing, threads: int, warmup: int,
+         load: tuple[float, float]) -> dict[str, object]:
+    name, ratio, macs_ratio, params_ratio = case.name, case.ratio, case.macs_ratio, case.params_ratio
     speedup = dense.median / factorized.median
-    noisy = threads == 1 and any(t.median > NOISY * t.cpu_median for t in (dense, factorized))
     return {
         "model": name, "target_ratio": ratio, "mode": mode,
         "params_ratio": round(params_ratio, 3), "macs_ratio": round(macs_ratio, 3),
@@ -205,7 +258,7 @@ def _row(name: str, ratio: float, mode: str, plan: object, dense: Timing, factor
         "dense_iqr_ms": round(dense.iqr, 3), "factorized_iqr_ms": round(factorized.iqr, 3),
         "dense_min_ms": round(dense.minimum, 3), "factorized_min_ms": round(factorized.minimum, 3),
         "dense_cpu_ms": round(dense.cpu_median, 3), "factorized_cpu_ms": round(factorized.cpu_median, 3),
-        "noisy": noisy, "loadavg": [round(v, 2) for v in load],
+        "loadavg": [round(v, 2) for v in load],
         "threads": threads, "repeats": dense.repeats, "warmup": warmup, "batch": 1,
     }
 
@@ -255,10 +308,49 @@ def _compiled(freezing: bool) -> Callable[[nn.Module, torch.Tensor], Callable[[]
 def _no_mkldnn(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
     fast = optimize_for_inference(model)
 
-    def call() -> object:
-        with torch.backends.mkldnn.flags(enabled=False):
+    def call() -> object:  # torch.backends.mkldnn.flags() would warn on every call
+        enabled = torch._C._get_mkldnn_enabled()
+        torch._C._set_mkldnn_enabled(False)
+        try:
             return fast(x)
+        finally:
+            torch._C._set_mkldnn_enabled(enabled)
     return call
+
+
+class StrideFirst(nn.Module):
+    """The proposed ``Tucker2Conv2d`` of a strided 1x1 conv (a ResNet shortcut): subsample the
+    input first, then run the three convs unstrided. A 1x1 conv reads only the positions its
+    stride lands on, so the output is the same, and ``compress`` does stride**2 times fewer MACs.
+    (Striding ``compress`` itself would do the same math, but aten sends a strided conv with a
+    large batch-1 input to oneDNN's slow NCHW path.) Here as a wrapper, in place of editing
+    cstar_dsl/factorized.py."""
+
+    def __init__(self, tucker: nn.Module) -> None:
+        super().__init__()
+        self.tucker, self.stride = tucker, tucker.core.stride
+        tucker.core.stride = (1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tucker(x[:, :, ::self.stride[0], ::self.stride[1]])
+
+
+def stride_first(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every Tucker-2 form of a strided 1x1 conv wrapped in ``StrideFirst``."""
+    from cstar_dsl.factorized import Tucker2Conv2d
+
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        core = getattr(module, "core", None)
+        if isinstance(module, Tucker2Conv2d) and core.kernel_size == (1, 1) and core.padding == (0, 0) \
+                and core.stride != (1, 1):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, StrideFirst(module))
+    return model
+
+
+def _stride_first(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    return _bind(stride_first(model), x)
 
 
 def _inference(**options: bool) -> Callable[[nn.Module, torch.Tensor], Callable[[], object]]:
@@ -275,6 +367,7 @@ def _inference_channels_last(model: nn.Module, x: torch.Tensor) -> Callable[[], 
 EXPERIMENTS: dict[str, tuple[str, Callable[[nn.Module, torch.Tensor], Callable[[], object]]]] = {
     "eager": ("as built / as factorize returns it", lambda m, x: _bind(m, x)),
     "channels_last": ("eager, model and input in channels-last memory format", _channels_last),
+    "stride_first": ("eager, Tucker-2 of a strided 1x1 conv with the stride on its first conv", _stride_first),
     "fx_fold_bn": ("torch.fx.experimental.optimization.fuse (conv+BN folding)", _fx_fold_bn),
     "fold_bn": ("optimize_for_inference(merge=False, lower=False)", _inference(merge=False, lower=False)),
     "fold_merge": ("optimize_for_inference(lower=False)", _inference(lower=False)),
@@ -290,8 +383,10 @@ EXPERIMENTS: dict[str, tuple[str, Callable[[nn.Module, torch.Tensor], Callable[[
 
 
 def run_experiments(names: Sequence[str], ratios: Sequence[float], variants: Sequence[str], *, repeats: int,
-                    warmup: int, threads: int, log: Callable[[str], None]) -> list[dict[str, object]]:
-    """Each variant applied to the dense and the factorized model alike, all timed interleaved."""
+                    warmup: int, threads: int, rounds: int = 1,
+                    log: Callable[[str], None] = print) -> list[dict[str, object]]:
+    """Each variant applied to the dense and the factorized model alike, all timed interleaved;
+    with several rounds, each variant reports its least disturbed round (as ``rows_of`` does)."""
     torch.set_num_threads(threads)
     rows: list[dict[str, object]] = []
     for name in names:
@@ -309,13 +404,21 @@ def run_experiments(names: Sequence[str], ratios: Sequence[float], variants: Seq
                     try:
                         call = EXPERIMENTS[variant][1](source, x)
                         with torch.inference_mode():
-                            call()
+                            difference = (call() - source(x)).abs().max().item()  # type: ignore[operator]
+                        if difference > 1e-4:
+                            raise AssertionError(f"output differs by {difference:.3g}")
                     except Exception as error:  # a variant that does not run is a result too
                         log(f"  {name} {ratio:g}x {variant} {kind}: failed: {type(error).__name__}: {error}")
                         continue
                     calls[f"{variant}/{kind}"] = call
                     build_s[f"{variant}/{kind}"] = time.perf_counter() - started
-            timings = measure(calls, repeats=repeats, warmup=warmup)
+            measured = [measure(calls, repeats=repeats, warmup=warmup) for _ in range(rounds)]
+            timings: dict[str, Timing] = {}
+            for variant in variants:
+                keys = [f"{variant}/dense", f"{variant}/factorized"]
+                if all(key in calls for key in keys):
+                    best = min(measured, key=lambda t: sum(t[k].iqr / t[k].median for k in keys))  # noqa: B023
+                    timings.update({key: best[key] for key in keys})
             eager_dense = timings.get("eager/dense")
             macs_ratio = plan.macs_before / max(1, plan.macs_after)
             for variant in variants:
@@ -336,6 +439,62 @@ def run_experiments(names: Sequence[str], ratios: Sequence[float], variants: Seq
                 log(f"{name:9s} {ratio:4g}x {variant:17s} dense {dense.median:8.3f} ms  factorized "
                     f"{fact.median:7.3f} ms  speedup {row['speedup']:6.2f}x  (MACs {macs_ratio:5.2f}x)")
     return rows
+
+
+# --------------------------------------------------------- per-layer view
+
+
+def layer_breakdown(name: str, ratio: float, *, repeats: int, warmup: int, threads: int,
+                    log: Callable[[str], None] = print) -> list[dict[str, object]]:
+    """Each factorized conv layer timed alone on its real input: the dense conv against the
+    Tucker-2 form's three convs, each with its MACs, to show where the time goes."""
+    from cstar_dsl.factorized import Tucker2Conv2d
+
+    torch.set_num_threads(threads)
+    spec, model = load(name)
+    ratio_spec = with_budget(spec, ratio)
+    plan = cstar_dsl.make_plan(ratio_spec, model)
+    factorized = cstar_dsl.factorize(model, plan, ratio_spec).eval()
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [module.register_forward_pre_hook(lambda _m, args, key=key: inputs.__setitem__(key, args[0]))
+             for key, module in factorized.named_modules() if isinstance(module, Tucker2Conv2d)]
+    with torch.inference_mode():
+        factorized(example_input(spec))
+    for hook in hooks:
+        hook.remove()
+    rows = []
+    for key, x in inputs.items():
+        tucker, dense = factorized.get_submodule(key), model.get_submodule(key)
+        with torch.inference_mode():
+            middle = tucker.compress(x)
+            inner = tucker.core(middle)
+            out = tucker.expand(inner)
+        calls = {"dense": lambda d=dense, x=x: d(x), "compress": lambda m=tucker.compress, x=x: m(x),
+                 "core": lambda m=tucker.core, x=middle: m(x), "expand": lambda m=tucker.expand, x=inner: m(x)}
+        timings = measure(calls, repeats=repeats, warmup=warmup)
+        macs = {"dense": _macs(dense, out), "compress": _macs(tucker.compress, middle),
+                "core": _macs(tucker.core, inner), "expand": _macs(tucker.expand, out)}
+        row: dict[str, object] = {"model": name, "target_ratio": ratio, "layer": key, "input": list(x.shape[1:]),
+                                  "ranks": list(tucker.ranks), "threads": threads}
+        for part, timing in timings.items():
+            row[f"{part}_us"] = round(timing.median * 1e3, 1)
+            row[f"{part}_mmacs"] = round(macs[part] / 1e6, 3)
+            row[f"{part}_gmacs_per_s"] = round(macs[part] / (timing.median * 1e-3) / 1e9, 1)
+        rows.append(row)
+        parts = sum(timings[p].median for p in ("compress", "core", "expand")) * 1e3
+        tucker_macs = macs["compress"] + macs["core"] + macs["expand"]
+        row["layer_speedup"] = round(timings["dense"].median * 1e3 / parts, 2)
+        row["layer_macs_ratio"] = round(macs["dense"] / tucker_macs, 2)
+        log(f"{key:22s} in {tuple(x.shape[1:])!s:15s} ranks {tucker.ranks!s:10s} dense {row['dense_us']:7.1f} us "
+            f"({row['dense_gmacs_per_s']:5.1f} GMAC/s)  compress {row['compress_us']:6.1f}  core {row['core_us']:6.1f}"
+            f"  expand {row['expand_us']:6.1f} us  ({tucker_macs / 1e6:5.2f} MMACs): {row['layer_speedup']:5.2f}x "
+            f"faster for {row['layer_macs_ratio']:5.2f}x fewer MACs")
+    return rows
+
+
+def _macs(conv: nn.Conv2d, out: torch.Tensor) -> int:
+    area = conv.kernel_size[0] * conv.kernel_size[1]
+    return conv.in_channels * conv.out_channels * area * out.shape[-2] * out.shape[-1]
 
 
 # ------------------------------------------------------------------ output
@@ -363,7 +522,7 @@ def _line(row: dict[str, object]) -> str:
     return (f"{row['model']:9s} {row['target_ratio']:4g}x {row['mode']:9s} params {row['params_ratio']:6.2f}x  "
             f"MACs {row['macs_ratio']:6.2f}x  dense {row['dense_ms']:8.3f} ms (IQR {row['dense_iqr_ms']:.3f})  "
             f"factorized {row['factorized_ms']:7.3f} ms (IQR {row['factorized_iqr_ms']:.3f})  "
-            f"speedup {row['speedup']:6.2f}x  target {met}{'  [noisy]' if row['noisy'] else ''}")
+            f"speedup {row['speedup']:6.2f}x  target {met}")
 
 
 def table(rows: Sequence[dict[str, object]]) -> str:
@@ -388,40 +547,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     parser.add_argument("--repeats", type=int, help="timed calls per model (default 60; --quick 5)")
     parser.add_argument("--warmup", type=int, help="untimed calls per model first (default 10; --quick 2)")
+    parser.add_argument("--rounds", type=int, help="timing sweeps over all cases; each case reports its least "
+                        "disturbed round (default 3; --quick 1)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--experiments", action="store_true", help="time the optimization variants instead")
+    parser.add_argument("--layers", action="store_true", help="time each factorized layer's convs alone instead")
     parser.add_argument("--variants", nargs="+", choices=sorted(EXPERIMENTS), help="experiments to run (default all)")
     parser.add_argument("--output", type=Path, help="where to write the JSON results")
     args = parser.parse_args(argv)
 
     names = args.models or list(DEFAULT_MODELS)
-    ratios = args.ratios or ([8.0] if args.quick else ([8.0, 32.0] if args.experiments else list(RATIOS)))
-    repeats = args.repeats or (5 if args.quick else (30 if args.experiments else 60))
+    ratios = args.ratios or ([8.0] if args.quick else ([8.0, 32.0] if args.experiments or args.layers
+                                                       else list(RATIOS)))
+    repeats = args.repeats or (5 if args.quick else (20 if args.experiments else 60))
     warmup = args.warmup if args.warmup is not None else (2 if args.quick else 10)
-    default_name = "experiments.json" if args.experiments else ("latency-quick.json" if args.quick else "latency.json")
+    rounds = args.rounds or (1 if args.quick else 3)
+    default_name = ("experiments.json" if args.experiments else "layers.json" if args.layers
+                    else "latency-quick.json" if args.quick else "latency.json")
     output = args.output or RESULTS / default_name
     header = machine()
-    header.update(threads=args.threads, repeats=repeats, warmup=warmup, batch=1,
+    header.update(threads=args.threads, repeats=repeats, warmup=warmup, rounds=rounds, batch=1,
                   command=" ".join([".venv/bin/python", "benchmarks/latency.py", *(argv or sys.argv[1:])]))
     print(f"# {header['cpu']}, {header['cores']} cores, torch {header['torch']}, {args.threads} thread(s), "
-          f"{repeats} repetitions after {warmup} warm-up calls, batch 1; load average {header['loadavg_at_start']}",
-          flush=True)
+          f"{repeats} repetitions after {warmup} warm-up calls, {rounds} round(s), batch 1; "
+          f"load average {header['loadavg_at_start']}", flush=True)
     started = time.perf_counter()
 
     def log(text: str) -> None:
         print(text, flush=True)
 
-    if args.experiments:
+    if args.layers:
+        rows = [row for name in names for ratio in ratios
+                for row in layer_breakdown(name, ratio, repeats=repeats, warmup=warmup, threads=args.threads, log=log)]
+    elif args.experiments:
         variants = args.variants or list(EXPERIMENTS)
         rows = run_experiments(names, ratios, variants, repeats=repeats, warmup=warmup, threads=args.threads,
-                               log=log)
+                               rounds=rounds, log=log)
         header["variants"] = {name: EXPERIMENTS[name][0] for name in variants}
     else:
-        rows = []
+        torch.set_num_threads(args.threads)
+        cases = []
         for name in names:
             spec, model = load(name)
-            rows += benchmark_model(name, spec, model, ratios, repeats=repeats, warmup=warmup, threads=args.threads,
-                                    modes=args.modes, log=log)
+            cases += prepare(name, spec, model, ratios, modes=args.modes, log=log)
+        time_cases(cases, repeats=repeats, warmup=warmup, rounds=rounds, log=log)
+        rows = [row for case in cases for row in rows_of(case, args.modes, args.threads, warmup)]
+        for row in rows:
+            log(_line(row))
         print("\n" + table(rows))
     header["seconds"] = round(time.perf_counter() - started, 1)
     header["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]

@@ -47,6 +47,7 @@ from cstar_dsl import plan as planning
 from cstar_dsl.layers import LayerInfo
 from cstar_dsl.plan import factorized_macs, factorized_params, full_ranks
 from cstar_dsl.problems import SpecProblem
+from cstar_dsl.render import si
 from cstar_dsl.spec import LayerRule, Selector, Spec
 from cstar_dsl.validate import check_file, load_spec
 
@@ -338,7 +339,7 @@ def test_absolute_limits_are_met(layers, share, other):
     plan = plan_or_infeasible(spec(budget=f"params <= {limit}"), layers, other)
     if plan is not None:
         assert plan.params_after + plan.other_params <= limit  # the limit counts the whole model
-        assert plan.budget == f"params <= {limit:g}" and plan.other_params == other
+        assert plan.budget == f"params <= {si(limit)}" and plan.other_params == other
     macs = round(sum(layer.macs for layer in layers) * share)
     plan = plan_or_infeasible(spec(budget=f"macs <= {macs}"), layers)
     if plan is not None:

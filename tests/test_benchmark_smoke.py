@@ -1,0 +1,67 @@
+"""benchmarks/latency.py keeps working: its core produces well-formed rows on a tiny model, and the
+command line writes its JSON. No timing is asserted: this machine's load is not the code's."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+ROW_KEYS = {"model", "target_ratio", "params_ratio", "macs_ratio", "dense_ms", "factorized_ms", "speedup", "threads",
+            "mode", "target_speedup", "target_met", "dense_iqr_ms", "factorized_iqr_ms", "repeats", "warmup"}
+
+
+@pytest.fixture(scope="module")
+def latency():
+    spec = importlib.util.spec_from_file_location("latency_benchmark", ROOT / "benchmarks" / "latency.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_core_rows_are_well_formed(latency):
+    spec, model = latency.load("digits")
+    rows = latency.benchmark_model("digits", spec, model, [8.0], repeats=2, warmup=1)
+    assert [(r["target_ratio"], r["mode"]) for r in rows] == [(8.0, "eager"), (8.0, "inference"),
+                                                              (8.0, "torchscript")]
+    for row in rows:
+        assert ROW_KEYS <= row.keys()
+        assert row["model"] == "digits" and row["threads"] == 1 and row["repeats"] == 2 and row["warmup"] == 1
+        assert row["params_ratio"] == pytest.approx(8.0, rel=0.05)
+        assert row["macs_ratio"] > 1
+        for key in ("dense_ms", "factorized_ms", "speedup", "dense_iqr_ms", "factorized_iqr_ms"):
+            assert isinstance(row[key], float) and math.isfinite(row[key]) and row[key] >= 0
+        assert row["speedup"] == pytest.approx(row["dense_ms"] / row["factorized_ms"], rel=0.01)
+        assert row["target_speedup"] == pytest.approx(row["macs_ratio"] / 2, rel=0.01)
+        assert row["target_met"] == (row["speedup"] >= row["target_speedup"])
+    json.dumps(rows)  # the rows go to JSON as they are
+    assert "| digits | 8x | eager |" in latency.table(rows)
+
+
+def test_command_line_writes_results(latency, tmp_path):
+    output = tmp_path / "latency.json"
+    code = latency.main(["--quick", "--models", "digits", "--ratios", "4", "--repeats", "2", "--rounds", "1",
+                         "--output", str(output)])
+    assert code == 0
+    results = json.loads(output.read_text())
+    machine = results["machine"]
+    assert {"cpu", "cores", "torch", "date", "threads"} <= machine.keys()
+    assert machine["torch"] == torch.__version__ and machine["threads"] == 1
+    assert [row["target_met"] for row in results["rows"]] == [None] * 3  # the target starts at 8x

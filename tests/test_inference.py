@@ -1,0 +1,195 @@
+"""cstar_dsl.inference: optimize_for_inference keeps the function (max abs diff <= 1e-4) while it
+folds batch norms, merges redundant 1x1 convs and lowers module calls to function calls."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import fx, nn
+
+import cstar_dsl
+from cstar_dsl import inference
+from cstar_dsl.factorized import LowRankLinear, Tucker2Conv2d
+from cstar_dsl.inference import InferenceReport, optimize_for_inference, to_torchscript
+
+TOLERANCE = 1e-4
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _bn(channels: int) -> nn.BatchNorm2d:
+    """A batch norm with non-trivial statistics and affine parameters, as after training."""
+    bn = nn.BatchNorm2d(channels)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.2, 0.2)
+    return bn
+
+
+class Block(nn.Module):
+    """A ResNet basic block with a strided 1x1 shortcut, every conv in Tucker-2 form."""
+
+    def __init__(self, c_in: int, c_out: int, ranks: tuple[int, int], shortcut_ranks: tuple[int, int]) -> None:
+        super().__init__()
+        self.conv1 = Tucker2Conv2d(nn.Conv2d(c_in, c_out, 3, 2, 1, bias=False), ranks)
+        self.bn1 = _bn(c_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = Tucker2Conv2d(nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), (c_out, c_out))  # full rank
+        self.bn2 = _bn(c_out)
+        self.downsample = nn.Sequential(Tucker2Conv2d(nn.Conv2d(c_in, c_out, 1, 2, bias=False), shortcut_ranks),
+                                        _bn(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.downsample(x))
+
+
+class Small(nn.Module):
+    """Conv-BN-ReLU, max pool, a residual block, a Tucker-2 conv with a bias, pooling and a low-rank head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = _bn(8)
+        self.relu = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.block = Block(8, 16, (5, 6), (3, 4))
+        self.last = Tucker2Conv2d(nn.Conv2d(16, 16, 3, padding=1, bias=True), (16, 7))  # full output rank
+        self.head_pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = LowRankLinear(16, 10, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.relu(self.bn(self.stem(x))))
+        x = self.last(self.block(x))
+        return self.fc(torch.flatten(self.head_pool(x), 1))
+
+
+def _randomized(model: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                module.weight.normal_(0, (2 / module.weight[0].numel()) ** 0.5)
+                if module.bias is not None:
+                    module.bias.uniform_(-0.1, 0.1)
+    return model.eval()
+
+
+def _max_difference(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
+    with torch.inference_mode():
+        return (a(x) - b(x)).abs().max().item()
+
+
+@pytest.fixture
+def small() -> nn.Module:
+    return _randomized(Small())
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_outputs_unchanged(small, batch):
+    x = torch.randn(batch, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    fast = optimize_for_inference(small)
+    with torch.inference_mode():
+        assert small(x).abs().max().item() > 0.1  # a non-trivial output to compare
+    assert _max_difference(fast, small, x) <= TOLERANCE
+
+
+def test_every_pass_runs_and_the_graph_is_flat(small):
+    report = InferenceReport()
+    fast = optimize_for_inference(small, report=report)
+    assert report.folded_bn == 4  # stem, block.bn1, block.bn2, the shortcut's
+    # the shortcut's 1x1 -> strided 1x1 pair; conv2's square compress and expand; last's square expand
+    assert report.merged == 4
+    assert isinstance(fast, fx.GraphModule)
+    modules = {type(m) for m in fast.modules()}
+    assert not modules & {nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.Linear, Tucker2Conv2d}
+    calls = [n.target for n in fast.graph.nodes if n.op == "call_function"]
+    # stem 1, conv1 3, conv2 1 (full rank: one k x k conv), shortcut 2, last 2 (compress + core);
+    # the 1x1 convs (conv1's compress and expand, the shortcut's two, last's compress) as products
+    assert calls.count(torch.conv2d) == 4 and calls.count(inference._pointwise_conv) == 5
+    assert "merged" in report.summary()
+
+
+@pytest.mark.parametrize("options", [{"fold_bn": False}, {"merge": False}, {"lower": False}, {"matmul_1x1": False},
+                                     {"fold_bn": False, "merge": False, "lower": False}])
+def test_each_pass_alone_keeps_the_function(small, options):
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    assert _max_difference(optimize_for_inference(small, **options), small, x) <= TOLERANCE
+
+
+def test_model_left_untouched(small):
+    before = copy.deepcopy(small.state_dict())
+    optimize_for_inference(small)
+    after = small.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert isinstance(small.block.conv2, Tucker2Conv2d) and isinstance(small.bn, nn.BatchNorm2d)
+
+
+def test_low_rank_chain_is_not_merged_back_to_dense():
+    """Merging a rank-2 1x1 chain 16 -> 2 -> 16 would multiply its MACs by 4: it stays two convs."""
+    model = nn.Sequential(nn.Conv2d(16, 2, 1, bias=False), nn.Conv2d(2, 16, 1)).eval()
+    report = InferenceReport()
+    fast = optimize_for_inference(model, report=report)
+    assert report.merged == 0
+    x = torch.randn(1, 16, 5, 5)
+    assert _max_difference(fast, model, x) <= TOLERANCE
+
+
+def test_strided_one_by_one_conv_subsamples_first():
+    model = nn.Sequential(nn.Conv2d(4, 6, 1, stride=2)).eval()
+    fast = optimize_for_inference(model)
+    for size in (7, 8):  # odd sizes keep the last row and column, as the strided conv does
+        x = torch.randn(2, 4, size, size)
+        assert _max_difference(fast, model, x) <= TOLERANCE
+
+
+class Clashing(nn.Module):
+    """Two convs whose qualified names, "a.b_c" and "a_b.c", flatten to the same attribute name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.a_b = nn.Module(), nn.Module()
+        self.a.b_c = nn.Conv2d(4, 5, 1)
+        self.a_b.c = nn.Conv2d(5, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a_b.c(self.a.b_c(x))
+
+
+@pytest.mark.parametrize("matmul_1x1", [True, False])  # False: both convs lower to "weight" and "bias"
+def test_unbatched_input_and_clashing_names(matmul_1x1):
+    model = _randomized(Clashing())
+    fast = optimize_for_inference(model, matmul_1x1=matmul_1x1)
+    for x in (torch.randn(4, 6, 6), torch.randn(2, 4, 6, 6)):  # Conv2d also takes C x H x W
+        assert _max_difference(fast, model, x) <= TOLERANCE
+
+
+def test_factorized_recipe_model():
+    """The whole pipeline on the digits recipe: load, build, plan, factorize, optimize."""
+    spec = cstar_dsl.load_spec(ROOT / "specs" / "digits.cstar")
+    torch.manual_seed(0)
+    model = cstar_dsl.build_model(spec)
+    for module in model.modules():  # trained-looking batch norm statistics
+        if isinstance(module, nn.BatchNorm2d):
+            with torch.no_grad():
+                module.running_var.uniform_(0.5, 2.0)
+                module.running_mean.uniform_(-0.3, 0.3)
+    factorized = cstar_dsl.factorize(model, cstar_dsl.make_plan(spec, model), spec).eval()
+    report = InferenceReport()
+    fast = optimize_for_inference(factorized, leaves=spec.model.leaf, report=report)
+    assert report.folded_bn > 0
+    x = torch.randn(4, *spec.model.input, generator=torch.Generator().manual_seed(3))
+    assert _max_difference(fast, factorized, x) <= TOLERANCE
+
+
+def test_torchscript_export_keeps_the_function_at_any_batch_size(small):
+    scripted = to_torchscript(small, torch.randn(1, 3, 16, 16))
+    assert isinstance(scripted, torch.jit.ScriptModule)
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+        assert _max_difference(scripted, small, x) <= TOLERANCE
