@@ -27,6 +27,7 @@ _EXPORTS = {
     "make_plan": "api",
     "factorize": "api",
     "Plan": "plan",
+    "datasets": "data",
 }
 
 __all__ = ["__version__", "parse", "render", *_EXPORTS]
