@@ -22,7 +22,8 @@ from .errors import CStarError, Diagnostic
 from .render import FORMATS, render, si, to_dict
 
 if TYPE_CHECKING:
-    from .plan import Plan
+    from .diff import Change, LayerChange
+    from .plan import LayerPlan, Plan
     from .spec import Spec
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
@@ -37,9 +38,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_USAGE
-    missing = [f for f in args.files if not Path(f).is_file()]
+    missing = [f for f in args.files if f != "-" and not Path(f).is_file()]
     if missing:
         parser.error(f"no such file: {missing[0]}")
+    if args.files.count("-") > (args.command == "diff"):
+        parser.error("only `cstar diff` reads a recipe from standard input, and only one")
     return int(args.run(args, console))
 
 
@@ -62,6 +65,15 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--allow-import", action="store_true",
                       help="allow `package.module:function` models (imports and runs that code)")
     plan.set_defaults(run=_plan)
+
+    diff = commands.add_parser("diff", help="what changes between two recipes: settings, ranks, params and MACs")
+    diff.add_argument("files", nargs=2, metavar="FILE", help="two recipes; `-` reads one from standard input "
+                      "(e.g. `git show HEAD:specs/x.cstar`), taken to live next to the other")
+    diff.add_argument("--settings-only", action="store_true", help="compare settings only; build no model")
+    diff.add_argument("--format", choices=("text", "json"), default="text")
+    diff.add_argument("--allow-import", action="store_true",
+                      help="allow `package.module:function` models (imports and runs that code)")
+    diff.set_defaults(run=_diff)
 
     fmt = commands.add_parser("fmt", help="rewrite recipes in the canonical format, comments kept")
     fmt.add_argument("files", nargs="+", metavar="FILE")
@@ -181,6 +193,109 @@ def _plan_summary(plan: Plan, seconds: float) -> str:
     return (f"budget {plan.budget}, policy {plan.policy}: {factorized} of {len(plan.layers)} layers factorized; "
             f"params {params:.2f}x, MACs {macs:.2f}x (conv + linear weights; "
             f"{si(plan.other_params)} other parameters unchanged); planned in {seconds:.1f} s")
+
+
+# -------------------------------------------------------------------- diff
+
+
+def _diff(args: argparse.Namespace, console: Console) -> int:
+    from .api import build_model, make_plan
+    from .diff import plan_changes, spec_changes
+    from .problems import SpecProblem
+    from .validate import check_file
+
+    diagnostics_format = "json" if args.format == "json" else "full"
+    sides = [_diff_side(name, other) for name, other in zip(args.files, reversed(args.files), strict=True)]
+    try:
+        checked = [check_file(path, allow_import=args.allow_import, text=text) for path, text in sides]
+    except CStarError as error:
+        _print_diagnostics(console, list(error.diagnostics), diagnostics_format)
+        return EXIT_INVALID
+    plans = []
+    for side in [] if args.settings_only else checked:
+        try:
+            plans.append(make_plan(side.spec, build_model(side.spec, allow_import=args.allow_import)))
+        except SpecProblem as problem:
+            _print_diagnostics(console, [side.diagnostic(problem)], diagnostics_format)
+            return EXIT_INVALID
+    settings = spec_changes(checked[0].spec, checked[1].spec)
+    layers = plan_changes(*plans) if plans else []
+    if args.format == "json":
+        console.out(json.dumps(_diff_json(settings, layers, plans or None), indent=2, default=str))
+    else:
+        _print_diff(console, args.files, settings, layers, plans or None)
+    return EXIT_OK
+
+
+def _diff_side(name: str, other: str) -> tuple[Path, bytes | None]:
+    """A recipe to compare: a path, or `-`, read from standard input and taken to live next to the other."""
+    if name != "-":
+        return Path(name), None
+    return Path(other).parent / "<stdin>", sys.stdin.buffer.read()
+
+
+def _print_diff(console: Console, files: list[str], settings: list[Change], layers: list[LayerChange],
+                plans: list[Plan] | None) -> None:
+    console.out(f"--- {files[0]}\n+++ {files[1]}")
+    console.out("settings:" if settings else "settings: no change")
+    width = max((len(change.path) for change in settings), default=0)
+    for change in settings:
+        console.out(f"  {change.path:<{width}}  {_shown(change.before)} -> {_shown(change.after)}")
+    if plans is None:
+        return
+    before, after = plans
+    if layers:
+        table = Table(box=box.SIMPLE_HEAD, title="plan: layers that change", title_justify="left")
+        for column in ("layer", "before", "after", "params", "MACs"):
+            table.add_column(column, justify="right" if column in ("params", "MACs") else "left", no_wrap=True)
+        for change in layers:
+            table.add_row(change.name, _treatment_text(change.before), _treatment_text(change.after),
+                          _delta(change, "params_after"), _delta(change, "macs_after"))
+        console.print(table)
+    else:
+        console.out("plan: no layer changes")
+    console.out(f"totals: params {si(before.params_after)} -> {si(after.params_after)} "
+                f"({_signed(after.params_after - before.params_after)}), "
+                f"MACs {si(before.macs_after)} -> {si(after.macs_after)} "
+                f"({_signed(after.macs_after - before.macs_after)}); "
+                f"ratio {before.ratio:.2f}x -> {after.ratio:.2f}x ({after.budget})")
+
+
+def _shown(value: object) -> str:
+    if value is None:
+        return "(unset)"
+    if isinstance(value, list):
+        return "[" + ", ".join(map(str, value)) + "]"
+    return str(value)
+
+
+def _treatment_text(layer: LayerPlan | None) -> str:
+    if layer is None:
+        return "(absent)"
+    return "dense" if layer.ranks is None else f"{layer.method} {'x'.join(map(str, layer.ranks))}"
+
+
+def _delta(change: LayerChange, field: str) -> str:
+    before = getattr(change.before, field, 0) if change.before else 0
+    after = getattr(change.after, field, 0) if change.after else 0
+    return f"{si(before)} -> {si(after)}"
+
+
+def _signed(amount: float) -> str:
+    return ("+" if amount >= 0 else "-") + si(abs(amount))
+
+
+def _diff_json(settings: list[Change], layers: list[LayerChange], plans: list[Plan] | None) -> dict[str, object]:
+    from dataclasses import asdict
+
+    result: dict[str, object] = {"settings": [asdict(change) for change in settings]}
+    if plans is not None:
+        result["layers"] = [{"name": c.name, "before": c.before and asdict(c.before),
+                             "after": c.after and asdict(c.after)} for c in layers]
+        result["totals"] = {f"{side}_{key}": getattr(plan, key) for side, plan in zip(("before", "after"), plans,
+                                                                                     strict=True)
+                            for key in ("params_after", "macs_after", "ratio")}
+    return result
 
 
 # --------------------------------------------------------------------- fmt

@@ -41,17 +41,21 @@ def read_document(path: Path) -> ast.Document:
     return parse(data, display_path(path))
 
 
-def load_sections(path: Path) -> tuple[Section, list[Diagnostic]]:
+def load_sections(path: Path, text: bytes | None = None) -> tuple[Section, list[Diagnostic]]:
     """The merged sections of a recipe and its bases, and the structural problems of every file.
+
+    ``text``, when given, is the recipe's content (read from standard input, say) and ``path`` only
+    says where it is taken to live: its ``extend`` and relative paths resolve from that folder.
 
     Raises:
         CStarError: when a file cannot be read or parsed, or an ``extend`` is missing or cyclic.
     """
-    return _load(path.resolve(), ())
+    return _load(path.resolve(), (), text)
 
 
-def _load(path: Path, chain: tuple[tuple[Path, ast.Extend], ...]) -> tuple[Section, list[Diagnostic]]:
-    lowered = lower(read_document(path))
+def _load(path: Path, chain: tuple[tuple[Path, ast.Extend], ...],
+          text: bytes | None = None) -> tuple[Section, list[Diagnostic]]:
+    lowered = lower(parse(text, display_path(path)) if text is not None else read_document(path))
     if lowered.extend is None:
         return lowered.root, lowered.diagnostics
     base_path = _base_path(path, lowered.extend, chain)

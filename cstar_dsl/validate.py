@@ -40,13 +40,13 @@ class Checked:
         return problem.diagnostic(locate(self.sections, problem.loc))
 
 
-def check_file(path: str | Path, *, allow_import: bool = False) -> Checked:
-    """Load, merge and validate a recipe file.
+def check_file(path: str | Path, *, allow_import: bool = False, text: bytes | None = None) -> Checked:
+    """Load, merge and validate a recipe file (or ``text`` taken to live at ``path``).
 
     Raises:
         CStarError: with every error found (and the warnings), sorted by position.
     """
-    root, structural = load_sections(Path(path))
+    root, structural = load_sections(Path(path), text)
     return check_sections(root, structural, allow_import=allow_import)
 
 
