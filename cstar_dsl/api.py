@@ -10,6 +10,8 @@ Each function is one stage the CLI runs, so notebooks and other tools can run an
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import fx, nn
 
 from . import inventory, models, rewrite
@@ -27,7 +29,12 @@ def build_model(spec: Spec, *, allow_import: bool = False) -> nn.Module:
 def make_plan(spec: Spec, model: nn.Module) -> Plan:
     """Which layers the recipe factorizes and at which ranks; never trains, never changes ``model``."""
     found = inventory.collect(model, spec.model.input, spec.model.leaf)
-    return planning.make_plan(spec, found.layers, found.other_params)
+    plan = planning.make_plan(spec, found.layers, found.other_params)
+    if spec.model.weights is None and spec.compress.policy.kind in ("global", "energy"):
+        note = ("no starting weights, so these ranks follow the spectra of a random initialization; "
+                "`cstar compile` plans again from the trained weights")
+        plan = dataclasses.replace(plan, warnings=(*plan.warnings, note))
+    return plan
 
 
 def factorize(model: nn.Module, plan: Plan, spec: Spec | None = None) -> fx.GraphModule:

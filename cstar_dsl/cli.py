@@ -161,9 +161,8 @@ def _plan(args: argparse.Namespace, console: Console) -> int:
     _print_diagnostics(console, list(checked.warnings), diagnostic_format)
     console.print(_plan_table(plan, f"{args.files[0]}: {checked.spec.model.arch}"))
     console.out(_plan_summary(plan, seconds))
-    if checked.spec.model.weights is None and checked.spec.compress.policy.kind in ("global", "energy"):
-        console.out("note: no starting weights, so these ranks follow the spectra of a random initialization; "
-                    "`cstar compile` plans again from the trained weights.")
+    for warning in plan.warnings:
+        console.out(f"note: {warning}.")
     return EXIT_OK
 
 
