@@ -159,12 +159,21 @@ class LayerRule(Block):
                    help="`rank` fixes the ranks, `ratio` lets them follow from the layer's size")
         return rank
 
+    @field_validator("min_rank", "max_rank")
+    @classmethod
+    def _bounds_without_fixed_rank(cls, bound: int | None, info: ValidationInfo) -> int | None:
+        if bound is not None and info.data.get("rank") is not None:
+            c.fail("conflicting-keys", f"a layer rule sets both `rank` and `{info.field_name}`", label="remove one",
+                   help="`rank` fixes the ranks; `min_rank` and `max_rank` bound ranks the policy chooses")
+        return bound
+
     @field_validator("max_rank")
     @classmethod
     def _bounds_ordered(cls, high: int | None, info: ValidationInfo) -> int | None:
         low = info.data.get("min_rank")
         if high is not None and low is not None and low > high:
-            c.fail("rank-bounds", f"`min_rank` {low} is larger than `max_rank` {high}", label="below min_rank")
+            c.fail("rank-bounds", f"`min_rank` {low} is larger than `max_rank` {high}", label="below min_rank",
+                   help="make `min_rank` at most `max_rank`")
         return high
 
     @field_validator("dense")
