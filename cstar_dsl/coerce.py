@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, NoReturn
 
 from pydantic import BaseModel
@@ -242,14 +242,9 @@ def sequence(value: object, convert: Callable[[object], Any], *, what: str) -> t
     """Each element of a list converted by ``convert``."""
     converted = []
     for index, item in enumerate(items(value, what=what)):
-        with inside(index) if isinstance(value, ast.List) else _nowhere():
+        with inside(index) if isinstance(value, ast.List) else nullcontext():
             converted.append(convert(item))
     return tuple(converted)
-
-
-@contextmanager
-def _nowhere() -> Iterator[None]:
-    yield
 
 
 def _percent_example(value: ast.Value) -> str:
