@@ -1,4 +1,8 @@
-"""Command line: `cstar check`, `cstar fmt`; the only module that prints. Exit 1 for an invalid spec, 2 for usage."""
+"""Command line: check, fmt, plan, diff, compile; the only module that prints.
+
+Exit codes: 0 done; 1 an invalid recipe; 2 a usage error; 3 compiled, but a `require` line is not
+met; 4 the run could not go on (out folder, checkpoint, lock, diverged training).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich import box
 from rich.console import Console
@@ -26,7 +30,7 @@ if TYPE_CHECKING:
     from .plan import LayerPlan, Plan
     from .spec import Spec
 
-EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_UNMET, EXIT_FAILED = 0, 1, 2, 3, 4
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -74,6 +78,19 @@ def _parser() -> argparse.ArgumentParser:
     diff.add_argument("--allow-import", action="store_true",
                       help="allow `package.module:function` models (imports and runs that code)")
     diff.set_defaults(run=_diff)
+
+    compile_ = commands.add_parser("compile", help="train, compress and evaluate: the recipe's robust compact model")
+    compile_.add_argument("files", nargs=1, metavar="FILE")
+    compile_.add_argument("--out", type=Path, help="the run folder (default: runs/<recipe name>)")
+    compile_.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    compile_.add_argument("--force", action="store_true", help="start over, replacing what --out holds")
+    compile_.add_argument("--locked", action="store_true",
+                          help="refuse to run unless recipe, model, seed and versions match --out's lock.json")
+    compile_.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the recipe's `train.device`")
+    compile_.add_argument("--quiet", action="store_true", help="no progress bars: one log line per epoch")
+    compile_.add_argument("--allow-import", action="store_true",
+                          help="allow `package.module:function` models (imports and runs that code)")
+    compile_.set_defaults(run=_compile)
 
     fmt = commands.add_parser("fmt", help="rewrite recipes in the canonical format, comments kept")
     fmt.add_argument("files", nargs="+", metavar="FILE")
@@ -295,6 +312,144 @@ def _diff_json(settings: list[Change], layers: list[LayerChange], plans: list[Pl
                                                                                      strict=True)
                             for key in ("params_after", "macs_after", "ratio")}
     return result
+
+
+# ----------------------------------------------------------------- compile
+
+
+def _compile(args: argparse.Namespace, console: Console) -> int:
+    from .checkpoint import CheckpointError
+    from .pipeline import CompileError, CompileOptions, compile_spec
+    from .problems import SpecProblem
+    from .validate import check_file
+
+    path = Path(args.files[0])
+    try:
+        checked = check_file(path, allow_import=args.allow_import)
+    except CStarError as error:
+        _print_diagnostics(console, list(error.diagnostics), "full")
+        return EXIT_INVALID
+    _print_diagnostics(console, list(checked.warnings), "full")
+    options = CompileOptions(out=args.out or Path("runs") / path.stem, resume=args.resume, locked=args.locked,
+                             force=args.force, allow_import=args.allow_import, device=args.device,
+                             spec_name=str(path), spec_text=path.read_text(encoding="utf-8"))
+    bars = console.is_terminal and not args.quiet
+    progress = _RichProgress(console) if bars else _LogProgress(console)
+    try:
+        with progress:
+            compiled = compile_spec(checked.spec, options, progress)
+    except SpecProblem as problem:
+        _print_diagnostics(console, [checked.diagnostic(problem)], "full")
+        return EXIT_INVALID
+    except (CheckpointError, CompileError) as error:
+        _print_diagnostics(console, [Diagnostic("run-failed", str(error), help=error.help)], "full")
+        return EXIT_FAILED
+    console.print(_report_table(compiled.report))
+    console.out(f"wrote {options.out}/: model.safetensors, model.json, report.json, report.md, curves.png, "
+                "ranks.png, spec.cstar, lock.json")
+    for requirement in compiled.report["requirements"]:
+        verdict = "met" if requirement["met"] else "NOT MET"
+        console.out(f"require {requirement['metric']} {requirement['op']} {requirement['value']:.1%}: "
+                    f"{_percent(requirement['measured'])} ({verdict})",
+                    style=None if requirement["met"] else "bold red")
+    return EXIT_UNMET if compiled.unmet else EXIT_OK
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _report_table(report: dict[str, Any]) -> Table:
+    compression = report["compression"]
+    table = Table(title=f"{report['spec']}: {report['method']}", title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("params (conv + linear)", f"{si(compression['params_dense'])} -> "
+                  f"{si(compression['params_compressed'])} ({compression['ratio']:.2f}x)")
+    table.add_row("MACs", f"{si(compression['macs_dense'])} -> {si(compression['macs_compressed'])} "
+                  f"({compression['macs_dense'] / max(1, compression['macs_compressed']):.2f}x)")
+    table.add_row("clean accuracy", _percent(report["accuracy"]["clean"]))
+    for name, value in report["accuracy"]["robust"].items():
+        table.add_row(f"robust: {name}", _percent(value))
+    table.add_row("test images", str(report["data"]["test_size"]))
+    table.add_row("time", f"{report['timings']['total_seconds']:.0f} s on {report['machine']['device']}")
+    return table
+
+
+def _epoch_line(row: dict[str, Any]) -> str:
+    line = (f"{row['phase']} epoch {row['epoch'] + 1}: loss {row['loss']:.3f}, train clean {row['clean']:.1%}, "
+            f"robust {row['robust']:.1%}, {row['seconds']:.1f} s")
+    if "residual" in row:
+        line += f", rho {row['rho']:.3g}, ||W-Z||/||W|| {row['residual']:.3f}"
+    return line
+
+
+class _LogProgress:
+    """One line per stage and per epoch: for logs, pipes and --quiet."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+
+    def __enter__(self) -> _LogProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def stage(self, text: str) -> None:
+        self.console.out(f"-- {text}")
+
+    def phase_started(self, phase: str, epochs: int, first_epoch: int, steps: int) -> None:
+        resumed = f", resuming at epoch {first_epoch + 1}" if first_epoch else ""
+        self.console.out(f"-- {phase}: {epochs} epochs of {steps} steps{resumed}")
+
+    def step(self, phase: str, step: int, loss: float) -> None:
+        return None
+
+    def epoch_done(self, row: dict[str, Any]) -> None:
+        self.console.out(_epoch_line(row))
+
+    def phase_done(self, phase: str) -> None:
+        return None
+
+
+class _RichProgress(_LogProgress):
+    """A bar per phase (epochs) and one for the current epoch (steps, live loss)."""
+
+    def __init__(self, console: Console) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        super().__init__(console)
+        self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TextColumn("{task.fields[status]}"), TimeElapsedColumn(), console=console)
+        self.phase_task: Any = None
+        self.epoch_task: Any = None
+
+    def __enter__(self) -> _RichProgress:
+        self.bars.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bars.stop()
+
+    def stage(self, text: str) -> None:
+        self.bars.console.print(f"[bold]--[/] {text}")
+
+    def phase_started(self, phase: str, epochs: int, first_epoch: int, steps: int) -> None:
+        self.phase_task = self.bars.add_task(phase, total=epochs, completed=first_epoch, status="")
+        self.epoch_task = self.bars.add_task("  epoch", total=steps, status="")
+
+    def step(self, phase: str, step: int, loss: float) -> None:
+        self.bars.update(self.epoch_task, completed=step + 1, status=f"loss {loss:.3f}")
+
+    def epoch_done(self, row: dict[str, Any]) -> None:
+        status = f"train clean {row['clean']:.1%}  robust {row['robust']:.1%}  loss {row['loss']:.3f}"
+        self.bars.update(self.phase_task, advance=1, status=status)
+        self.bars.reset(self.epoch_task)
+        self.bars.console.print(_epoch_line(row), highlight=False)
+
+    def phase_done(self, phase: str) -> None:
+        self.bars.remove_task(self.epoch_task)
 
 
 # --------------------------------------------------------------------- fmt

@@ -89,3 +89,22 @@ def _mnist(data: DataSpec) -> tuple[TensorDataset, TensorDataset]:
                           help=f"expected {layout}, in the IDX format") from error
     train, test = (TensorDataset(s.data.unsqueeze(1).float() / 255.0, s.targets.long()) for s in sets)
     return train, test
+
+
+def augment(images: torch.Tensor, dataset: str, generator: torch.Generator) -> torch.Tensor:
+    """The standard training augmentation of the data set's kind, on a batch: a random crop after
+    zero padding (4 pixels for 32x32 and larger colour images, 2 for digits), and a horizontal flip
+    for natural images only (a flipped digit is another symbol)."""
+    natural = dataset not in ("digits", "mnist")
+    pad = 4 if natural else (2 if images.shape[-1] >= 16 else 1)
+    batch, _, height, width = images.shape
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    rows = torch.randint(0, 2 * pad + 1, (batch,), generator=generator)
+    cols = torch.randint(0, 2 * pad + 1, (batch,), generator=generator)
+    crops = torch.stack([padded[i, :, r:r + height, c:c + width] for i, (r, c) in enumerate(zip(rows.tolist(),
+                                                                                             cols.tolist(),
+                                                                                             strict=True))])
+    if natural:
+        flip = torch.rand(batch, generator=generator) < 0.5
+        crops[flip] = crops[flip].flip(-1)
+    return crops

@@ -6,9 +6,10 @@ is pure Python.
 
 from __future__ import annotations
 
+import dataclasses
 import traceback
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,6 +133,13 @@ def _layer_info(name: str, module: nn.Linear | nn.Conv2d, calls: int, positions:
     energies = tuple(_normalized(s) for s in spectra(weight)) if useful else ()
     return LayerInfo(name, type(module).__name__, in_features, out_features, kernel, groups, calls,
                      positions[0], positions[1], energies)
+
+
+def with_weights(layers: Iterable[LayerInfo], weights: Mapping[str, torch.Tensor]) -> tuple[LayerInfo, ...]:
+    """The layers with their spectra read again from ``weights`` (for ADMM: W + U at each Z-step);
+    layers without spectra, or not in ``weights``, stay as they were."""
+    return tuple(dataclasses.replace(layer, energies=tuple(_normalized(s) for s in spectra(weights[layer.name])))
+                 if layer.energies and layer.name in weights else layer for layer in layers)
 
 
 def _normalized(singular_values: torch.Tensor) -> tuple[float, ...]:

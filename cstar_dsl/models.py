@@ -108,6 +108,20 @@ def _cifar_variant(name: str, model: nn.Module) -> None:
             help="the CIFAR stem exists for ResNet/ResNeXt/Wide-ResNet, VGG and MobileNetV2; use `stem = standard`")
 
 
+class Normalized(nn.Module):
+    """``model`` behind a per-channel normalization, so that the whole module takes images in
+    [0, 1] and an attack's eps is in pixels."""
+
+    def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std)
+
+
 # -------------------------------------------------------------------- builders
 
 

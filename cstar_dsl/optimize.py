@@ -71,9 +71,11 @@ def make_schedule(phase: PhaseSpec, optimizer: torch.optim.Optimizer) -> torch.o
 
 def adversarial_epoch(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], optimizer: torch.optim.Optimizer,
                       attack: Pgd, *, phase: str, epoch: int, generator: torch.Generator | None = None,
-                      extra_loss: Callable[[], Tensor] | None = None) -> EpochResult:
+                      extra_loss: Callable[[], Tensor] | None = None,
+                      on_step: Callable[[int, float], None] | None = None) -> EpochResult:
     """One epoch of PGD adversarial training: each batch is attacked (model in eval mode, see
     ``attacks``), then the model, in train mode, takes one step on the adversarial loss (+ extra).
+    ``on_step(step, loss)`` runs after each optimizer step (progress, or ADMM updates every N steps).
 
     Clean accuracy costs one extra eval-mode forward per batch (about 5% of a PGD-7 step); it is
     what a user watches alongside the robust accuracy.
@@ -100,5 +102,7 @@ def adversarial_epoch(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]
             clean += int((model(x).argmax(1) == y).sum())
         total_loss += value * len(y)
         seen += len(y)
+        if on_step is not None:
+            on_step(step, value)
     return EpochResult(phase, epoch, total_loss / max(1, seen), clean / max(1, seen), robust / max(1, seen),
                        time.perf_counter() - started)

@@ -1,0 +1,226 @@
+"""MNIST benchmark: dense PGD-AT, cstar, svd-finetune and channel-prune at 16x, 64x and 256x.
+
+Every method starts from the same adversarially trained dense model (benchmarks/mnist_pretrain.py)
+and gets the same number of epochs after it; every number comes from `cstar compile` itself
+(the API behind the CLI), evaluated with PGD-20 (eps 0.3, step 0.01) on the 2,000 test images.
+
+    python benchmarks/mnist_pretrain.py                      # the shared dense start (~15 min)
+    python benchmarks/mnist.py run --ratios 16 64 256        # one cell per (method, ratio)
+    python benchmarks/mnist.py table                         # -> benchmarks/results/mnist.json, mnist.md, mnist.png
+
+Cells are written one file each (benchmarks/results/mnist/), so runs can be split across
+processes and machines and a killed run redoes only its unfinished cell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+CELLS = RESULTS / "mnist"
+DENSE = RESULTS / "mnist-dense.safetensors"
+METHODS = ("cstar", "svd-finetune", "channel-prune")
+ADMM_EPOCHS, FINETUNE_EPOCHS = 4, 3  # cstar: 4 ADMM + 3 fine-tuning; the baselines: 7 fine-tuning
+
+
+def variant(method: str, ratio: int) -> str:
+    """The recipe of one cell: specs/mnist.cstar from the dense start, this method and budget."""
+    total = ADMM_EPOCHS + FINETUNE_EPOCHS
+    if method == "cstar":
+        phases = f"""
+  admm {{
+    epochs = {ADMM_EPOCHS}
+    lr = 0.01
+    rho = 0.01
+    rho_schedule = geometric(factor = 2, max = 1)
+    interval = 16 steps
+  }}
+  finetune {{
+    epochs = {FINETUNE_EPOCHS}
+    lr = 0.01
+  }}"""
+    else:
+        phases = f"""
+  finetune {{
+    epochs = {total}
+    lr = 0.01
+  }}"""
+    return f"""# benchmarks/mnist.py: {method} at {ratio}x from the shared adversarially trained dense start
+model {{
+  arch = "cstar:mnist-cnn"
+  classes = 10
+  input = [1, 28, 28]
+  weights = "{DENSE}"
+}}
+
+data {{
+  dataset = mnist
+  root = "{ROOT.parent / 'shared' / 'data' / 'mnist-10k'}"
+  batch_size = 128
+  augment = none
+}}
+
+threat {{
+  norm = linf
+  eps = 0.3
+  step = 0.1
+  steps = 7
+}}
+
+compress {{
+  method = {method}
+  budget = {ratio}x params
+  policy = global
+  min_rank = 2
+}}
+
+train {{
+  seed = 0
+  device = cpu
+{phases}
+}}
+
+evaluate {{
+  attacks = [pgd(steps = 20, step = 0.01)]
+}}
+"""
+
+
+def run_cell(method: str, ratio: int) -> dict[str, object]:
+    from cstar_dsl.pipeline import CompileOptions, compile_spec
+    from cstar_dsl.validate import check_file
+
+    folder = CELLS / f"{method}-{ratio}x"
+    folder.mkdir(parents=True, exist_ok=True)
+    spec_path = folder / "spec.cstar"
+    spec_path.write_text(variant(method, ratio))
+    spec = check_file(spec_path).spec
+    started = time.perf_counter()
+    compiled = compile_spec(spec, CompileOptions(out=folder / "run", force=True, spec_name=str(spec_path),
+                                                 spec_text=spec_path.read_text()))
+    report = compiled.report
+    history = report["history"]
+    return {"method": method, "target_ratio": ratio, "ratio": report["compression"]["ratio"],
+            "params": report["compression"]["params_compressed"], "clean": report["accuracy"]["clean"],
+            "robust": next(iter(report["accuracy"]["robust"].values())), "seconds": time.perf_counter() - started,
+            "epoch_seconds": {phase: _mean([r["seconds"] for r in history if r["phase"] == phase])
+                              for phase in ("admm", "finetune")},
+            "zstep_seconds": sum(r.get("zstep_seconds", 0.0) for r in history)}
+
+
+def run_dense() -> dict[str, object]:
+    """Dense PGD-AT for the same epochs as the other methods, from the same start."""
+    from cstar_dsl import build_model, datasets, load_spec
+    from cstar_dsl.evaluate import evaluate
+    from cstar_dsl.models import Normalized
+    from cstar_dsl.optimize import adversarial_epoch, make_optimizer, make_schedule, training_attack
+    from cstar_dsl.prune import weight_params
+
+    folder = CELLS / "dense"
+    folder.mkdir(parents=True, exist_ok=True)
+    spec_path = folder / "spec.cstar"
+    spec_path.write_text(variant("svd-finetune", 16))
+    spec = load_spec(spec_path)
+    data = datasets(spec)
+    net = build_model(spec)
+    model = Normalized(net, data.mean, data.std)
+    phase = spec.train.finetune
+    optimizer, started = make_optimizer(phase, model.parameters()), time.perf_counter()
+    schedule, attack = make_schedule(phase, optimizer), training_attack(spec.threat)
+    x, y = data.train.tensors
+    epoch_seconds = []
+    for epoch in range(phase.epochs):
+        generator = torch.Generator().manual_seed(epoch)
+        order = torch.randperm(len(y), generator=generator)
+        batches = [(x[order[i:i + 128]], y[order[i:i + 128]]) for i in range(0, len(y), 128)]
+        epoch_seconds.append(adversarial_epoch(model, batches, optimizer, attack, phase="dense", epoch=epoch,
+                                               generator=generator).seconds)
+        schedule.step()
+    result = evaluate(model, data.test, spec.evaluate, spec.threat, seed=0, device=torch.device("cpu"))
+    params = weight_params(net)
+    return {"method": "dense", "target_ratio": 1, "ratio": 1.0, "params": params, "clean": result.clean,
+            "robust": next(iter(result.robust.values())), "seconds": time.perf_counter() - started,
+            "epoch_seconds": {"dense": _mean(epoch_seconds)}}
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def machine() -> dict[str, object]:
+    return {"processor": platform.processor() or platform.machine(), "cores": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def table() -> None:
+    rows = [json.loads(p.read_text()) for p in sorted(CELLS.glob("*.json"))]
+    order = {"dense": 0, **{m: i + 1 for i, m in enumerate(METHODS)}}
+    rows.sort(key=lambda r: (r["target_ratio"], order[r["method"]]))
+    keys = ("method", "target_ratio", "ratio", "params", "clean", "robust", "seconds")
+    (RESULTS / "mnist.json").write_text(json.dumps([{k: r[k] for k in keys} for r in rows], indent=2) + "\n")
+    lines = ["| method | target | achieved ratio | params | clean | PGD-20 robust | seconds |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['target_ratio']}x | {r['ratio']:.2f}x | {r['params']:,} | "
+                     f"{r['clean']:.1%} | {r['robust']:.1%} | {r['seconds']:.0f} |")
+    text = "\n".join(lines)
+    machines = sorted({json.dumps(r.get("machine", {}), sort_keys=True) for r in rows})
+    (RESULTS / "mnist.md").write_text(text + "\n\nmachines: " + "; ".join(machines) + "\n")
+    print(text)
+    _plot(rows)
+
+
+def _plot(rows: list[dict[str, object]]) -> None:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 4), layout="constrained")
+    axes = figure.add_subplot()
+    for method in METHODS:
+        points = sorted((r["ratio"], r["robust"]) for r in rows if r["method"] == method)
+        if points:
+            axes.plot(*zip(*points, strict=True), marker="o", label=method)
+    for r in rows:
+        if r["method"] == "dense":
+            axes.axhline(r["robust"], color="grey", linestyle="--", label="dense PGD-AT")
+    axes.set_xscale("log", base=2)
+    axes.set_xlabel("compression ratio (conv + linear weights)")
+    axes.set_ylabel("PGD-20 robust accuracy (eps 0.3)")
+    axes.set_title("MNIST, mnist-cnn (0.58M params)")
+    axes.legend()
+    figure.savefig(RESULTS / "mnist.png", dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=("run", "table"))
+    parser.add_argument("--ratios", type=int, nargs="*", default=[16, 64, 256])
+    parser.add_argument("--methods", nargs="*", default=["dense", *METHODS])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 per process runs tiny convs fastest)")
+    args = parser.parse_args()
+    if args.action == "table":
+        table()
+        return
+    torch.set_num_threads(args.threads)
+    if not DENSE.exists():
+        raise SystemExit(f"no dense start at {DENSE}: run benchmarks/mnist_pretrain.py first")
+    CELLS.mkdir(parents=True, exist_ok=True)
+    for method in args.methods:
+        for ratio in ([1] if method == "dense" else args.ratios):
+            cell = CELLS / f"{method}-{ratio}x.json"
+            if cell.exists():
+                continue
+            row = run_dense() if method == "dense" else run_cell(method, ratio)
+            row["machine"] = machine()
+            cell.write_text(json.dumps(row, indent=2) + "\n")
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,516 @@
+"""Compile driver: recipe -> model and data -> plan -> optimize (phases, checkpoints) -> evaluate -> artifacts.
+
+Runs the stages in order and owns the run's state. It prints nothing: progress goes to a
+``Progress`` object, which the CLI draws as bars. Every epoch ends in an atomic checkpoint, and
+every source of randomness is derived from (seed, phase, epoch), so a resumed run ends with the
+same weights as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import __version__, admm, checkpoint, inventory, models, report, rewrite
+from . import plan as planning
+from .artifacts import build_structure, model_description, save_model
+from .data import Datasets, augment, datasets
+from .evaluate import Evaluation, evaluate
+from .optimize import TrainingDiverged, adversarial_epoch, make_optimizer, make_schedule, training_attack
+from .problems import SpecProblem
+from .spec import AdmmSpec, PhaseSpec, Spec
+
+REPORT_SCHEMA = "cstar.report/1"
+OUTPUTS = ("model.safetensors", "model.json", "report.json", "report.md", "curves.png", "ranks.png", "spec.cstar",
+           checkpoint.LOCK)
+
+
+class CompileError(Exception):
+    """The run cannot go on: says where it stopped, what was kept, and the usual causes."""
+
+    def __init__(self, message: str, help: str | None = None) -> None:
+        super().__init__(message)
+        self.help = help
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    out: Path
+    resume: bool = False
+    locked: bool = False
+    force: bool = False
+    allow_import: bool = False
+    device: str | None = None  # overrides the recipe's `train.device`
+    spec_name: str = "spec.cstar"
+    spec_text: str = ""  # the recipe as written, copied next to the model
+
+
+class Progress:
+    """What a compile reports while it runs; the default ignores everything."""
+
+    def stage(self, text: str) -> None: ...
+
+    def phase_started(self, phase: str, epochs: int, first_epoch: int, steps: int) -> None: ...
+
+    def step(self, phase: str, step: int, loss: float) -> None: ...
+
+    def epoch_done(self, row: dict[str, Any]) -> None: ...
+
+    def phase_done(self, phase: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """What a compile produced: the out folder, the report (as in report.json) and the model."""
+
+    out: Path
+    report: dict[str, Any]
+    model: nn.Module
+
+    @property
+    def unmet(self) -> list[dict[str, Any]]:
+        return [r for r in self.report["requirements"] if not r["met"]]
+
+
+@dataclass
+class _Run:
+    """The state an epoch changes and a checkpoint keeps."""
+
+    phase_index: int = 0
+    next_epoch: int = 0
+    net: nn.Module | None = None
+    model: nn.Module | None = None
+    structure: dict[str, Any] = field(default_factory=lambda: {"kind": "dense"})
+    optimizer: torch.optim.Optimizer | None = None
+    schedule: torch.optim.lr_scheduler.LRScheduler | None = None
+    admm: admm.AdmmState | None = None
+    rho: float = 0.0
+    plan: dict[str, Any] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What stays fixed for the whole run."""
+
+    spec: Spec
+    options: CompileOptions
+    device: torch.device
+    data: Datasets
+    layers: tuple[Any, ...]
+    other_params: int
+    phases: tuple[tuple[str, PhaseSpec], ...]
+
+
+# ------------------------------------------------------------------------ entry
+
+
+def compile_spec(spec: Spec, options: CompileOptions, progress: Progress | None = None) -> Compiled:
+    """Compile ``spec`` into ``options.out``: train, compress, evaluate, and write the artifacts.
+
+    Raises:
+        SpecProblem: a setting that cannot run (data folder, device, budget), located in the recipe.
+        checkpoint.CheckpointError: the out folder, lock or checkpoint refuses the run.
+        CompileError: training diverged (the last good checkpoint is kept).
+    """
+    progress = progress or Progress()
+    started = time.perf_counter()
+    progress.stage("loading data and building the model")
+    device = _device(options.device or spec.train.device)
+    data = datasets(spec)
+    net = models.build_model(spec.model, seed=spec.train.seed, allow_import=options.allow_import)
+    found = inventory.collect(net, spec.model.input, spec.model.leaf)
+    dense = models.Normalized(net, data.mean, data.std)
+    context = _Context(spec, options, device, data, found.layers, found.other_params, _phases(spec))
+    lock = checkpoint.make_lock(spec.model_dump_json(), dense, spec.train.seed, __version__)
+    run = _prepare_out(context, lock, net)
+    _train(context, run, progress)
+    progress.stage("evaluating on the test set")
+    assert run.model is not None
+    result = evaluate(run.model, data.test, spec.evaluate, spec.threat, seed=spec.train.seed, device=device)
+    progress.stage("writing the artifacts")
+    built = _report(context, run, result, time.perf_counter() - started)
+    _write_artifacts(context, run, built, lock)
+    return Compiled(options.out, built, run.model.cpu().eval())
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SpecProblem(("train", "device"), "device-not-available", "`device = cuda`, but no CUDA device is visible",
+                          help="use `device = auto` to fall back to the CPU, or run on a machine with a GPU")
+    return torch.device(name)
+
+
+def _phases(spec: Spec) -> tuple[tuple[str, PhaseSpec], ...]:
+    train = spec.train
+    phases: list[tuple[str, PhaseSpec]] = []
+    if train.pretrain is not None and train.pretrain.epochs > 0:
+        phases.append(("pretrain", train.pretrain))
+    if spec.compress.method == "cstar" and train.admm is not None:
+        phases.append(("admm", train.admm))
+    finetune = train.finetune or PhaseSpec(epochs=0, lr=1e-3)
+    phases.append(("finetune", finetune))
+    return tuple(phases)
+
+
+# -------------------------------------------------------------- out and resume
+
+
+def _prepare_out(context: _Context, lock: dict[str, Any], net: nn.Module) -> _Run:
+    """A fresh run, or the one in the checkpoint; refuses what would lose or mix up earlier work."""
+    options = context.options
+    out = options.out
+    lock_path, checkpoint_path = out / checkpoint.LOCK, out / checkpoint.CHECKPOINT
+    if options.locked:
+        differences = checkpoint.lock_differences(checkpoint.read_lock(lock_path), lock, environment=True)
+        if differences:
+            raise checkpoint.CheckpointError(
+                f"{lock_path} does not match this run: " + "; ".join(differences),
+                help="run without --locked to compile anyway (the lock is then rewritten)")
+    if options.resume:
+        return _resume(context, lock, net)
+    if checkpoint_path.exists() and not options.force:
+        raise checkpoint.CheckpointError(
+            f"{out} holds an unfinished run ({checkpoint.CHECKPOINT})",
+            help="pass --resume to continue it, --force to start over, or choose another --out")
+    if (out / "model.safetensors").exists() and not (options.force or options.locked):
+        raise checkpoint.CheckpointError(f"{out} already holds a compiled model",
+                                         help="pass --force to overwrite it, or choose another --out")
+    if options.force:
+        for name in (*OUTPUTS, checkpoint.CHECKPOINT):
+            (out / name).unlink(missing_ok=True)
+    checkpoint.write_text(lock_path, json.dumps(lock, indent=2) + "\n")
+    return _Run(net=net, model=models.Normalized(net, context.data.mean, context.data.std).to(context.device))
+
+
+def _resume(context: _Context, lock: dict[str, Any], net: nn.Module) -> _Run:
+    out = context.options.out
+    checkpoint_path = out / checkpoint.CHECKPOINT
+    if not checkpoint_path.exists() and (out / "model.safetensors").exists():
+        raise checkpoint.CheckpointError(f"the run in {out} already finished; its model is {out / 'model.safetensors'}",
+                                         help="use --force to compile again from the start")
+    old = checkpoint.read_lock(out / checkpoint.LOCK)
+    differences = checkpoint.lock_differences(old, lock, environment=False)
+    if differences:
+        raise checkpoint.CheckpointError(
+            f"cannot resume the run in {out}: " + "; ".join(differences),
+            help="resume with the recipe and model the run started with, or start over with --force")
+    state = checkpoint.load(checkpoint_path)
+    return _restore(context, state, net)
+
+
+def _restore(context: _Context, state: dict[str, Any], net: nn.Module) -> _Run:
+    structure = json.loads(state["structure"])
+    inner = {k.removeprefix("model."): v for k, v in state["model"].items() if k.startswith("model.")}
+    net = build_structure(context.spec.model, structure, inner, allow_import=context.options.allow_import) \
+        if structure["kind"] != "dense" else net
+    model = models.Normalized(net, context.data.mean, context.data.std)
+    model.load_state_dict(state["model"])
+    run = _Run(phase_index=state["phase_index"], next_epoch=state["next_epoch"], net=net,
+               model=model.to(context.device), structure=structure, rho=state["rho"],
+               plan=json.loads(state["plan"]) if state["plan"] else None, history=json.loads(state["history"]),
+               phase_seconds=json.loads(state["phase_seconds"]))
+    if state["admm"] is not None:
+        saved = state["admm"]
+        ranks = {name: tuple(r) for name, r in json.loads(saved["ranks"]).items()}
+        run.admm = admm.AdmmState({k: v.to(context.device) for k, v in saved["z"].items()},
+                                  {k: v.to(context.device) for k, v in saved["u"].items()}, ranks)
+    if run.phase_index < len(context.phases):
+        _start_optimizer(context, run)
+        assert run.optimizer is not None and run.schedule is not None
+        if state["optimizer"] is not None:
+            run.optimizer.load_state_dict(state["optimizer"])
+            run.schedule.load_state_dict(state["schedule"])
+    checkpoint.restore_rng(state["rng"])
+    return run
+
+
+def _save_checkpoint(context: _Context, run: _Run) -> None:
+    assert run.model is not None
+    state = {
+        "format": "cstar.checkpoint/1",
+        "phase_index": run.phase_index,
+        "next_epoch": run.next_epoch,
+        "structure": json.dumps(run.structure),
+        "model": {k: v.detach().cpu() for k, v in run.model.state_dict().items()},
+        "optimizer": run.optimizer.state_dict() if run.optimizer is not None else None,
+        "schedule": run.schedule.state_dict() if run.schedule is not None else None,
+        "admm": None if run.admm is None else {
+            "z": {k: v.cpu() for k, v in run.admm.z.items()}, "u": {k: v.cpu() for k, v in run.admm.u.items()},
+            "ranks": json.dumps({k: list(v) for k, v in run.admm.ranks.items()})},
+        "rho": run.rho,
+        "plan": json.dumps(run.plan) if run.plan else "",
+        "history": json.dumps(run.history),
+        "phase_seconds": json.dumps(run.phase_seconds),
+        "rng": checkpoint.rng_state(),
+    }
+    checkpoint.save(context.options.out / checkpoint.CHECKPOINT, state)
+
+
+# --------------------------------------------------------------------- training
+
+
+def _train(context: _Context, run: _Run, progress: Progress) -> None:
+    while run.phase_index < len(context.phases):
+        name, phase = context.phases[run.phase_index]
+        if name == "finetune" and run.structure["kind"] == "dense":
+            progress.stage(f"compressing ({context.spec.compress.method})")
+            _compress(context, run)
+            run.optimizer = None
+        if run.optimizer is None:
+            _start_optimizer(context, run)
+            _save_checkpoint(context, run)
+        if name == "admm" and run.admm is None:
+            _start_admm(context, run, phase)  # type: ignore[arg-type]
+        steps = -(-len(context.data.train) // context.spec.data.batch_size)
+        progress.phase_started(name, phase.epochs, run.next_epoch, steps)
+        for epoch in range(run.next_epoch, phase.epochs):
+            _epoch(context, run, name, phase, epoch, progress)
+            run.next_epoch = epoch + 1
+            _save_checkpoint(context, run)
+        progress.phase_done(name)
+        run.phase_index, run.next_epoch, run.optimizer, run.schedule = run.phase_index + 1, 0, None, None
+    if run.structure["kind"] == "dense":  # a recipe whose last phase was not finetune cannot end dense
+        _compress(context, run)
+
+
+def _start_optimizer(context: _Context, run: _Run) -> None:
+    assert run.model is not None
+    _, phase = context.phases[run.phase_index]
+    run.optimizer = make_optimizer(phase, run.model.parameters())
+    run.schedule = make_schedule(phase, run.optimizer)
+
+
+def _epoch_seed(seed: int, phase_index: int, epoch: int) -> int:
+    return seed * 1_000_003 + phase_index * 10_007 + epoch
+
+
+def _batches(context: _Context, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+    images, labels = context.data.train.tensors
+    size, augmenting = context.spec.data.batch_size, context.spec.data.augment == "standard"
+    order = torch.randperm(len(labels), generator=generator)
+    for start in range(0, len(labels), size):
+        index = order[start:start + size]
+        batch = augment(images[index], context.data.name, generator) if augmenting else images[index]
+        yield batch.to(context.device), labels[index].to(context.device)
+
+
+def _epoch(context: _Context, run: _Run, name: str, phase: PhaseSpec, epoch: int, progress: Progress) -> None:
+    assert run.model is not None and run.optimizer is not None and run.schedule is not None
+    seed = _epoch_seed(context.spec.train.seed, run.phase_index, epoch)
+    data_generator = torch.Generator().manual_seed(seed)
+    attack_generator = torch.Generator(device=context.device).manual_seed(seed)
+    extra_loss, after_step = _admm_hooks(context, run, phase, epoch) if name == "admm" else (None, None)
+
+    def on_step(step: int, loss: float) -> None:
+        if after_step is not None:
+            after_step(step)
+        progress.step(name, step, loss)
+
+    lr = run.optimizer.param_groups[0]["lr"]
+    try:
+        result = adversarial_epoch(run.model, _batches(context, data_generator), run.optimizer,
+                                   training_attack(context.spec.threat), phase=name, epoch=epoch,
+                                   generator=attack_generator, extra_loss=extra_loss, on_step=on_step)
+    except TrainingDiverged as error:
+        raise CompileError(
+            f"{error}; the last good checkpoint is kept in {context.options.out / checkpoint.CHECKPOINT}",
+            help=f"lower `train.{name}.lr`" + (" or `rho`" if name == "admm" else "")
+                 + ", or check the data's range ([0, 1] images); then run again with --force") from None
+    run.schedule.step()
+    row: dict[str, Any] = {"phase": name, "epoch": epoch, "loss": result.loss, "clean": result.clean,
+                           "robust": result.robust, "seconds": result.seconds, "lr": lr}
+    if name == "admm":
+        zstep_seconds = 0.0
+        if isinstance(phase, AdmmSpec) and phase.interval.unit == "epoch" and (epoch + 1) % phase.interval.every == 0:
+            zstep_seconds = _admm_update(context, run, phase)
+        assert run.admm is not None
+        residuals = admm.residuals(_admm_weights(run, run.admm.ranks), run.admm)
+        row.update(rho=run.rho, residual=sum(residuals.values()) / max(1, len(residuals)), zstep_seconds=zstep_seconds,
+                   params=run.plan["totals"]["params_after"] if run.plan else None)
+    run.phase_seconds[name] = run.phase_seconds.get(name, 0.0) + result.seconds
+    run.history.append(row)
+    progress.epoch_done(row)
+
+
+# ------------------------------------------------------------------------- ADMM
+
+
+def _admm_weights(run: _Run, names: Any) -> dict[str, Tensor]:
+    assert run.net is not None
+    return {name: run.net.get_submodule(name).weight for name in names}
+
+
+def _choose_ranks(context: _Context, weights: dict[str, Tensor]) -> tuple[dict[str, tuple[int, ...]], dict]:
+    """The plan's policy on the spectra of ``weights``: the Z-step's ranks, re-chosen every time."""
+    layers = inventory.with_weights(context.layers, {k: v.detach().cpu() for k, v in weights.items()})
+    plan = planning.make_plan(context.spec, layers, context.other_params)
+    return rewrite.planned_ranks(plan), plan.to_dict()
+
+
+def _start_admm(context: _Context, run: _Run, phase: AdmmSpec) -> None:
+    assert run.net is not None
+    every = {layer.name for layer in context.layers}
+    ranks, run.plan = _choose_ranks(context, _admm_weights(run, every))
+    run.admm = admm.admm_start(_admm_weights(run, ranks), ranks, context.spec.compress.hooi_sweeps)
+    run.rho = phase.rho
+
+
+def _admm_update(context: _Context, run: _Run, phase: AdmmSpec) -> float:
+    """Z-step (ranks re-chosen on W + U), U-step, then the rho schedule; returns its seconds."""
+    started = time.perf_counter()
+    assert run.admm is not None
+    every = {layer.name for layer in context.layers}
+    weights = _admm_weights(run, every)
+    shifted = {name: w.detach() + run.admm.u[name] if name in run.admm.u else w.detach() for name, w in weights.items()}
+    ranks, run.plan = _choose_ranks(context, shifted)
+    chosen = {name: weights[name] for name in ranks}
+    # A layer the new plan starts to factorize joins with U = 0; one it leaves dense drops out.
+    u = {name: run.admm.u.get(name, torch.zeros_like(w)) for name, w in chosen.items()}
+    state = admm.z_step(chosen, admm.AdmmState(run.admm.z, u, run.admm.ranks), ranks, context.spec.compress.hooi_sweeps)
+    run.admm = admm.u_step(chosen, state)
+    schedule = phase.rho_schedule
+    if schedule.kind == "geometric":
+        run.rho = min(run.rho * schedule.factor, schedule.max or float("inf"))  # type: ignore[union-attr]
+    return time.perf_counter() - started
+
+
+def _admm_hooks(context: _Context, run: _Run, phase: PhaseSpec,
+                epoch: int) -> tuple[Callable[[], Tensor], Callable[[int], None] | None]:
+    assert isinstance(phase, AdmmSpec)
+    steps = -(-len(context.data.train) // context.spec.data.batch_size)
+
+    def extra_loss() -> Tensor:
+        assert run.admm is not None
+        return admm.penalty(_admm_weights(run, run.admm.ranks), run.admm, run.rho)
+
+    def after_step(step: int) -> None:
+        if (epoch * steps + step + 1) % phase.interval.every == 0:
+            _admm_update(context, run, phase)
+
+    return extra_loss, after_step if phase.interval.unit == "step" else None
+
+
+# -------------------------------------------------------------------- compress
+
+
+def _compress(context: _Context, run: _Run) -> None:
+    """Dense -> the method's compressed structure: factorized at the ranks of the last Z-step (cstar)
+    or of a plan on the trained weights (svd-finetune), or channel-pruned to the same parameters."""
+    assert run.net is not None
+    spec = context.spec
+    net = run.net.cpu()
+    method = spec.compress.method
+    if method == "cstar" and run.admm is not None:
+        ranks = dict(run.admm.ranks)
+    else:
+        ranks, run.plan = _choose_ranks(context, _admm_weights(run, {layer.name for layer in context.layers}))
+    if method == "channel-prune":
+        run.net, run.plan = _prune(context, net, run.plan)
+        run.structure = {"kind": "pruned"}
+    else:
+        run.net = rewrite.factorize_ranks(net, ranks, leaves=spec.model.leaf, sweeps=spec.compress.hooi_sweeps)
+        run.structure = {"kind": "factorized", "ranks": {k: list(v) for k, v in ranks.items()}}
+    run.admm = None
+    run.model = models.Normalized(run.net, context.data.mean, context.data.std).to(context.device)
+
+
+def _prune(context: _Context, net: nn.Module, plan: dict[str, Any] | None) -> tuple[nn.Module, dict[str, Any]]:
+    """Torch-Pruning L1 filter pruning to the parameter count the factorized model would have."""
+    from .prune import channel_prune
+
+    assert plan is not None
+    spec = context.spec
+    kept = set(spec.compress.keep) | {layer["name"] for layer in plan["layers"] if layer["rule"].startswith("keep")}
+    example = torch.zeros(1, *spec.model.input)
+    pruned = channel_prune(net, example, plan["totals"]["params_after"], keep=sorted(kept))
+    after = {layer.name: layer for layer in inventory.collect(pruned.model, spec.model.input, spec.model.leaf).layers}
+    layers = []
+    for layer in context.layers:
+        new = after.get(layer.name)
+        params_after = new.params if new else 0
+        layers.append({"name": layer.name, "type": layer.type_name,
+                       "method": "dense" if new and new.params == layer.params else "pruned",
+                       "shape": list(layer.shape), "shape_after": list(new.shape) if new else None,
+                       "rule": "channel-prune (L1, uniform ratio)", "ranks": None,
+                       "params_before": layer.params, "params_after": params_after,
+                       "macs_before": layer.macs, "macs_after": new.macs if new else 0, "energy_kept": None,
+                       "reason": f"{pruned.pruning_ratio:.1%} of channels removed"})
+    totals = {"params_before": sum(x["params_before"] for x in layers),
+              "params_after": sum(x["params_after"] for x in layers),
+              "macs_before": sum(x["macs_before"] for x in layers), "macs_after": sum(x["macs_after"] for x in layers),
+              "other_params": context.other_params}
+    totals["ratio"] = totals["params_before"] / max(1, totals["params_after"])
+    return pruned.model, {**plan, "layers": layers, "totals": totals}
+
+
+# ----------------------------------------------------------------------- report
+
+
+def _report(context: _Context, run: _Run, result: Evaluation, seconds: float) -> dict[str, Any]:
+    spec = context.spec
+    assert run.plan is not None
+    totals = run.plan["totals"]
+    measured = {"clean": result.clean, "robust": result.worst_robust}
+    requirements = []
+    for requirement in spec.evaluate.requirements:
+        value = measured[requirement.metric]
+        floor = requirement.value
+        met = value is not None and (value >= floor if requirement.op == ">=" else value > floor)
+        requirements.append({"metric": requirement.metric, "op": requirement.op, "value": requirement.value,
+                             "measured": value, "met": met})
+    target = spec.compress.budget
+    return {
+        "schema": REPORT_SCHEMA,
+        "spec": context.options.spec_name,
+        "spec_sha256": checkpoint.sha256_text(spec.model_dump_json()),
+        "method": spec.compress.method,
+        "compression": {"budget": run.plan.get("budget"), "metric": target.metric,
+                        "target_ratio": getattr(target, "ratio", None),
+                        "params_dense": totals["params_before"], "params_compressed": totals["params_after"],
+                        "ratio": totals["params_before"] / max(1, totals["params_after"]),
+                        "macs_dense": totals["macs_before"], "macs_compressed": totals["macs_after"],
+                        "other_params": totals["other_params"]},
+        "accuracy": {"clean": result.clean, "robust": result.robust},
+        "attacks": result.attacks,
+        "threat": spec.threat.model_dump(mode="json"),
+        "requirements": requirements,
+        "layers": run.plan["layers"],
+        "history": run.history,
+        "timings": {"total_seconds": seconds, "phases": run.phase_seconds, "evaluate_seconds": result.seconds},
+        "data": {"name": context.data.name, "train_size": len(context.data.train), "test_size": result.samples},
+        "machine": {"device": str(context.device), "processor": platform.processor() or platform.machine(),
+                    "threads": torch.get_num_threads(), "python": platform.python_version(),
+                    "torch": torch.__version__, "cstar": __version__},
+        "seed": spec.train.seed,
+        "warnings": run.plan.get("warnings", []),
+        "resolved": spec.model_dump(mode="json"),
+    }
+
+
+def _write_artifacts(context: _Context, run: _Run, built: dict[str, Any], lock: dict[str, Any]) -> None:
+    out = context.options.out
+    assert run.model is not None
+    description = model_description(context.spec.model, context.spec.compress.method, run.structure,
+                                     context.data.mean, context.data.std)
+    description["plan"] = run.plan
+    save_model(out, run.model, description)
+    checkpoint.write_text(out / "report.json", json.dumps(built, indent=2) + "\n")
+    checkpoint.write_text(out / "report.md", report.markdown(built))
+    report.plot_curves(built["history"], out / "curves.png")
+    report.plot_ranks(built["layers"], out / "ranks.png")
+    checkpoint.write_text(out / "spec.cstar", context.options.spec_text)
+    checkpoint.write_text(out / checkpoint.LOCK, json.dumps(lock, indent=2) + "\n")
+    (out / checkpoint.CHECKPOINT).unlink(missing_ok=True)
+
