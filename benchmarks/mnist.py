@@ -78,7 +78,7 @@ compress {{
   method = {method}
   budget = {ratio}x params
   policy = global
-  min_rank = 2
+  min_rank = {1 if ratio >= 256 else 2}  # with a floor of 2 the largest reachable ratio is 178x
 }}
 
 train {{

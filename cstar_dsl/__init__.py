@@ -28,6 +28,9 @@ _EXPORTS = {
     "factorize": "api",
     "Plan": "plan",
     "datasets": "data",
+    "compile": "api",
+    "load": "artifacts",
+    "Compiled": "pipeline",
 }
 
 __all__ = ["__version__", "parse", "render", *_EXPORTS]

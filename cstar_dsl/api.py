@@ -1,4 +1,4 @@
-"""Python API over the stages after validation: build the model, plan it, factorize it.
+"""Python API over the stages after validation: build the model, plan it, factorize it, compile it.
 
 Each function is one stage the CLI runs, so notebooks and other tools can run any prefix:
 
@@ -6,11 +6,15 @@ Each function is one stage the CLI runs, so notebooks and other tools can run an
     model = cstar_dsl.build_model(spec)
     plan = cstar_dsl.make_plan(spec, model)
     compressed = cstar_dsl.factorize(model, plan, spec)
+    compiled = cstar_dsl.compile(spec, out="runs/resnet18")   # all of `cstar compile`
+    model = cstar_dsl.load("runs/resnet18")                   # the artifact, without the recipe
 """
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch import fx, nn
 
@@ -18,6 +22,9 @@ from . import inventory, models, rewrite
 from . import plan as planning
 from .plan import Plan
 from .spec import Spec
+
+if TYPE_CHECKING:
+    from .pipeline import Compiled, Progress
 
 
 def build_model(spec: Spec, *, allow_import: bool = False) -> nn.Module:
@@ -42,3 +49,24 @@ def factorize(model: nn.Module, plan: Plan, spec: Spec | None = None) -> fx.Grap
     leaves = spec.model.leaf if spec else ()
     sweeps = spec.compress.hooi_sweeps if spec else 0
     return rewrite.factorize(model, plan, leaves=leaves, sweeps=sweeps)
+
+
+def compile(spec: Spec | str | Path, out: str | Path, *, resume: bool = False, force: bool = False,
+            locked: bool = False, device: str | None = None, allow_import: bool = False,
+            progress: Progress | None = None) -> Compiled:
+    """Run ``cstar compile``: train, compress, evaluate, and write the artifacts into ``out``.
+
+    ``spec`` is a validated ``Spec`` or the path of a recipe. Returns the report (as in
+    ``report.json``) and the compressed model; ``Compiled.unmet`` lists requirements not met.
+    """
+    from .pipeline import CompileOptions, compile_spec
+    from .validate import load_spec
+
+    text = ""
+    name = "spec.cstar"
+    if not isinstance(spec, Spec):
+        name, text = str(spec), Path(spec).read_text(encoding="utf-8")
+        spec = load_spec(spec, allow_import=allow_import)
+    options = CompileOptions(out=Path(out), resume=resume, locked=locked, force=force, allow_import=allow_import,
+                             device=device, spec_name=name, spec_text=text)
+    return compile_spec(spec, options, progress)

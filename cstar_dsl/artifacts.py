@@ -72,15 +72,19 @@ def load(folder: str | Path, *, allow_import: bool = False) -> nn.Module:
         ArtifactError: the folder lacks ``model.json`` or ``model.safetensors``, or they do not match.
     """
     folder = Path(folder)
+    for name in (DESCRIPTION, WEIGHTS):
+        if not (folder / name).is_file():
+            raise ArtifactError(f"{folder} holds no compiled model: {name} is missing")
     try:
         description = json.loads((folder / DESCRIPTION).read_text())
-        state = load_file(str(folder / WEIGHTS))
-    except FileNotFoundError as error:
-        raise ArtifactError(f"{folder} holds no compiled model: {Path(error.filename).name} is missing") from None
-    except (OSError, ValueError) as error:  # ValueError: bad JSON; safetensors raises its own subclasses
-        raise ArtifactError(f"cannot read the model in {folder}: {error}") from None
+    except (OSError, ValueError) as error:
+        raise ArtifactError(f"cannot read {folder / DESCRIPTION}: {error}") from None
     if not isinstance(description, dict) or description.get("schema") != SCHEMA:
         raise ArtifactError(f"{folder / DESCRIPTION} is not a cstar model description ({SCHEMA})")
+    try:
+        state = load_file(str(folder / WEIGHTS))
+    except Exception as error:  # safetensors raises its own error type for a damaged file
+        raise ArtifactError(f"cannot read {folder / WEIGHTS}: {error}") from None
     model_spec = ModelSpec.model_validate(description["model"], context={"allow_import": allow_import})
     inner = {name.removeprefix("model."): t for name, t in state.items() if name.startswith("model.")}
     net = build_structure(model_spec, description["structure"], inner, allow_import=allow_import)

@@ -382,7 +382,10 @@ def _admm_update(context: _Context, run: _Run, phase: AdmmSpec) -> float:
     run.admm = admm.u_step(chosen, state)
     schedule = phase.rho_schedule
     if schedule.kind == "geometric":
-        run.rho = min(run.rho * schedule.factor, schedule.max or float("inf"))  # type: ignore[union-attr]
+        rho = min(run.rho * schedule.factor, schedule.max or float("inf"))  # type: ignore[union-attr]
+        # U is the dual scaled by 1/rho: when rho changes, U must be rescaled to stay the same dual (Boyd et al. 3.4.1)
+        run.admm = admm.AdmmState(run.admm.z, {k: v * (run.rho / rho) for k, v in run.admm.u.items()}, run.admm.ranks)
+        run.rho = rho
     return time.perf_counter() - started
 
 
@@ -414,6 +417,7 @@ def _compress(context: _Context, run: _Run) -> None:
     method = spec.compress.method
     if method == "cstar" and run.admm is not None:
         ranks = dict(run.admm.ranks)
+        _energy_of_weights(context, run, ranks)
     else:
         ranks, run.plan = _choose_ranks(context, _admm_weights(run, {layer.name for layer in context.layers}))
     if method == "channel-prune":
@@ -424,6 +428,16 @@ def _compress(context: _Context, run: _Run) -> None:
         run.structure = {"kind": "factorized", "ranks": {k: list(v) for k, v in ranks.items()}}
     run.admm = None
     run.model = models.Normalized(run.net, context.data.mean, context.data.std).to(context.device)
+
+
+def _energy_of_weights(context: _Context, run: _Run, ranks: dict[str, tuple[int, ...]]) -> None:
+    """The plan of the last Z-step measured its energy on W + U; what the final factorization keeps is W's."""
+    assert run.plan is not None
+    weights = {name: w.detach().cpu() for name, w in _admm_weights(run, ranks).items()}
+    layers = {layer.name: layer for layer in inventory.with_weights(context.layers, weights)}
+    for entry in run.plan["layers"]:
+        if entry["name"] in ranks:
+            entry["energy_kept"] = planning.energy_kept(layers[entry["name"]], ranks[entry["name"]])
 
 
 def _prune(context: _Context, net: nn.Module, plan: dict[str, Any] | None) -> tuple[nn.Module, dict[str, Any]]:
@@ -486,7 +500,8 @@ def _report(context: _Context, run: _Run, result: Evaluation, seconds: float) ->
         "attacks": result.attacks,
         "threat": spec.threat.model_dump(mode="json"),
         "requirements": requirements,
-        "layers": run.plan["layers"],
+        "layers": [{("type" if key == "type_name" else key): value for key, value in layer.items()}
+                   for layer in run.plan["layers"]],
         "history": run.history,
         "timings": {"total_seconds": seconds, "phases": run.phase_seconds, "evaluate_seconds": result.seconds},
         "data": {"name": context.data.name, "train_size": len(context.data.train), "test_size": result.samples},

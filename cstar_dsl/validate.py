@@ -13,9 +13,9 @@ from pydantic import BaseModel, ValidationError
 
 from . import syntax as ast
 from .errors import CStarError, Diagnostic, closest, did_you_mean
-from .load import load_sections
 from .lower import Section, SectionList
 from .problems import SpecProblem
+from .resolve import load_sections
 from .source import Span
 from .spec import Spec
 

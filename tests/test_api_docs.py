@@ -40,7 +40,8 @@ def test_every_python_block_of_api_md_runs(monkeypatch):
             assert claimed.strip() in printed, f"docs/api.md:{line}: {claimed!r} is not what the block prints"
 
 
-FUNCTIONS = ["load_spec", "check_file", "build_model", "make_plan", "factorize", "parse", "format_text"]
+FUNCTIONS = ["load_spec", "check_file", "build_model", "make_plan", "factorize", "parse", "format_text", "compile",
+             "load", "datasets"]
 
 
 @pytest.mark.parametrize("name", FUNCTIONS)
