@@ -65,7 +65,7 @@ MODELS = {"resnet18": ROOT / "specs" / "resnet18.cstar", "vgg16": ROOT / "specs"
 DEFAULT_MODELS = ("resnet18", "vgg16")
 RATIOS = (2.0, 4.0, 8.0, 16.0, 32.0)
 TARGET_FROM = 8.0  # the target applies from this ratio on
-MODES = ("eager", "inference", "torchscript")
+MODES = ("eager", "inference", "torchscript", "onnxruntime")
 RESULTS = ROOT / "benchmarks" / "results"
 
 
@@ -135,12 +135,42 @@ def example_input(spec: Spec, seed: int = 0) -> torch.Tensor:
 
 
 def form(mode: str, model: nn.Module, spec: Spec, x: torch.Tensor) -> nn.Module:
-    """The model as timed in ``mode``: as it is, optimized, or optimized and frozen with TorchScript."""
+    """The model as timed in ``mode``: as it is, optimized, optimized and frozen with TorchScript, or
+    exported to ONNX and run by ONNX Runtime (which folds batch norms and fuses Conv+ReLU itself)."""
     if mode == "eager":
         return model
     if mode == "inference":
         return optimize_for_inference(model, leaves=spec.model.leaf)
+    if mode == "onnxruntime":
+        return OnnxRuntimeModel(model, x)
     return to_torchscript(model, x, leaves=spec.model.leaf)
+
+
+class OnnxRuntimeModel(nn.Module):
+    """A model exported to ONNX (opset 18, torch.onnx's dynamo exporter) and run by an ONNX Runtime
+    session with all graph optimizations and as many intra-op threads as torch uses."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor) -> None:
+        import io
+        import tempfile
+
+        import onnxruntime
+
+        super().__init__()
+        with tempfile.TemporaryDirectory() as folder, contextlib.redirect_stdout(io.StringIO()), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's notes on its own internals
+            path = Path(folder) / "model.onnx"
+            torch.onnx.export(model, (x,), str(path), dynamo=True, opset_version=18, verbose=False,
+                              input_names=["images"], output_names=["logits"])
+            options = onnxruntime.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()
+            options.inter_op_num_threads = 1
+            options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+            self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {"images": x.numpy()})[0])
 
 
 # --------------------------------------------------------------- the runs

@@ -2,7 +2,7 @@
 
 Every method starts from the same adversarially trained dense model (benchmarks/mnist_pretrain.py)
 and gets the same number of epochs after it; every number comes from `cstar compile` itself
-(the API behind the CLI), evaluated with PGD-20 (eps 0.3, step 0.01) on the 2,000 test images.
+(the API behind the CLI), evaluated with PGD-20 (eps 0.3, step 0.025) on the 2,000 test images.
 
     python benchmarks/mnist_pretrain.py                      # the shared dense start (~15 min)
     python benchmarks/mnist.py run --ratios 16 64 256        # one cell per (method, ratio)
@@ -38,9 +38,10 @@ def variant(method: str, ratio: int) -> str:
   admm {{
     epochs = {ADMM_EPOCHS}
     lr = 0.01
-    rho = 0.01
-    rho_schedule = geometric(factor = 2, max = 1)
-    interval = 16 steps
+    schedule = constant  # the W-step must still move W onto Z in the last ADMM epoch
+    rho = 0.25
+    rho_schedule = geometric(factor = 2, max = 2)
+    interval = 1 epoch  # the W-step gets a whole epoch to converge before Z and U move
   }}
   finetune {{
     epochs = {FINETUNE_EPOCHS}
@@ -88,7 +89,7 @@ train {{
 }}
 
 evaluate {{
-  attacks = [pgd(steps = 20, step = 0.01)]
+  attacks = [pgd(steps = 20, step = 0.025)]  # 20 steps can travel 0.5 > eps
 }}
 """
 

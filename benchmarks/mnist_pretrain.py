@@ -55,7 +55,7 @@ def main() -> None:
     tx, ty = data.test.tensors
     test = [(tx[i:i + 500], ty[i:i + 500]) for i in range(0, len(ty), 500)]
     clean = accuracy(model, test)
-    robust = accuracy(model, test, Pgd(eps=0.3, step=0.01, steps=20), torch.Generator().manual_seed(0))
+    robust = accuracy(model, test, Pgd(eps=0.3, step=0.025, steps=20), torch.Generator().manual_seed(0))
     print(f"test clean {clean:.4f} PGD-20 {robust:.4f}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(args.out))

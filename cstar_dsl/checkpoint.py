@@ -41,6 +41,7 @@ def write_atomic(path: Path, write: Callable[[io.BufferedWriter], None]) -> None
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(descriptor, 0o644)  # mkstemp's 0600 would hide the artifacts from the user's colleagues
         with os.fdopen(descriptor, "wb") as handle:
             write(handle)
             handle.flush()

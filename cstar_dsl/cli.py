@@ -36,7 +36,9 @@ EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_UNMET, EXIT_FAILED = 0, 1, 2, 3, 4
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
     parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     # Logs and pipes get wide lines rather than tables wrapped at 80 columns.
     console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
     if not getattr(args, "command", None):
@@ -88,9 +90,32 @@ def _parser() -> argparse.ArgumentParser:
                           help="refuse to run unless recipe, model, seed and versions match --out's lock.json")
     compile_.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the recipe's `train.device`")
     compile_.add_argument("--quiet", action="store_true", help="no progress bars: one log line per epoch")
+    compile_.add_argument("--nproc", type=int, default=1, metavar="N",
+                          help="train with N processes on this machine (runs itself under torchrun)")
     compile_.add_argument("--allow-import", action="store_true",
                           help="allow `package.module:function` models (imports and runs that code)")
     compile_.set_defaults(run=_compile)
+
+    export = commands.add_parser("export", help="write a compiled model as ONNX, TorchScript or torch.export, checked")
+    export.add_argument("folders", nargs=1, metavar="DIR", help="a folder `cstar compile` wrote")
+    export.add_argument("--format", choices=("onnx", "torchscript", "torch.export", "safetensors"), default="onnx")
+    export.add_argument("--out", type=Path, help="the file to write (default: DIR/model.onnx and the like)")
+    export.add_argument("--opset", type=int, default=18, help="the ONNX opset (at least 17; default 18)")
+    export.set_defaults(run=_export, files=[])
+
+    evaluate = commands.add_parser("eval", help="re-evaluate a compiled model under any attacks, with sanity checks")
+    evaluate.add_argument("folders", nargs=1, metavar="DIR", help="a folder `cstar compile` wrote")
+    evaluate.add_argument("--attack", action="append", default=[], metavar="ATTACK",
+                          help="e.g. 'pgd(steps = 50, restarts = 5)', fgsm or autoattack; repeatable "
+                               "(default: the recipe's `evaluate.attacks`)")
+    evaluate.add_argument("--sanity", action="store_true",
+                          help="the gradient-masking checks: more steps must not help, an unbounded attack must win")
+    evaluate.add_argument("--samples", type=int, help="evaluate on the first N test images")
+    evaluate.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    evaluate.add_argument("--format", choices=("table", "json"), default="table")
+    evaluate.add_argument("--allow-import", action="store_true",
+                          help="allow `package.module:function` models (imports and runs that code)")
+    evaluate.set_defaults(run=_eval, files=[])
 
     fmt = commands.add_parser("fmt", help="rewrite recipes in the canonical format, comments kept")
     fmt.add_argument("files", nargs="+", metavar="FILE")
@@ -318,11 +343,17 @@ def _diff_json(settings: list[Change], layers: list[LayerChange], plans: list[Pl
 
 
 def _compile(args: argparse.Namespace, console: Console) -> int:
+    from . import distributed
     from .checkpoint import CheckpointError
-    from .pipeline import CompileError, CompileOptions, compile_spec
+    from .pipeline import CompileError, CompileOptions, Progress, compile_spec
     from .problems import SpecProblem
     from .validate import check_file
 
+    world = distributed.from_environment()
+    if args.nproc > 1 and not world.active:
+        return distributed.launch(_without_nproc(args.argv), args.nproc)
+    if not world.is_main:  # rank 0 speaks for the run
+        console = Console(quiet=True)
     path = Path(args.files[0])
     try:
         checked = check_file(path, allow_import=args.allow_import)
@@ -337,7 +368,7 @@ def _compile(args: argparse.Namespace, console: Console) -> int:
     progress = _RichProgress(console) if bars else _LogProgress(console)
     try:
         with progress:
-            compiled = compile_spec(checked.spec, options, progress)
+            compiled = compile_spec(checked.spec, options, progress if world.is_main else Progress())
     except SpecProblem as problem:
         _print_diagnostics(console, [checked.diagnostic(problem)], "full")
         return EXIT_INVALID
@@ -353,6 +384,19 @@ def _compile(args: argparse.Namespace, console: Console) -> int:
                     f"{_percent(requirement['measured'])} ({verdict})",
                     style=None if requirement["met"] else "bold red")
     return EXIT_UNMET if compiled.unmet else EXIT_OK
+
+
+def _without_nproc(arguments: list[str]) -> list[str]:
+    """The command line again, without ``--nproc N``, for each rank to run."""
+    kept, skip = [], False
+    for argument in arguments:
+        if skip:
+            skip = False
+        elif argument == "--nproc":
+            skip = True
+        elif not argument.startswith("--nproc="):
+            kept.append(argument)
+    return kept
 
 
 def _percent(value: float | None) -> str:
@@ -450,6 +494,60 @@ class _RichProgress(_LogProgress):
 
     def phase_done(self, phase: str) -> None:
         self.bars.remove_task(self.epoch_task)
+
+
+# ------------------------------------------------------------ export, eval
+
+
+def _export(args: argparse.Namespace, console: Console) -> int:
+    from .artifacts import ArtifactError
+    from .export import ExportError, export
+
+    try:
+        exported = export(Path(args.folders[0]), args.format, out=args.out, opset=args.opset)
+    except (ArtifactError, ExportError) as error:
+        _print_diagnostics(console, [Diagnostic("export-failed", str(error))], "full")
+        return EXIT_FAILED
+    check = "" if exported.max_abs_diff is None else (
+        f"; checked with {exported.checked_with}: max abs difference {exported.max_abs_diff:.2e} against PyTorch")
+    opset = f", opset {exported.opset}" if exported.opset else ""
+    console.out(f"wrote {exported.path} ({si(exported.bytes)}B, {exported.format}{opset}){check}")
+    return EXIT_OK
+
+
+def _eval(args: argparse.Namespace, console: Console) -> int:
+    from .artifacts import ArtifactError
+    from .robustness import MissingExtra, parse_attack, reevaluate
+
+    folder = Path(args.folders[0])
+    try:
+        attacks = [parse_attack(text) for text in args.attack]
+        result = reevaluate(folder, attacks, samples=args.samples, sanity=args.sanity, device=args.device,
+                            allow_import=args.allow_import)
+    except CStarError as error:
+        _print_diagnostics(console, list(error.diagnostics), "full")
+        return EXIT_USAGE
+    except (ArtifactError, MissingExtra, ValueError) as error:
+        _print_diagnostics(console, [Diagnostic("eval-failed", str(error))], "full")
+        return EXIT_FAILED
+    failed = [check for check in result.sanity if not check.passed]
+    if args.format == "json":
+        console.out(json.dumps(result.to_dict(), indent=2))
+        return EXIT_UNMET if failed else EXIT_OK
+    table = Table(title=f"{folder}: {result.samples} test images", title_justify="left", box=box.SIMPLE_HEAD)
+    for column in ("", "accuracy", "implementation"):
+        table.add_column(column, justify="right" if column == "accuracy" else "left")
+    table.add_row("clean", _percent(result.clean), "")
+    for name, value in result.robust.items():
+        table.add_row(name, _percent(value), result.implementations.get(name, ""))
+    console.print(table)
+    for check in result.sanity:
+        console.out(f"{'ok  ' if check.passed else 'FAIL'} {check.name}: {check.detail}",
+                    style=None if check.passed else "bold red")
+    if failed:
+        console.out("a sanity check failed: these robust accuracies may be overestimated (gradient masking?)",
+                    style="bold red")
+    return EXIT_UNMET if failed else EXIT_OK
 
 
 # --------------------------------------------------------------------- fmt

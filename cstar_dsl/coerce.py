@@ -123,6 +123,10 @@ def text(value: object, *, example: str = '"name"') -> str:
     _wrong_type(value, "a string in double quotes", example)
 
 
+def _article(noun: str) -> str:
+    return f"{'an' if noun[:1] in 'aeiou' else 'a'} {noun}"
+
+
 def choice(value: object, options: Iterable[str], *, what: str, code: str = "unknown-option") -> str:
     """One of a fixed set of bare words, with "did you mean" on a typo."""
     options = tuple(options)
@@ -133,7 +137,7 @@ def choice(value: object, options: Iterable[str], *, what: str, code: str = "unk
     elif isinstance(value, str):
         word = value
     else:
-        _wrong_type(value, f"a {what}", options[0])
+        _wrong_type(value, _article(what), options[0])
     if word not in options:
         unknown(word, options, what=what, code=code)
     return word
@@ -206,7 +210,7 @@ def variant(value: object, family: Mapping[str, type[BaseModel]], *, what: str, 
     if isinstance(value, (ast.Name, str)):
         return {"kind": choice(value, family, what=what, code=code)}
     if not isinstance(value, ast.Call):
-        _wrong_type(value, f"a {what}", next(iter(family)))
+        _wrong_type(value, _article(what), next(iter(family)))
     with inside("@name"):
         kind = choice(value.name, family, what=what, code=code)
     return {"kind": kind, **_arguments(value, family[kind])}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -49,28 +50,37 @@ def attack_name(attack: Attack) -> str:
             f"restarts={attack.restarts})")
 
 
-def test_batches(test: TensorDataset, samples: int | None, device: torch.device) -> list[tuple[Tensor, Tensor]]:
-    """The first ``samples`` test images (all when None), in fixed order, on ``device``."""
+def test_batches(test: TensorDataset, samples: int | None, device: torch.device, *, rank: int = 0,
+                 ranks: int = 1) -> list[tuple[Tensor, Tensor]]:
+    """The first ``samples`` test images (all when None), in fixed order, on ``device``; with several
+    ranks, this rank's share of them."""
     images, labels = test.tensors
     if samples is not None:
         images, labels = images[:samples], labels[:samples]
+    images, labels = images[rank::ranks], labels[rank::ranks]
     return [(images[i:i + EVAL_BATCH].to(device), labels[i:i + EVAL_BATCH].to(device))
             for i in range(0, len(labels), EVAL_BATCH)]
 
 
 def evaluate(model: nn.Module, test: TensorDataset, settings: EvaluateSpec, threat: ThreatSpec, *,
-             seed: int, device: torch.device) -> Evaluation:
+             seed: int, device: torch.device, rank: int = 0, ranks: int = 1,
+             reduce: Callable[[Sequence[float]], list[float]] | None = None) -> Evaluation:
     """Clean and robust test accuracy; each attack's random starts come from a generator seeded by
-    ``seed``, so the same model gives the same numbers."""
+    ``seed``, so the same model gives the same numbers. Several ranks each take a share of the test
+    set, and ``reduce`` sums their counts."""
     started = time.perf_counter()
-    batches = test_batches(test, settings.samples, device)
-    clean = accuracy(model, batches)
-    robust, described = {}, {}
+    batches = test_batches(test, settings.samples, device, rank=rank, ranks=ranks)
+    local = sum(len(y) for _, y in batches)
+    correct = [round(accuracy(model, batches) * local)]
+    described = {}
     for setting in settings.attacks:
         attack = attack_for(setting, threat)
-        name = attack_name(attack)
-        generator = torch.Generator(device=device).manual_seed(seed)
-        robust[name] = accuracy(model, batches, attack, generator)
-        described[name] = attack.describe()
-    samples = sum(len(y) for _, y in batches)
-    return Evaluation(clean, robust, described, samples, time.perf_counter() - started)
+        if attack_name(attack) in described:  # `pgd` and `pgd(steps = 20)` are the same attack
+            continue
+        generator = torch.Generator(device=device).manual_seed(seed + 7919 * rank)
+        correct.append(round(accuracy(model, batches, attack, generator) * local))
+        described[attack_name(attack)] = attack.describe()
+    *counts, samples = reduce([*correct, local]) if reduce is not None else [*correct, local]
+    shares = [count / max(1, samples) for count in counts]
+    robust = dict(zip(described, shares[1:], strict=True))
+    return Evaluation(shares[0], robust, described, int(samples), time.perf_counter() - started)

@@ -38,6 +38,7 @@ class EpochResult:
     clean: float
     robust: float
     seconds: float
+    samples: int = 0  # the examples this process trained on
 
 
 def training_attack(threat: ThreatSpec) -> Pgd:
@@ -72,10 +73,17 @@ def make_schedule(phase: PhaseSpec, optimizer: torch.optim.Optimizer) -> torch.o
 def adversarial_epoch(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], optimizer: torch.optim.Optimizer,
                       attack: Pgd, *, phase: str, epoch: int, generator: torch.Generator | None = None,
                       extra_loss: Callable[[], Tensor] | None = None,
-                      on_step: Callable[[int, float], None] | None = None) -> EpochResult:
+                      on_step: Callable[[int, float], None] | None = None,
+                      trainer: nn.Module | None = None,
+                      agree: Callable[[float], float] | None = None) -> EpochResult:
     """One epoch of PGD adversarial training: each batch is attacked (model in eval mode, see
     ``attacks``), then the model, in train mode, takes one step on the adversarial loss (+ extra).
     ``on_step(step, loss)`` runs after each optimizer step (progress, or ADMM updates every N steps).
+
+    Several ranks: ``trainer`` is the DistributedDataParallel copy that takes the steps (the attack
+    and the clean forward use ``model`` itself, so they start no gradient reduction), and
+    ``agree(loss)`` returns the loss summed over ranks, so that every rank stops at the same step
+    when one of them diverges instead of waiting for the others forever.
 
     Clean accuracy costs one extra eval-mode forward per batch (about 5% of a PGD-7 step); it is
     what a user watches alongside the robust accuracy.
@@ -83,15 +91,16 @@ def adversarial_epoch(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]
     Raises:
         TrainingDiverged: at the first non-finite loss, before the step that would spread it.
     """
+    trainer = trainer if trainer is not None else model
     started = time.perf_counter()
     total_loss, clean, robust, seen = 0.0, 0, 0, 0
     for step, (x, y) in enumerate(batches):
         adversarial = attack(model, x, y, generator)
-        model.train()
-        logits = model(adversarial)
+        trainer.train()
+        logits = trainer(adversarial)
         loss = F.cross_entropy(logits, y) + (extra_loss() if extra_loss is not None else 0.0)
         value = float(loss.detach())
-        if not math.isfinite(value):
+        if not math.isfinite(agree(value) if agree is not None else value):
             raise TrainingDiverged(phase, epoch, step, value)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -105,4 +114,4 @@ def adversarial_epoch(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]
         if on_step is not None:
             on_step(step, value)
     return EpochResult(phase, epoch, total_loss / max(1, seen), clean / max(1, seen), robust / max(1, seen),
-                       time.perf_counter() - started)
+                       time.perf_counter() - started, seen)

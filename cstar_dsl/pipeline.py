@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import __version__, admm, checkpoint, inventory, models, report, rewrite
+from . import __version__, admm, checkpoint, distributed, inventory, models, report, rewrite
 from . import plan as planning
 from .artifacts import build_structure, model_description, save_model
 from .data import Datasets, augment, datasets
@@ -89,6 +89,7 @@ class _Run:
     net: nn.Module | None = None
     model: nn.Module | None = None
     structure: dict[str, Any] = field(default_factory=lambda: {"kind": "dense"})
+    trainer: nn.Module | None = None  # the module that takes steps: ``model``, or its DDP copy
     optimizer: torch.optim.Optimizer | None = None
     schedule: torch.optim.lr_scheduler.LRScheduler | None = None
     admm: admm.AdmmState | None = None
@@ -109,6 +110,7 @@ class _Context:
     layers: tuple[Any, ...]
     other_params: int
     phases: tuple[tuple[str, PhaseSpec], ...]
+    world: distributed.World = distributed.World()
 
 
 # ------------------------------------------------------------------------ entry
@@ -122,24 +124,36 @@ def compile_spec(spec: Spec, options: CompileOptions, progress: Progress | None 
         checkpoint.CheckpointError: the out folder, lock or checkpoint refuses the run.
         CompileError: training diverged (the last good checkpoint is kept).
     """
-    progress = progress or Progress()
+    world = distributed.from_environment()
+    device = distributed.device_for(world, _device(options.device or spec.train.device))
+    distributed.start(world, device)
+    try:
+        return _compile(spec, options, progress or Progress(), world, device)
+    finally:
+        distributed.stop(world)
+
+
+def _compile(spec: Spec, options: CompileOptions, progress: Progress, world: distributed.World,
+             device: torch.device) -> Compiled:
     started = time.perf_counter()
     progress.stage("loading data and building the model")
-    device = _device(options.device or spec.train.device)
     data = datasets(spec)
     net = models.build_model(spec.model, seed=spec.train.seed, allow_import=options.allow_import)
     found = inventory.collect(net, spec.model.input, spec.model.leaf)
     dense = models.Normalized(net, data.mean, data.std)
-    context = _Context(spec, options, device, data, found.layers, found.other_params, _phases(spec))
+    context = _Context(spec, options, device, data, found.layers, found.other_params, _phases(spec), world)
     lock = checkpoint.make_lock(spec.model_dump_json(), dense, spec.train.seed, __version__)
     run = _prepare_out(context, lock, net)
     _train(context, run, progress)
     progress.stage("evaluating on the test set")
     assert run.model is not None
-    result = evaluate(run.model, data.test, spec.evaluate, spec.threat, seed=spec.train.seed, device=device)
+    result = evaluate(run.model, data.test, spec.evaluate, spec.threat, seed=spec.train.seed, device=device,
+                      rank=world.rank, ranks=world.size, reduce=lambda counts: distributed.sum_all(counts, world))
     progress.stage("writing the artifacts")
     built = _report(context, run, result, time.perf_counter() - started)
-    _write_artifacts(context, run, built, lock)
+    if world.is_main:
+        _write_artifacts(context, run, built, lock)
+    distributed.barrier(world)
     return Compiled(options.out, built, run.model.cpu().eval())
 
 
@@ -187,10 +201,12 @@ def _prepare_out(context: _Context, lock: dict[str, Any], net: nn.Module) -> _Ru
     if (out / "model.safetensors").exists() and not (options.force or options.locked):
         raise checkpoint.CheckpointError(f"{out} already holds a compiled model",
                                          help="pass --force to overwrite it, or choose another --out")
-    if options.force:
-        for name in (*OUTPUTS, checkpoint.CHECKPOINT):
-            (out / name).unlink(missing_ok=True)
-    checkpoint.write_text(lock_path, json.dumps(lock, indent=2) + "\n")
+    distributed.barrier(context.world)  # every rank has checked the folder before rank 0 changes it
+    if context.world.is_main:
+        if options.force:
+            for name in (*OUTPUTS, checkpoint.CHECKPOINT):
+                (out / name).unlink(missing_ok=True)
+        checkpoint.write_text(lock_path, json.dumps(lock, indent=2) + "\n")
     return _Run(net=net, model=models.Normalized(net, context.data.mean, context.data.std).to(context.device))
 
 
@@ -238,6 +254,8 @@ def _restore(context: _Context, state: dict[str, Any], net: nn.Module) -> _Run:
 
 def _save_checkpoint(context: _Context, run: _Run) -> None:
     assert run.model is not None
+    if not context.world.is_main:
+        return
     state = {
         "format": "cstar.checkpoint/1",
         "phase_index": run.phase_index,
@@ -288,6 +306,7 @@ def _train(context: _Context, run: _Run, progress: Progress) -> None:
 def _start_optimizer(context: _Context, run: _Run) -> None:
     assert run.model is not None
     _, phase = context.phases[run.phase_index]
+    run.trainer = distributed.wrap(run.model, context.world, context.device)
     run.optimizer = make_optimizer(phase, run.model.parameters())
     run.schedule = make_schedule(phase, run.optimizer)
 
@@ -301,7 +320,8 @@ def _batches(context: _Context, generator: torch.Generator) -> Iterator[tuple[Te
     size, augmenting = context.spec.data.batch_size, context.spec.data.augment == "standard"
     order = torch.randperm(len(labels), generator=generator)
     for start in range(0, len(labels), size):
-        index = order[start:start + size]
+        # Every rank draws the same order and takes its share of each global batch.
+        index = distributed.share(order[start:start + size], context.world)
         batch = augment(images[index], context.data.name, generator) if augmenting else images[index]
         yield batch.to(context.device), labels[index].to(context.device)
 
@@ -310,7 +330,8 @@ def _epoch(context: _Context, run: _Run, name: str, phase: PhaseSpec, epoch: int
     assert run.model is not None and run.optimizer is not None and run.schedule is not None
     seed = _epoch_seed(context.spec.train.seed, run.phase_index, epoch)
     data_generator = torch.Generator().manual_seed(seed)
-    attack_generator = torch.Generator(device=context.device).manual_seed(seed)
+    attack_generator = torch.Generator(device=context.device).manual_seed(seed + 7919 * context.world.rank)
+    world = context.world
     extra_loss, after_step = _admm_hooks(context, run, phase, epoch) if name == "admm" else (None, None)
 
     def on_step(step: int, loss: float) -> None:
@@ -322,15 +343,19 @@ def _epoch(context: _Context, run: _Run, name: str, phase: PhaseSpec, epoch: int
     try:
         result = adversarial_epoch(run.model, _batches(context, data_generator), run.optimizer,
                                    training_attack(context.spec.threat), phase=name, epoch=epoch,
-                                   generator=attack_generator, extra_loss=extra_loss, on_step=on_step)
+                                   generator=attack_generator, extra_loss=extra_loss, on_step=on_step,
+                                   trainer=run.trainer, agree=(lambda value: distributed.sum_all([value], world)[0])
+                                   if world.active else None)
     except TrainingDiverged as error:
         raise CompileError(
             f"{error}; the last good checkpoint is kept in {context.options.out / checkpoint.CHECKPOINT}",
             help=f"lower `train.{name}.lr`" + (" or `rho`" if name == "admm" else "")
                  + ", or check the data's range ([0, 1] images); then run again with --force") from None
     run.schedule.step()
-    row: dict[str, Any] = {"phase": name, "epoch": epoch, "loss": result.loss, "clean": result.clean,
-                           "robust": result.robust, "seconds": result.seconds, "lr": lr}
+    n = result.samples
+    loss, clean, robust, seen = distributed.sum_all([result.loss * n, result.clean * n, result.robust * n, n], world)
+    row: dict[str, Any] = {"phase": name, "epoch": epoch, "loss": loss / max(1, seen), "clean": clean / max(1, seen),
+                           "robust": robust / max(1, seen), "seconds": result.seconds, "lr": lr}
     if name == "admm":
         zstep_seconds = 0.0
         if isinstance(phase, AdmmSpec) and phase.interval.unit == "epoch" and (epoch + 1) % phase.interval.every == 0:
@@ -380,6 +405,8 @@ def _admm_update(context: _Context, run: _Run, phase: AdmmSpec) -> float:
     u = {name: run.admm.u.get(name, torch.zeros_like(w)) for name, w in chosen.items()}
     state = admm.z_step(chosen, admm.AdmmState(run.admm.z, u, run.admm.ranks), ranks, context.spec.compress.hooi_sweeps)
     run.admm = admm.u_step(chosen, state)
+    # Every rank computed these from the same weights; rank 0's copy makes them bit-identical anyway.
+    distributed.broadcast([*run.admm.z.values(), *run.admm.u.values()], context.world)
     schedule = phase.rho_schedule
     if schedule.kind == "geometric":
         rho = min(run.rho * schedule.factor, schedule.max or float("inf"))  # type: ignore[union-attr]
@@ -438,6 +465,23 @@ def _energy_of_weights(context: _Context, run: _Run, ranks: dict[str, tuple[int,
     for entry in run.plan["layers"]:
         if entry["name"] in ranks:
             entry["energy_kept"] = planning.energy_kept(layers[entry["name"]], ranks[entry["name"]])
+
+
+def _export(context: _Context) -> list[dict[str, Any]]:
+    """The recipe's `export` formats, each checked against PyTorch (see ``cstar_dsl.export``)."""
+    from .export import ExportError, export
+
+    written = []
+    for fmt in context.spec.export.formats:
+        try:
+            exported = export(context.options.out, fmt, opset=context.spec.export.opset)
+        except ExportError as error:
+            raise CompileError(f"the model is compiled and saved, but exporting it as {fmt} failed: {error}",
+                               help=f"`cstar export {context.options.out} --format {fmt}` retries just the export; "
+                                    "or drop the format from the recipe's `export` block") from None
+        written.append({"format": fmt, "file": exported.path.name, "bytes": exported.bytes,
+                        "max_abs_diff": exported.max_abs_diff, "checked_with": exported.checked_with})
+    return written
 
 
 def _prune(context: _Context, net: nn.Module, plan: dict[str, Any] | None) -> tuple[nn.Module, dict[str, Any]]:
@@ -521,11 +565,17 @@ def _write_artifacts(context: _Context, run: _Run, built: dict[str, Any], lock: 
                                      context.data.mean, context.data.std)
     description["plan"] = run.plan
     save_model(out, run.model, description)
+    built["exports"] = _export(context)
     checkpoint.write_text(out / "report.json", json.dumps(built, indent=2) + "\n")
     checkpoint.write_text(out / "report.md", report.markdown(built))
-    report.plot_curves(built["history"], out / "curves.png")
-    report.plot_ranks(built["layers"], out / "ranks.png")
+    try:
+        report.plot_curves(built["history"], out / "curves.png")
+        report.plot_ranks(built["layers"], out / "ranks.png")
+    except OSError as error:  # the model and report are written; a plot that cannot be is said, not a traceback
+        raise checkpoint.CheckpointError(f"cannot write the plots in {out}: {error.strerror or error}",
+                                         help="the model and report.json are written; free some disk space") from error
     checkpoint.write_text(out / "spec.cstar", context.options.spec_text)
     checkpoint.write_text(out / checkpoint.LOCK, json.dumps(lock, indent=2) + "\n")
+    # The checkpoint goes last: until every artifact is on disk, --resume can still finish the run.
     (out / checkpoint.CHECKPOINT).unlink(missing_ok=True)
 

@@ -222,7 +222,7 @@ class ExportSpec(Block):
     formats: Annotated[tuple[Annotated[str, typed(_export_format)], ...], typed(c.items, what="formats")] = (
         "safetensors",
     )
-    opset: Annotated[int, int_at_least(17, "`opset`")] = 17
+    opset: Annotated[int, int_at_least(17, "`opset`")] = 18  # what torch.onnx's exporter writes natively
 
     @field_validator("formats")
     @classmethod
