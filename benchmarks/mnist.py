@@ -119,7 +119,7 @@ def run_cell(method: str, ratio: int) -> dict[str, object]:
 def run_dense() -> dict[str, object]:
     """Dense PGD-AT for the same epochs as the other methods, from the same start."""
     from cstar_dsl import build_model, datasets, load_spec
-    from cstar_dsl.evaluate import evaluate
+    from cstar_dsl.evaluation import evaluate
     from cstar_dsl.models import Normalized
     from cstar_dsl.optimize import adversarial_epoch, make_optimizer, make_schedule, training_attack
     from cstar_dsl.prune import weight_params

@@ -29,6 +29,7 @@ _EXPORTS = {
     "Plan": "plan",
     "datasets": "data",
     "compile": "api",
+    "evaluate": "api",
     "load": "artifacts",
     "Compiled": "pipeline",
 }

@@ -8,11 +8,13 @@ Each function is one stage the CLI runs, so notebooks and other tools can run an
     compressed = cstar_dsl.factorize(model, plan, spec)
     compiled = cstar_dsl.compile(spec, out="runs/resnet18")   # all of `cstar compile`
     model = cstar_dsl.load("runs/resnet18")                   # the artifact, without the recipe
+    result = cstar_dsl.evaluate("runs/resnet18", ["pgd(steps = 50)"], sanity=True)  # all of `cstar eval`
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +27,7 @@ from .spec import Spec
 
 if TYPE_CHECKING:
     from .pipeline import Compiled, Progress
+    from .robustness import Reevaluation
 
 
 def build_model(spec: Spec, *, allow_import: bool = False) -> nn.Module:
@@ -70,3 +73,16 @@ def compile(spec: Spec | str | Path, out: str | Path, *, resume: bool = False, f
     options = CompileOptions(out=Path(out), resume=resume, locked=locked, force=force, allow_import=allow_import,
                              device=device, spec_name=name, spec_text=text)
     return compile_spec(spec, options, progress)
+
+
+def evaluate(folder: str | Path, attacks: Sequence[str] = (), *, samples: int | None = None, sanity: bool = False,
+             seed: int = 0, device: str = "cpu", allow_import: bool = False) -> Reevaluation:
+    """Run ``cstar eval``: re-evaluate the compiled model in ``folder`` on its recipe's test set.
+
+    ``attacks`` are written as in a recipe (``"pgd(steps = 50, restarts = 5)"``, ``"fgsm"``,
+    ``"autoattack"``); none means the recipe's own. ``sanity`` adds the gradient-masking checks.
+    """
+    from .robustness import parse_attack, reevaluate
+
+    return reevaluate(folder, [parse_attack(text) for text in attacks], samples=samples, sanity=sanity, seed=seed,
+                      device=device, allow_import=allow_import)

@@ -23,7 +23,7 @@ from . import __version__, admm, checkpoint, distributed, inventory, models, rep
 from . import plan as planning
 from .artifacts import build_structure, model_description, save_model
 from .data import Datasets, augment, datasets
-from .evaluate import Evaluation, evaluate
+from .evaluation import Evaluation, evaluate
 from .optimize import TrainingDiverged, adversarial_epoch, make_optimizer, make_schedule, training_attack
 from .problems import SpecProblem
 from .spec import AdmmSpec, PhaseSpec, Spec

@@ -26,7 +26,7 @@ from .artifacts import ArtifactError, load
 from .attacks import Attack, Fgsm, Pgd, accuracy, evaluating
 from .data import datasets
 from .errors import CStarError, Diagnostic, did_you_mean
-from .evaluate import EVAL_BATCH, attack_for, attack_name, evaluate, test_batches
+from .evaluation import EVAL_BATCH, attack_for, attack_name, evaluate, test_batches
 from .lower import Section, lower
 from .parse import parse
 from .source import SourceFile, Span

@@ -41,7 +41,7 @@ def test_every_python_block_of_api_md_runs(monkeypatch):
 
 
 FUNCTIONS = ["load_spec", "check_file", "build_model", "make_plan", "factorize", "parse", "format_text", "compile",
-             "load", "datasets"]
+             "load", "datasets", "evaluate"]
 
 
 @pytest.mark.parametrize("name", FUNCTIONS)

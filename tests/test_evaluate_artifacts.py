@@ -13,7 +13,7 @@ from cstar_dsl import inventory, models
 from cstar_dsl.artifacts import ArtifactError, load, model_description, save_model
 from cstar_dsl.attacks import Fgsm, Pgd
 from cstar_dsl.data import augment
-from cstar_dsl.evaluate import attack_for, attack_name, evaluate
+from cstar_dsl.evaluation import attack_for, attack_name, evaluate
 from cstar_dsl.factorized import LowRankLinear
 from cstar_dsl.rewrite import factorize_ranks
 from cstar_dsl.spec import EvaluateSpec, FgsmAttack, ModelSpec, PgdAttack, ThreatSpec
