@@ -14,11 +14,13 @@ factorized, dense, ...) so that a load change on the machine hits both alike:
   IQR / median), so a burst of load from other processes spoils a round, not the result. The
   speedups of all rounds are kept in the JSON (``speedup_by_round``).
 
-Three modes are timed per case, each applied to the dense and the factorized model alike:
+Four modes are timed per case, each applied to the dense and the factorized model alike:
 ``eager`` (the model as built and as ``cstar_dsl.factorize`` returns it), ``inference`` (passed
 through ``cstar_dsl.inference.optimize_for_inference``: batch norms folded, redundant 1x1 convs
-merged, module calls lowered to function calls) and ``torchscript`` (that, traced and frozen by
-``cstar_dsl.inference.to_torchscript``: no Python between ops). The target: from 8x on, the
+merged, module calls lowered to function calls), ``torchscript`` (that, traced and frozen by
+``cstar_dsl.inference.to_torchscript``: no Python between ops) and ``onnxruntime`` (the model as
+``cstar export`` writes it, run by ONNX Runtime, which fuses conv + batch norm + ReLU and has far
+less per-op overhead than PyTorch at batch 1). The target: from 8x on, the
 speedup must be at least half the MAC reduction of the plan.
 
     .venv/bin/python benchmarks/latency.py            # full run: 1 thread, ~3.5 minutes on 2 cores

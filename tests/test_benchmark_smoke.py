@@ -39,8 +39,8 @@ def _keep_threads():
 def test_core_rows_are_well_formed(latency):
     spec, model = latency.load("digits")
     rows = latency.benchmark_model("digits", spec, model, [8.0], repeats=2, warmup=1)
-    assert [(r["target_ratio"], r["mode"]) for r in rows] == [(8.0, "eager"), (8.0, "inference"),
-                                                              (8.0, "torchscript")]
+    assert [(r["target_ratio"], r["mode"]) for r in rows] == [(8.0, mode) for mode in latency.MODES]
+    assert latency.MODES == ("eager", "inference", "torchscript", "onnxruntime")
     for row in rows:
         assert ROW_KEYS <= row.keys()
         assert row["model"] == "digits" and row["threads"] == 1 and row["repeats"] == 2 and row["warmup"] == 1
@@ -64,4 +64,28 @@ def test_command_line_writes_results(latency, tmp_path):
     machine = results["machine"]
     assert {"cpu", "cores", "torch", "date", "threads"} <= machine.keys()
     assert machine["torch"] == torch.__version__ and machine["threads"] == 1
-    assert [row["target_met"] for row in results["rows"]] == [None] * 3  # the target starts at 8x
+    assert [row["target_met"] for row in results["rows"]] == [None] * len(latency.MODES)  # the target starts at 8x
+
+
+@pytest.fixture(scope="module")
+def mnist_benchmark():
+    spec = importlib.util.spec_from_file_location("mnist_benchmark", ROOT / "benchmarks" / "mnist.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("method", ["cstar", "svd-finetune", "channel-prune"])
+@pytest.mark.parametrize("ratio", [16, 64, 256])
+def test_every_mnist_benchmark_cell_is_a_valid_recipe_with_the_same_epochs(mnist_benchmark, tmp_path, method, ratio):
+    from cstar_dsl.validate import check_file
+
+    path = tmp_path / "cell.cstar"
+    path.write_text(mnist_benchmark.variant(method, ratio))
+    checked = check_file(path)
+    spec = checked.spec
+    assert not [w for w in checked.warnings if w.is_error]
+    assert (spec.compress.method, spec.compress.budget.ratio) == (method, ratio)
+    epochs = sum(phase.epochs for phase in (spec.train.pretrain, spec.train.admm, spec.train.finetune) if phase)
+    assert epochs == mnist_benchmark.ADMM_EPOCHS + mnist_benchmark.FINETUNE_EPOCHS  # the same budget for every method
+    assert spec.model.weights == mnist_benchmark.DENSE  # the same adversarially trained start
