@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 from .attacks import Attack, Fgsm, Pgd, accuracy
+from .data import loader_batches
 from .spec import EvaluateSpec, FgsmAttack, PgdAttack, ThreatSpec
 
 EVAL_BATCH = 500
@@ -50,19 +51,37 @@ def attack_name(attack: Attack) -> str:
             f"restarts={attack.restarts})")
 
 
-def test_batches(test: TensorDataset, samples: int | None, device: torch.device, *, rank: int = 0,
-                 ranks: int = 1) -> list[tuple[Tensor, Tensor]]:
-    """The first ``samples`` test images (all when None), in fixed order, on ``device``; with several
-    ranks, this rank's share of them."""
-    images, labels = test.tensors
-    if samples is not None:
-        images, labels = images[:samples], labels[:samples]
-    images, labels = images[rank::ranks], labels[rank::ranks]
-    return [(images[i:i + EVAL_BATCH].to(device), labels[i:i + EVAL_BATCH].to(device))
-            for i in range(0, len(labels), EVAL_BATCH)]
+class TestBatches:
+    """The first ``samples`` test images (all when None), in fixed order, on ``device``, batch by
+    batch; with several ranks, this rank's share of them. Iterable any number of times (once per
+    attack); a data set that is not in memory (ImageNet folders) is read again each time."""
+
+    def __init__(self, test: Dataset, samples: int | None, device: torch.device, *, rank: int = 0,
+                 ranks: int = 1, workers: int = 0) -> None:
+        count = len(test) if samples is None else min(samples, len(test))  # type: ignore[arg-type]
+        self.order = torch.arange(count)[rank::ranks]
+        self.test, self.device, self.workers = test, device, workers
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // EVAL_BATCH)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for images, labels in loader_batches(self.test, self.order, EVAL_BATCH, self.workers):
+            yield images.to(self.device), labels.to(self.device)
+
+    @property
+    def samples(self) -> int:
+        return len(self.order)
 
 
-def evaluate(model: nn.Module, test: TensorDataset, settings: EvaluateSpec, threat: ThreatSpec, *,
+def test_batches(test: Dataset, samples: int | None, device: torch.device, *, rank: int = 0,
+                 ranks: int = 1) -> list[tuple[Tensor, Tensor]] | TestBatches:
+    """The test batches: in memory, on ``device``, for in-memory data sets; read as needed otherwise."""
+    batches = TestBatches(test, samples, device, rank=rank, ranks=ranks)
+    return list(batches) if isinstance(test, TensorDataset) else batches
+
+
+def evaluate(model: nn.Module, test: Dataset, settings: EvaluateSpec, threat: ThreatSpec, *,
              seed: int, device: torch.device, rank: int = 0, ranks: int = 1,
              reduce: Callable[[Sequence[float]], list[float]] | None = None) -> Evaluation:
     """Clean and robust test accuracy; each attack's random starts come from a generator seeded by
@@ -70,7 +89,7 @@ def evaluate(model: nn.Module, test: TensorDataset, settings: EvaluateSpec, thre
     set, and ``reduce`` sums their counts."""
     started = time.perf_counter()
     batches = test_batches(test, settings.samples, device, rank=rank, ranks=ranks)
-    local = sum(len(y) for _, y in batches)
+    local = len(TestBatches(test, settings.samples, device, rank=rank, ranks=ranks).order)
     correct = [round(accuracy(model, batches) * local)]
     described = {}
     for setting in settings.attacks:

@@ -18,11 +18,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import TensorDataset
 
 from . import __version__, admm, checkpoint, distributed, inventory, models, report, rewrite
 from . import plan as planning
 from .artifacts import build_structure, model_description, save_model
-from .data import Datasets, augment, datasets
+from .data import Datasets, augment, datasets, loader_batches
 from .evaluation import Evaluation, evaluate
 from .optimize import TrainingDiverged, adversarial_epoch, make_optimizer, make_schedule, training_attack
 from .problems import SpecProblem
@@ -291,7 +292,7 @@ def _train(context: _Context, run: _Run, progress: Progress) -> None:
             _save_checkpoint(context, run)
         if name == "admm" and run.admm is None:
             _start_admm(context, run, phase)  # type: ignore[arg-type]
-        steps = -(-len(context.data.train) // context.spec.data.batch_size)
+        steps = -(-len(context.data.train) // context.spec.data.batch_size)  # type: ignore[arg-type]
         progress.phase_started(name, phase.epochs, run.next_epoch, steps)
         for epoch in range(run.next_epoch, phase.epochs):
             _epoch(context, run, name, phase, epoch, progress)
@@ -316,14 +317,26 @@ def _epoch_seed(seed: int, phase_index: int, epoch: int) -> int:
 
 
 def _batches(context: _Context, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
-    images, labels = context.data.train.tensors
-    size, augmenting = context.spec.data.batch_size, context.spec.data.augment == "standard"
-    order = torch.randperm(len(labels), generator=generator)
-    for start in range(0, len(labels), size):
-        # Every rank draws the same order and takes its share of each global batch.
-        index = distributed.share(order[start:start + size], context.world)
-        batch = augment(images[index], context.data.name, generator) if augmenting else images[index]
-        yield batch.to(context.device), labels[index].to(context.device)
+    train = context.data.train
+    size = context.spec.data.batch_size
+    order = torch.randperm(len(train), generator=generator)  # type: ignore[arg-type]
+    # Every rank draws the same order and takes its share of each global batch.
+    shares = [distributed.share(order[start:start + size], context.world) for start in range(0, len(order), size)]
+    if isinstance(train, TensorDataset):
+        images, labels = train.tensors
+        for index in shares:
+            batch = images[index]
+            if context.spec.data.augment == "standard":
+                batch = augment(batch, context.data.name, generator)
+            yield batch.to(context.device), labels[index].to(context.device)
+        return
+    # Folders augment per item, drawing from the global generator: seeded per epoch, so a resumed run
+    # sees the same crops. (Each rank's batches are its shares when the batch size divides evenly.)
+    torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    local = -(-size // context.world.size)
+    for images, labels in loader_batches(train, torch.cat(shares), local, context.spec.data.workers,
+                                         generator=generator):
+        yield images.to(context.device), labels.to(context.device)
 
 
 def _epoch(context: _Context, run: _Run, name: str, phase: PhaseSpec, epoch: int, progress: Progress) -> None:

@@ -276,3 +276,23 @@ def test_resume_after_a_kill_ends_with_the_same_weights(tmp_path):
     assert whole.keys() == killed.keys()
     for name in whole:
         assert torch.equal(whole[name], killed[name]), name
+
+
+def test_compile_trains_on_image_folders_and_cifar_batches(tmp_path):
+    """The loaders that are not in memory (ImageNet-style folders) and CIFAR's pickled batches
+    both feed a whole compile: data order, per-item augmentation, evaluation and artifacts."""
+    from test_data_formats import _image_folders, _tiny_cifar10
+
+    _image_folders(tmp_path / "folders", {"cat": 6, "dog": 6}, {"cat": 2, "dog": 2})
+    _tiny_cifar10(tmp_path / "cifar")
+    for dataset, root, classes in (("imagenet", tmp_path / "folders", 2), ("cifar10", tmp_path / "cifar", 10)):
+        spec = write_spec(tmp_path, pretrain=1, admm=1, finetune=1, augment="standard", name=f"{dataset}.cstar")
+        text = spec.read_text().replace("dataset = digits", f'dataset = {dataset}\n  root = "{root}"')
+        text = text.replace("[1, 8, 8]", "[3, 8, 8]" if dataset == "imagenet" else "[3, 32, 32]")
+        spec.write_text(text.replace("classes = 10", f"classes = {classes}").replace("batch_size = 128",
+                                                                                     "batch_size = 4"))
+        assert compile_cli(spec, "--out", tmp_path / dataset) == 0, dataset
+        report = json.loads((tmp_path / dataset / "report.json").read_text())
+        assert report["data"]["name"] == dataset and report["data"]["test_size"] > 0
+        assert load(tmp_path / dataset)(torch.rand(2, *json.loads((tmp_path / dataset / "model.json").read_text())
+                                                   ["model"]["input"])).shape == (2, classes)

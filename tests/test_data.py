@@ -91,11 +91,10 @@ def test_malformed_idx_file_is_a_clear_error(tmp_path):
     assert caught.value.code == "data-unreadable"
 
 
-def test_dataset_without_a_loader_says_so(tmp_path):
-    path = _recipe(tmp_path, 'data {\n  dataset = cifar10\n  root = "cifar"\n}\n')
-    with pytest.raises(SpecProblem) as caught:
-        datasets(load_spec(path))
-    assert caught.value.code == "dataset-not-available" and caught.value.loc == ("data", "dataset")
+def test_every_registry_data_set_has_a_loader():
+    from cstar_dsl import data, registry
+
+    assert set(data._LOADERS) == set(registry.DATASETS)
 
 
 @pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason="the shared MNIST-10k folder is not next to this checkout")
