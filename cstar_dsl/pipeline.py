@@ -167,6 +167,14 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _place(value: Any, device: torch.device) -> Any:
+    """A model or an image batch on ``device``; on a GPU in channels-last layout, which cuDNN's
+    convolutions (and bf16 autocast) run faster in. The values are the same in either layout."""
+    if device.type != "cuda":
+        return value.to(device)
+    return value.to(device, memory_format=torch.channels_last)
+
+
 def _phases(spec: Spec) -> tuple[tuple[str, PhaseSpec], ...]:
     train = spec.train
     phases: list[tuple[str, PhaseSpec]] = []
@@ -208,7 +216,7 @@ def _prepare_out(context: _Context, lock: dict[str, Any], net: nn.Module) -> _Ru
             for name in (*OUTPUTS, checkpoint.CHECKPOINT):
                 (out / name).unlink(missing_ok=True)
         checkpoint.write_text(lock_path, json.dumps(lock, indent=2) + "\n")
-    return _Run(net=net, model=models.Normalized(net, context.data.mean, context.data.std).to(context.device))
+    return _Run(net=net, model=_place(models.Normalized(net, context.data.mean, context.data.std), context.device))
 
 
 def _resume(context: _Context, lock: dict[str, Any], net: nn.Module) -> _Run:
@@ -235,7 +243,7 @@ def _restore(context: _Context, state: dict[str, Any], net: nn.Module) -> _Run:
     model = models.Normalized(net, context.data.mean, context.data.std)
     model.load_state_dict(state["model"])
     run = _Run(phase_index=state["phase_index"], next_epoch=state["next_epoch"], net=net,
-               model=model.to(context.device), structure=structure, rho=state["rho"],
+               model=_place(model, context.device), structure=structure, rho=state["rho"],
                plan=json.loads(state["plan"]) if state["plan"] else None, history=json.loads(state["history"]),
                phase_seconds=json.loads(state["phase_seconds"]))
     if state["admm"] is not None:
@@ -328,7 +336,7 @@ def _batches(context: _Context, generator: torch.Generator) -> Iterator[tuple[Te
             batch = images[index]
             if context.spec.data.augment == "standard":
                 batch = augment(batch, context.data.name, generator)
-            yield batch.to(context.device), labels[index].to(context.device)
+            yield _place(batch, context.device), labels[index].to(context.device)
         return
     # Folders augment per item, drawing from the global generator: seeded per epoch, so a resumed run
     # sees the same crops. (Each rank's batches are its shares when the batch size divides evenly.)
@@ -336,7 +344,7 @@ def _batches(context: _Context, generator: torch.Generator) -> Iterator[tuple[Te
     local = -(-size // context.world.size)
     for images, labels in loader_batches(train, torch.cat(shares), local, context.spec.data.workers,
                                          generator=generator):
-        yield images.to(context.device), labels.to(context.device)
+        yield _place(images, context.device), labels.to(context.device)
 
 
 def _epoch(context: _Context, run: _Run, name: str, phase: PhaseSpec, epoch: int, progress: Progress) -> None:
@@ -358,7 +366,8 @@ def _epoch(context: _Context, run: _Run, name: str, phase: PhaseSpec, epoch: int
                                    training_attack(context.spec.threat), phase=name, epoch=epoch,
                                    generator=attack_generator, extra_loss=extra_loss, on_step=on_step,
                                    trainer=run.trainer, agree=(lambda value: distributed.sum_all([value], world)[0])
-                                   if world.active else None)
+                                   if world.active else None,
+                                   precision=torch.bfloat16 if context.spec.train.precision == "bf16" else None)
     except TrainingDiverged as error:
         raise CompileError(
             f"{error}; the last good checkpoint is kept in {context.options.out / checkpoint.CHECKPOINT}",
@@ -467,7 +476,7 @@ def _compress(context: _Context, run: _Run) -> None:
         run.net = rewrite.factorize_ranks(net, ranks, leaves=spec.model.leaf, sweeps=spec.compress.hooi_sweeps)
         run.structure = {"kind": "factorized", "ranks": {k: list(v) for k, v in ranks.items()}}
     run.admm = None
-    run.model = models.Normalized(run.net, context.data.mean, context.data.std).to(context.device)
+    run.model = _place(models.Normalized(run.net, context.data.mean, context.data.std), context.device)
 
 
 def _energy_of_weights(context: _Context, run: _Run, ranks: dict[str, tuple[int, ...]]) -> None:

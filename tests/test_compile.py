@@ -296,3 +296,14 @@ def test_compile_trains_on_image_folders_and_cifar_batches(tmp_path):
         assert report["data"]["name"] == dataset and report["data"]["test_size"] > 0
         assert load(tmp_path / dataset)(torch.rand(2, *json.loads((tmp_path / dataset / "model.json").read_text())
                                                    ["model"]["input"])).shape == (2, classes)
+
+
+def test_bf16_training_compiles_and_evaluates_in_float32(tmp_path):
+    spec = write_spec(tmp_path, pretrain=1, admm=1, finetune=1)
+    spec.write_text(spec.read_text().replace("  device = cpu", "  device = cpu\n  precision = bf16"))
+    assert compile_cli(spec, "--out", tmp_path / "run") == 0
+    model = load(tmp_path / "run")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # autocast never changes the weights
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["resolved"]["train"]["precision"] == "bf16"
+    assert all(0 <= value <= 1 for value in report["accuracy"]["robust"].values())

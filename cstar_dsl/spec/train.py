@@ -118,6 +118,9 @@ class TrainSpec(Block):
 
     seed: Annotated[int, int_at_least(0, "`seed`")] = 0
     device: Annotated[str, typed(c.choice, options=("auto", "cpu", "cuda"), what="device")] = "auto"
+    # bf16: the training forward passes and the attacks that make training examples run under
+    # autocast; the final evaluation is always float32.
+    precision: Annotated[str, typed(c.choice, options=("fp32", "bf16"), what="precision")] = "fp32"
     pretrain: PhaseSpec | None = None
     admm: AdmmSpec | None = None
     finetune: PhaseSpec | None = None
