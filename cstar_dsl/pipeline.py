@@ -238,8 +238,9 @@ def _resume(context: _Context, lock: dict[str, Any], net: nn.Module) -> _Run:
 def _restore(context: _Context, state: dict[str, Any], net: nn.Module) -> _Run:
     structure = json.loads(state["structure"])
     inner = {k.removeprefix("model."): v for k, v in state["model"].items() if k.startswith("model.")}
-    net = build_structure(context.spec.model, structure, inner, allow_import=context.options.allow_import) \
-        if structure["kind"] != "dense" else net
+    if structure["kind"] != "dense":  # the checkpoint holds every weight: the starting weights are not read again
+        bare = context.spec.model.model_copy(update={"weights": None})
+        net = build_structure(bare, structure, inner, allow_import=context.options.allow_import)
     model = models.Normalized(net, context.data.mean, context.data.std)
     model.load_state_dict(state["model"])
     run = _Run(phase_index=state["phase_index"], next_epoch=state["next_epoch"], net=net,
