@@ -30,13 +30,14 @@ METHODS = ("cstar", "svd-finetune", "channel-prune")
 ADMM_EPOCHS, FINETUNE_EPOCHS = 4, 3  # cstar: 4 ADMM + 3 fine-tuning; the baselines: 7 fine-tuning
 
 
-def variant(method: str, ratio: int) -> str:
-    """The recipe of one cell: specs/mnist.cstar from the dense start, this method and budget."""
+def variant(method: str, ratio: int, admm_epochs: int = ADMM_EPOCHS) -> str:
+    """The recipe of one cell: specs/mnist.cstar from the dense start, this method and budget; cstar
+    splits the same total epochs into ``admm_epochs`` of ADMM and the rest of fine-tuning."""
     total = ADMM_EPOCHS + FINETUNE_EPOCHS
     if method == "cstar":
         phases = f"""
   admm {{
-    epochs = {ADMM_EPOCHS}
+    epochs = {admm_epochs}
     lr = 0.01
     schedule = constant  # the W-step must still move W onto Z in the last ADMM epoch
     rho = 0.25
@@ -44,7 +45,7 @@ def variant(method: str, ratio: int) -> str:
     interval = 1 epoch  # the W-step gets a whole epoch to converge before Z and U move
   }}
   finetune {{
-    epochs = {FINETUNE_EPOCHS}
+    epochs = {total - admm_epochs}
     lr = 0.01
   }}"""
     else:
@@ -94,14 +95,19 @@ evaluate {{
 """
 
 
-def run_cell(method: str, ratio: int) -> dict[str, object]:
+def cell_name(method: str, ratio: int, admm_epochs: int) -> str:
+    schedule = f"-admm{admm_epochs}" if method == "cstar" and admm_epochs != ADMM_EPOCHS else ""
+    return f"{method}{schedule}-{ratio}x"
+
+
+def run_cell(method: str, ratio: int, admm_epochs: int = ADMM_EPOCHS) -> dict[str, object]:
     from cstar_dsl.pipeline import CompileOptions, compile_spec
     from cstar_dsl.validate import check_file
 
-    folder = CELLS / f"{method}-{ratio}x"
+    folder = CELLS / cell_name(method, ratio, admm_epochs)
     folder.mkdir(parents=True, exist_ok=True)
     spec_path = folder / "spec.cstar"
-    spec_path.write_text(variant(method, ratio))
+    spec_path.write_text(variant(method, ratio, admm_epochs))
     spec = check_file(spec_path).spec
     started = time.perf_counter()
     compiled = compile_spec(spec, CompileOptions(out=folder / "run", force=True, spec_name=str(spec_path),
@@ -109,11 +115,17 @@ def run_cell(method: str, ratio: int) -> dict[str, object]:
     report = compiled.report
     history = report["history"]
     return {"method": method, "target_ratio": ratio, "ratio": report["compression"]["ratio"],
+            "schedule": _schedule(method, admm_epochs),
             "params": report["compression"]["params_compressed"], "clean": report["accuracy"]["clean"],
             "robust": next(iter(report["accuracy"]["robust"].values())), "seconds": time.perf_counter() - started,
             "epoch_seconds": {phase: _mean([r["seconds"] for r in history if r["phase"] == phase])
                               for phase in ("admm", "finetune")},
             "zstep_seconds": sum(r.get("zstep_seconds", 0.0) for r in history)}
+
+
+def _schedule(method: str, admm_epochs: int) -> str:
+    total = ADMM_EPOCHS + FINETUNE_EPOCHS
+    return f"{admm_epochs} ADMM + {total - admm_epochs} fine-tuning" if method == "cstar" else f"{total} fine-tuning"
 
 
 def run_dense() -> dict[str, object]:
@@ -146,7 +158,8 @@ def run_dense() -> dict[str, object]:
         schedule.step()
     result = evaluate(model, data.test, spec.evaluate, spec.threat, seed=0, device=torch.device("cpu"))
     params = weight_params(net)
-    return {"method": "dense", "target_ratio": 1, "ratio": 1.0, "params": params, "clean": result.clean,
+    return {"method": "dense", "target_ratio": 1, "ratio": 1.0, "schedule": f"{phase.epochs} PGD-AT",
+            "params": params, "clean": result.clean,
             "robust": next(iter(result.robust.values())), "seconds": time.perf_counter() - started,
             "epoch_seconds": {"dense": _mean(epoch_seconds)}}
 
@@ -162,15 +175,18 @@ def machine() -> dict[str, object]:
 
 def table() -> None:
     rows = [json.loads(p.read_text()) for p in sorted(CELLS.glob("*.json"))]
+    for row in rows:  # cells written before the schedule was recorded ran the default one
+        row.setdefault("schedule", "7 PGD-AT" if row["method"] == "dense" else _schedule(row["method"], ADMM_EPOCHS))
     order = {"dense": 0, **{m: i + 1 for i, m in enumerate(METHODS)}}
-    rows.sort(key=lambda r: (r["target_ratio"], order[r["method"]]))
-    keys = ("method", "target_ratio", "ratio", "params", "clean", "robust", "seconds")
+    rows.sort(key=lambda r: (r["target_ratio"], order[r["method"]], r["schedule"] != _schedule(r["method"],
+                                                                                               ADMM_EPOCHS)))
+    keys = ("method", "target_ratio", "ratio", "params", "clean", "robust", "seconds", "schedule")
     (RESULTS / "mnist.json").write_text(json.dumps([{k: r[k] for k in keys} for r in rows], indent=2) + "\n")
-    lines = ["| method | target | achieved ratio | params | clean | PGD-20 robust | seconds |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| method | schedule after the dense start | target | achieved ratio | params | clean | PGD-20 robust "
+             "| seconds |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['target_ratio']}x | {r['ratio']:.2f}x | {r['params']:,} | "
-                     f"{r['clean']:.1%} | {r['robust']:.1%} | {r['seconds']:.0f} |")
+        lines.append(f"| {r['method']} | {r['schedule']} | {r['target_ratio']}x | {r['ratio']:.2f}x | {r['params']:,} "
+                     f"| {r['clean']:.1%} | {r['robust']:.1%} | {r['seconds']:.0f} |")
     text = "\n".join(lines)
     machines = sorted({json.dumps(r.get("machine", {}), sort_keys=True) for r in rows})
     (RESULTS / "mnist.md").write_text(text + "\n\nmachines: " + "; ".join(machines) + "\n")
@@ -184,9 +200,12 @@ def _plot(rows: list[dict[str, object]]) -> None:
     figure = Figure(figsize=(6, 4), layout="constrained")
     axes = figure.add_subplot()
     for method in METHODS:
-        points = sorted((r["ratio"], r["robust"]) for r in rows if r["method"] == method)
-        if points:
-            axes.plot(*zip(*points, strict=True), marker="o", label=method)
+        for schedule in sorted({r["schedule"] for r in rows if r["method"] == method}):
+            points = sorted((r["ratio"], r["robust"]) for r in rows
+                            if (r["method"], r["schedule"]) == (method, schedule))
+            label = method if schedule == _schedule(method, ADMM_EPOCHS) else f"{method} ({schedule})"
+            axes.plot(*zip(*points, strict=True), marker="o", label=label,
+                      linestyle="-" if label == method else "--")
     for r in rows:
         if r["method"] == "dense":
             axes.axhline(r["robust"], color="grey", linestyle="--", label="dense PGD-AT")
@@ -204,6 +223,8 @@ def main() -> None:
     parser.add_argument("--ratios", type=int, nargs="*", default=[16, 64, 256])
     parser.add_argument("--methods", nargs="*", default=["dense", *METHODS])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 per process runs tiny convs fastest)")
+    parser.add_argument("--admm-epochs", type=int, default=ADMM_EPOCHS,
+                        help="how many of cstar's epochs are ADMM (the rest fine-tune)")
     args = parser.parse_args()
     if args.action == "table":
         table()
@@ -214,10 +235,10 @@ def main() -> None:
     CELLS.mkdir(parents=True, exist_ok=True)
     for method in args.methods:
         for ratio in ([1] if method == "dense" else args.ratios):
-            cell = CELLS / f"{method}-{ratio}x.json"
+            cell = CELLS / f"{cell_name(method, ratio, args.admm_epochs)}.json"
             if cell.exists():
                 continue
-            row = run_dense() if method == "dense" else run_cell(method, ratio)
+            row = run_dense() if method == "dense" else run_cell(method, ratio, args.admm_epochs)
             row["machine"] = machine()
             cell.write_text(json.dumps(row, indent=2) + "\n")
             print(json.dumps(row), flush=True)

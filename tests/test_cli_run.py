@@ -62,3 +62,10 @@ def test_eval_takes_attacks_from_the_command_line(run_folder, capsys):
 def test_eval_of_a_folder_without_a_model_fails_clearly(tmp_path, capsys):
     assert main(["eval", str(tmp_path)]) == 4
     assert "error[eval-failed]" in capsys.readouterr().out
+
+
+def test_nproc_is_dropped_from_the_command_each_rank_runs():
+    from cstar_dsl.cli import _without_nproc
+
+    assert _without_nproc(["compile", "a.cstar", "--nproc", "2", "--quiet"]) == ["compile", "a.cstar", "--quiet"]
+    assert _without_nproc(["compile", "a.cstar", "--nproc=4"]) == ["compile", "a.cstar"]
