@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from .spec import Spec
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_UNMET, EXIT_FAILED = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED = 130  # the shell's code for a run stopped by Ctrl-C
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -375,9 +376,15 @@ def _compile(args: argparse.Namespace, console: Console) -> int:
     except (CheckpointError, CompileError) as error:
         _print_diagnostics(console, [Diagnostic("run-failed", str(error), help=error.help)], "full")
         return EXIT_FAILED
+    except KeyboardInterrupt:
+        console.out(f"interrupted: the last finished epoch is checkpointed in {options.out}; "
+                    f"`cstar compile {path} --out {options.out} --resume` continues from it")
+        return EXIT_INTERRUPTED
     console.print(_report_table(compiled.report))
-    console.out(f"wrote {options.out}/: model.safetensors, model.json, report.json, report.md, curves.png, "
-                "ranks.png, spec.cstar, lock.json")
+    exported = [e["file"] for e in compiled.report.get("exports", []) if e["format"] != "safetensors"]
+    files = ["model.safetensors", "model.json", *exported, "report.json", "report.md", "curves.png", "ranks.png",
+             "spec.cstar", "lock.json"]
+    console.out(f"wrote {options.out}/: {', '.join(files)}")
     for requirement in compiled.report["requirements"]:
         verdict = "met" if requirement["met"] else "NOT MET"
         console.out(f"require {requirement['metric']} {requirement['op']} {requirement['value']:.1%}: "
