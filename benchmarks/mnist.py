@@ -28,9 +28,10 @@ CELLS = RESULTS / "mnist"
 DENSE = RESULTS / "mnist-dense.safetensors"
 METHODS = ("cstar", "svd-finetune", "channel-prune")
 ADMM_EPOCHS, FINETUNE_EPOCHS = 4, 3  # cstar: 4 ADMM + 3 fine-tuning; the baselines: 7 fine-tuning
+FINETUNE_LR = 0.01
 
 
-def variant(method: str, ratio: int, admm_epochs: int = ADMM_EPOCHS) -> str:
+def variant(method: str, ratio: int, admm_epochs: int = ADMM_EPOCHS, finetune_lr: float = FINETUNE_LR) -> str:
     """The recipe of one cell: specs/mnist.cstar from the dense start, this method and budget; cstar
     splits the same total epochs into ``admm_epochs`` of ADMM and the rest of fine-tuning."""
     total = ADMM_EPOCHS + FINETUNE_EPOCHS
@@ -46,13 +47,13 @@ def variant(method: str, ratio: int, admm_epochs: int = ADMM_EPOCHS) -> str:
   }}
   finetune {{
     epochs = {total - admm_epochs}
-    lr = 0.01
+    lr = {finetune_lr:g}
   }}"""
     else:
         phases = f"""
   finetune {{
     epochs = {total}
-    lr = 0.01
+    lr = {finetune_lr:g}
   }}"""
     return f"""# benchmarks/mnist.py: {method} at {ratio}x from the shared adversarially trained dense start
 model {{
@@ -95,19 +96,21 @@ evaluate {{
 """
 
 
-def cell_name(method: str, ratio: int, admm_epochs: int) -> str:
+def cell_name(method: str, ratio: int, admm_epochs: int, finetune_lr: float = FINETUNE_LR) -> str:
     schedule = f"-admm{admm_epochs}" if method == "cstar" and admm_epochs != ADMM_EPOCHS else ""
-    return f"{method}{schedule}-{ratio}x"
+    lr = f"-lr{finetune_lr:g}" if finetune_lr != FINETUNE_LR else ""
+    return f"{method}{schedule}{lr}-{ratio}x"
 
 
-def run_cell(method: str, ratio: int, admm_epochs: int = ADMM_EPOCHS) -> dict[str, object]:
+def run_cell(method: str, ratio: int, admm_epochs: int = ADMM_EPOCHS,
+             finetune_lr: float = FINETUNE_LR) -> dict[str, object]:
     from cstar_dsl.pipeline import CompileOptions, compile_spec
     from cstar_dsl.validate import check_file
 
-    folder = CELLS / cell_name(method, ratio, admm_epochs)
+    folder = CELLS / cell_name(method, ratio, admm_epochs, finetune_lr)
     folder.mkdir(parents=True, exist_ok=True)
     spec_path = folder / "spec.cstar"
-    spec_path.write_text(variant(method, ratio, admm_epochs))
+    spec_path.write_text(variant(method, ratio, admm_epochs, finetune_lr))
     spec = check_file(spec_path).spec
     started = time.perf_counter()
     compiled = compile_spec(spec, CompileOptions(out=folder / "run", force=True, spec_name=str(spec_path),
@@ -115,7 +118,7 @@ def run_cell(method: str, ratio: int, admm_epochs: int = ADMM_EPOCHS) -> dict[st
     report = compiled.report
     history = report["history"]
     return {"method": method, "target_ratio": ratio, "ratio": report["compression"]["ratio"],
-            "schedule": _schedule(method, admm_epochs),
+            "schedule": _schedule(method, admm_epochs, finetune_lr),
             "params": report["compression"]["params_compressed"], "clean": report["accuracy"]["clean"],
             "robust": next(iter(report["accuracy"]["robust"].values())), "seconds": time.perf_counter() - started,
             "epoch_seconds": {phase: _mean([r["seconds"] for r in history if r["phase"] == phase])
@@ -123,9 +126,12 @@ def run_cell(method: str, ratio: int, admm_epochs: int = ADMM_EPOCHS) -> dict[st
             "zstep_seconds": sum(r.get("zstep_seconds", 0.0) for r in history)}
 
 
-def _schedule(method: str, admm_epochs: int) -> str:
+def _schedule(method: str, admm_epochs: int, finetune_lr: float = FINETUNE_LR) -> str:
     total = ADMM_EPOCHS + FINETUNE_EPOCHS
-    return f"{admm_epochs} ADMM + {total - admm_epochs} fine-tuning" if method == "cstar" else f"{total} fine-tuning"
+    lr = f" at lr {finetune_lr:g}" if finetune_lr != FINETUNE_LR else ""
+    if method == "cstar":
+        return f"{admm_epochs} ADMM + {total - admm_epochs} fine-tuning{lr}"
+    return f"{total} fine-tuning{lr}"
 
 
 def run_dense() -> dict[str, object]:
@@ -225,6 +231,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 per process runs tiny convs fastest)")
     parser.add_argument("--admm-epochs", type=int, default=ADMM_EPOCHS,
                         help="how many of cstar's epochs are ADMM (the rest fine-tune)")
+    parser.add_argument("--finetune-lr", type=float, default=FINETUNE_LR, help="the fine-tuning phase's lr")
     args = parser.parse_args()
     if args.action == "table":
         table()
@@ -235,10 +242,10 @@ def main() -> None:
     CELLS.mkdir(parents=True, exist_ok=True)
     for method in args.methods:
         for ratio in ([1] if method == "dense" else args.ratios):
-            cell = CELLS / f"{cell_name(method, ratio, args.admm_epochs)}.json"
+            cell = CELLS / f"{cell_name(method, ratio, args.admm_epochs, args.finetune_lr)}.json"
             if cell.exists():
                 continue
-            row = run_dense() if method == "dense" else run_cell(method, ratio, args.admm_epochs)
+            row = run_dense() if method == "dense" else run_cell(method, ratio, args.admm_epochs, args.finetune_lr)
             row["machine"] = machine()
             cell.write_text(json.dumps(row, indent=2) + "\n")
             print(json.dumps(row), flush=True)
