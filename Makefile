@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	@touch $(STAMP)
 
-# Compile the digits recipe end to end (about 2 minutes on 2 CPU cores) into runs/digits/.
+# Compile the digits recipe end to end (under a minute on 2 idle CPU cores) into runs/digits/.
 demo: setup
 	$(BIN)/cstar compile specs/digits.cstar --out runs/digits --force
 
