@@ -77,8 +77,11 @@ class TestBatches:
 def test_batches(test: Dataset, samples: int | None, device: torch.device, *, rank: int = 0,
                  ranks: int = 1) -> list[tuple[Tensor, Tensor]] | TestBatches:
     """The test batches: in memory, on ``device``, for in-memory data sets; read as needed otherwise."""
-    batches = TestBatches(test, samples, device, rank=rank, ranks=ranks)
-    return list(batches) if isinstance(test, TensorDataset) else batches
+    return _materialized(TestBatches(test, samples, device, rank=rank, ranks=ranks))
+
+
+def _materialized(batches: TestBatches) -> list[tuple[Tensor, Tensor]] | TestBatches:
+    return list(batches) if isinstance(batches.test, TensorDataset) else batches
 
 
 def evaluate(model: nn.Module, test: Dataset, settings: EvaluateSpec, threat: ThreatSpec, *,
@@ -88,17 +91,19 @@ def evaluate(model: nn.Module, test: Dataset, settings: EvaluateSpec, threat: Th
     ``seed``, so the same model gives the same numbers. Several ranks each take a share of the test
     set, and ``reduce`` sums their counts."""
     started = time.perf_counter()
-    batches = test_batches(test, settings.samples, device, rank=rank, ranks=ranks)
-    local = len(TestBatches(test, settings.samples, device, rank=rank, ranks=ranks).order)
+    shard = TestBatches(test, settings.samples, device, rank=rank, ranks=ranks)
+    local = shard.samples
+    batches = _materialized(shard)
     correct = [round(accuracy(model, batches) * local)]
     described = {}
     for setting in settings.attacks:
         attack = attack_for(setting, threat)
-        if attack_name(attack) in described:  # `pgd` and `pgd(steps = 20)` are the same attack
+        name = attack_name(attack)
+        if name in described:  # `pgd` and `pgd(steps = 20)` are the same attack
             continue
         generator = torch.Generator(device=device).manual_seed(seed + 7919 * rank)
         correct.append(round(accuracy(model, batches, attack, generator) * local))
-        described[attack_name(attack)] = attack.describe()
+        described[name] = attack.describe()
     *counts, samples = reduce([*correct, local]) if reduce is not None else [*correct, local]
     shares = [count / max(1, samples) for count in counts]
     robust = dict(zip(described, shares[1:], strict=True))

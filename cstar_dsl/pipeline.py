@@ -113,6 +113,10 @@ class _Context:
     phases: tuple[tuple[str, PhaseSpec], ...]
     world: distributed.World = distributed.World()
 
+    @property
+    def layer_names(self) -> set[str]:
+        return {layer.name for layer in self.layers}
+
 
 # ------------------------------------------------------------------------ entry
 
@@ -409,8 +413,7 @@ def _choose_ranks(context: _Context, weights: dict[str, Tensor]) -> tuple[dict[s
 
 def _start_admm(context: _Context, run: _Run, phase: AdmmSpec) -> None:
     assert run.net is not None
-    every = {layer.name for layer in context.layers}
-    ranks, run.plan = _choose_ranks(context, _admm_weights(run, every))
+    ranks, run.plan = _choose_ranks(context, _admm_weights(run, context.layer_names))
     run.admm = admm.admm_start(_admm_weights(run, ranks), ranks, context.spec.compress.hooi_sweeps)
     run.rho = phase.rho
 
@@ -419,8 +422,7 @@ def _admm_update(context: _Context, run: _Run, phase: AdmmSpec) -> float:
     """Z-step (ranks re-chosen on W + U), U-step, then the rho schedule; returns its seconds."""
     started = time.perf_counter()
     assert run.admm is not None
-    every = {layer.name for layer in context.layers}
-    weights = _admm_weights(run, every)
+    weights = _admm_weights(run, context.layer_names)
     shifted = {name: w.detach() + run.admm.u[name] if name in run.admm.u else w.detach() for name, w in weights.items()}
     ranks, run.plan = _choose_ranks(context, shifted)
     chosen = {name: weights[name] for name in ranks}
@@ -469,7 +471,7 @@ def _compress(context: _Context, run: _Run) -> None:
         ranks = dict(run.admm.ranks)
         _energy_of_weights(context, run, ranks)
     else:
-        ranks, run.plan = _choose_ranks(context, _admm_weights(run, {layer.name for layer in context.layers}))
+        ranks, run.plan = _choose_ranks(context, _admm_weights(run, context.layer_names))
     if method == "channel-prune":
         run.net, run.plan = _prune(context, net, run.plan)
         run.structure = {"kind": "pruned"}
