@@ -17,9 +17,8 @@ ROW_KEYS = {"model", "target_ratio", "params_ratio", "macs_ratio", "dense_ms", "
             "mode", "target_speedup", "target_met", "dense_iqr_ms", "factorized_iqr_ms", "repeats", "warmup"}
 
 
-@pytest.fixture(scope="module")
-def latency():
-    spec = importlib.util.spec_from_file_location("latency_benchmark", ROOT / "benchmarks" / "latency.py")
+def _benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
     try:
@@ -27,6 +26,11 @@ def latency():
         yield module
     finally:
         del sys.modules[spec.name]
+
+
+@pytest.fixture(scope="module")
+def latency():
+    yield from _benchmark("latency")
 
 
 @pytest.fixture(autouse=True)
@@ -69,10 +73,7 @@ def test_command_line_writes_results(latency, tmp_path):
 
 @pytest.fixture(scope="module")
 def mnist_benchmark():
-    spec = importlib.util.spec_from_file_location("mnist_benchmark", ROOT / "benchmarks" / "mnist.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    yield from _benchmark("mnist")
 
 
 @pytest.mark.parametrize("method", ["cstar", "svd-finetune", "channel-prune"])
@@ -89,3 +90,29 @@ def test_every_mnist_benchmark_cell_is_a_valid_recipe_with_the_same_epochs(mnist
     epochs = sum(phase.epochs for phase in (spec.train.pretrain, spec.train.admm, spec.train.finetune) if phase)
     assert epochs == mnist_benchmark.ADMM_EPOCHS + mnist_benchmark.FINETUNE_EPOCHS  # the same budget for every method
     assert spec.model.weights == mnist_benchmark.DENSE  # the same adversarially trained start
+
+
+@pytest.mark.parametrize("method", ["cstar", "svd-finetune"])
+def test_mnist_benchmark_settings_change_only_what_they_name(mnist_benchmark, tmp_path, method):
+    from cstar_dsl.validate import check_file
+
+    setting = mnist_benchmark.Setting(rho=0.05, rho_max=0.4, interval="16 steps", policy="uniform", min_rank=4)
+    path = tmp_path / "cell.cstar"
+    path.write_text(mnist_benchmark.variant(method, 64, setting))
+    spec = check_file(path).spec
+    default = check_file(_written(tmp_path / "default.cstar", mnist_benchmark.variant(method, 64))).spec
+    assert (spec.compress.policy.kind, spec.compress.min_rank) == ("uniform", 4)
+    assert spec.train.finetune == default.train.finetune
+    if method == "cstar":
+        assert (spec.train.admm.rho, spec.train.admm.rho_schedule.max) == (0.05, 0.4)
+        assert (spec.train.admm.interval.every, spec.train.admm.interval.unit) == (16, "step")
+        assert spec.train.admm.epochs == default.train.admm.epochs
+    name = mnist_benchmark.cell_name(method, 64, setting)
+    assert name != mnist_benchmark.cell_name(method, 64)  # a variant never overwrites the default cell
+    assert name.startswith(method) and name.endswith("-64x")
+    assert "policy uniform" in mnist_benchmark.schedule(method, setting)
+
+
+def _written(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
