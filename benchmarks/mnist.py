@@ -44,6 +44,15 @@ class Setting:
     interval: str = "1 epoch"
     policy: str = "global"
     min_rank: int | None = None  # None: 2, or 1 at 256x, where a floor of 2 cannot reach the budget
+    random_start: bool = False  # a diagnostic: the compressed structure trained from random weights
+    # The low-rank methods keep the classifier dense, as channel-prune never prunes its outputs: at
+    # rank 2 its 10 logits span a plane. None: kept where the budget allows it (not at 256x: 110x at most).
+    keep_classifier: bool | None = None
+
+    def keeps_classifier(self, method: str, ratio: int) -> bool:
+        if method == "channel-prune":
+            return False  # the pruner protects the classifier's outputs by itself
+        return self.keep_classifier if self.keep_classifier is not None else ratio < 256
 
     def floor(self, ratio: int) -> int:
         return self.min_rank if self.min_rank is not None else (1 if ratio >= 256 else 2)
@@ -64,6 +73,11 @@ class Setting:
             found.append((re.sub(r"[^a-z0-9.]+", "", self.policy), f"policy {self.policy}"))
         if self.min_rank is not None:
             found.append((f"floor{self.min_rank}", f"rank floor {self.min_rank}"))
+        if self.random_start:
+            found.append(("random", "from random weights, not the dense start"))
+        if self.keep_classifier is not None and method != "channel-prune":
+            found.append(("keepfc" if self.keep_classifier else "fclowrank",
+                          "classifier dense" if self.keep_classifier else "classifier low-rank"))
         return found
 
 
@@ -94,12 +108,14 @@ def variant(method: str, ratio: int, setting: Setting = DEFAULT) -> str:
     epochs = {total}
     lr = {setting.finetune_lr:g}
   }}"""
-    return f"""# benchmarks/mnist.py: {method} at {ratio}x from the shared adversarially trained dense start
+    start = "random weights" if setting.random_start else "the shared adversarially trained dense start"
+    weights = "" if setting.random_start else f'\n  weights = "{DENSE}"'
+    keep = '\n  keep = ["fc"]  # the 10 logits keep their full rank' if setting.keeps_classifier(method, ratio) else ""
+    return f"""# benchmarks/mnist.py: {method} at {ratio}x from {start}
 model {{
   arch = "cstar:mnist-cnn"
   classes = 10
-  input = [1, 28, 28]
-  weights = "{DENSE}"
+  input = [1, 28, 28]{weights}
 }}
 
 data {{
@@ -120,7 +136,7 @@ compress {{
   method = {method}
   budget = {ratio}x params
   policy = {setting.policy}
-  min_rank = {setting.floor(ratio)}  # by default 2, or 1 at 256x: with a floor of 2 the largest reachable ratio is 178x
+  min_rank = {setting.floor(ratio)}  # 2, or 1 at 256x: with a floor of 2 the largest reachable ratio is 178x{keep}
 }}
 
 train {{
@@ -272,14 +288,19 @@ def main() -> None:
     parser.add_argument("--interval", default=DEFAULT.interval, help="the Z/U interval, e.g. '16 steps'")
     parser.add_argument("--policy", default=DEFAULT.policy, help="the rank policy, e.g. uniform")
     parser.add_argument("--min-rank", type=int, default=None, help="the rank floor (default 2, or 1 at 256x)")
+    parser.add_argument("--classifier", choices=("auto", "dense", "low-rank"), default="auto",
+                        help="the low-rank methods' classifier: dense where the budget allows (auto), or always either")
+    parser.add_argument("--random-start", action="store_true",
+                        help="start from random weights instead of the dense start (a diagnostic of the structure)")
     args = parser.parse_args()
+    classifier = {"auto": None, "dense": True, "low-rank": False}[args.classifier]
     setting = Setting(args.admm_epochs, args.finetune_lr, args.rho, args.rho_max, args.interval, args.policy,
-                      args.min_rank)
+                      args.min_rank, args.random_start, classifier)
     if args.action == "table":
         table()
         return
     torch.set_num_threads(args.threads)
-    if not DENSE.exists():
+    if not DENSE.exists() and not setting.random_start:
         raise SystemExit(f"no dense start at {DENSE}: run benchmarks/mnist_pretrain.py first")
     CELLS.mkdir(parents=True, exist_ok=True)
     for method in args.methods:

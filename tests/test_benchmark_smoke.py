@@ -116,3 +116,26 @@ def test_mnist_benchmark_settings_change_only_what_they_name(mnist_benchmark, tm
 def _written(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def test_mnist_benchmark_random_start_drops_only_the_weights(mnist_benchmark, tmp_path):
+    from cstar_dsl.validate import check_file
+
+    setting = mnist_benchmark.Setting(random_start=True)
+    random = check_file(_written(tmp_path / "random.cstar", mnist_benchmark.variant("svd-finetune", 16, setting))).spec
+    dense = check_file(_written(tmp_path / "dense.cstar", mnist_benchmark.variant("svd-finetune", 16))).spec
+    assert random.model.weights is None and dense.model.weights == mnist_benchmark.DENSE
+    assert random.model_copy(update={"model": dense.model}) == dense
+    assert mnist_benchmark.cell_name("svd-finetune", 16, setting) == "svd-finetune-random-16x"
+
+
+@pytest.mark.parametrize(("method", "ratio", "kept"), [("cstar", 16, True), ("svd-finetune", 64, True),
+                                                       ("cstar", 256, False), ("channel-prune", 16, False)])
+def test_mnist_benchmark_keeps_the_classifier_where_the_budget_allows(mnist_benchmark, tmp_path, method, ratio, kept):
+    from cstar_dsl.validate import check_file
+
+    spec = check_file(_written(tmp_path / "cell.cstar", mnist_benchmark.variant(method, ratio))).spec
+    assert ("fc" in spec.compress.keep) == kept
+    low_rank = mnist_benchmark.Setting(keep_classifier=False)
+    spec = check_file(_written(tmp_path / "low.cstar", mnist_benchmark.variant(method, ratio, low_rank))).spec
+    assert "fc" not in spec.compress.keep
