@@ -87,12 +87,59 @@ def collect(model: nn.Module, input_shape: tuple[int, ...], leaves: Iterable[str
     graph = trace(model, leaves)
     calls = Counter(node.target for node in graph.graph.nodes if node.op == "call_module")
     shapes = _io_positions(model, input_shape)
+    outputs = output_layers(graph)
     layers = []
     for name, module in model.named_modules():
         if name in calls and isinstance(module, (nn.Linear, nn.Conv2d)) and name in shapes:
-            layers.append(_layer_info(name, module, calls[name], shapes[name]))
+            layers.append(_layer_info(name, module, calls[name], shapes[name], name in outputs))
     total = sum(p.numel() for p in model.parameters())
     return Inventory(graph, tuple(layers), total)
+
+
+# Ops that act on each channel alone: a layer behind them still decides the output's channels (a
+# fully convolutional classifier ends in conv -> ReLU -> pooling -> flatten).
+_PASSING_METHODS = frozenset({"flatten", "view", "reshape", "squeeze", "contiguous", "float", "relu", "mean"})
+_PASSING_FUNCTIONS = frozenset({torch.flatten, torch.reshape, torch.squeeze, torch.relu, torch.mean,
+                                nn.functional.relu, nn.functional.adaptive_avg_pool2d})
+_PASSING_MODULES = (nn.Flatten, nn.Dropout, nn.Identity, nn.ReLU, nn.BatchNorm2d, nn.AdaptiveAvgPool2d,
+                    nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.MaxPool2d)
+
+
+def output_layers(graph: fx.GraphModule) -> set[str]:
+    """The Linear/Conv2d modules whose result is the model's output, seen through reshapes and dropout."""
+    found: set[str] = set()
+    pending = _flatten_args(_output_node(graph).args)
+    while pending:
+        node = pending.pop()
+        if node.op == "call_module":
+            module = graph.get_submodule(str(node.target))
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                found.add(str(node.target))
+                continue
+            if not isinstance(module, _PASSING_MODULES):
+                continue
+        elif not ((node.op == "call_method" and node.target in _PASSING_METHODS)
+                  or (node.op == "call_function" and node.target in _PASSING_FUNCTIONS)):
+            continue
+        if node.args and isinstance(node.args[0], fx.Node):
+            pending.append(node.args[0])
+    return found
+
+
+def _output_node(graph: fx.GraphModule) -> fx.Node:
+    return next(node for node in reversed(graph.graph.nodes) if node.op == "output")
+
+
+def _flatten_args(values: Iterable[object]) -> list[fx.Node]:
+    nodes: list[fx.Node] = []
+    for value in values:
+        if isinstance(value, fx.Node):
+            nodes.append(value)
+        elif isinstance(value, (tuple, list)):
+            nodes.extend(_flatten_args(value))
+        elif isinstance(value, dict):
+            nodes.extend(_flatten_args(value.values()))
+    return nodes
 
 
 def _io_positions(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, tuple[int, int]]:
@@ -122,7 +169,8 @@ def _positions(tensor: torch.Tensor, module: nn.Module) -> int:
     return int(tensor.numel() // tensor.shape[-1] // tensor.shape[0])
 
 
-def _layer_info(name: str, module: nn.Linear | nn.Conv2d, calls: int, positions: tuple[int, int]) -> LayerInfo:
+def _layer_info(name: str, module: nn.Linear | nn.Conv2d, calls: int, positions: tuple[int, int],
+                produces_output: bool) -> LayerInfo:
     weight = module.weight.detach()
     if isinstance(module, nn.Conv2d):
         in_features, out_features = module.in_channels, module.out_channels
@@ -132,7 +180,7 @@ def _layer_info(name: str, module: nn.Linear | nn.Conv2d, calls: int, positions:
     useful = groups == 1 and calls == 1
     energies = tuple(_normalized(s) for s in spectra(weight)) if useful else ()
     return LayerInfo(name, type(module).__name__, in_features, out_features, kernel, groups, calls,
-                     positions[0], positions[1], energies)
+                     positions[0], positions[1], energies, produces_output)
 
 
 def with_weights(layers: Iterable[LayerInfo], weights: Mapping[str, torch.Tensor]) -> tuple[LayerInfo, ...]:

@@ -20,6 +20,7 @@ class LayerInfo:
     in_positions: int  # spatial positions (or tokens) the layer's input has, per sample
     out_positions: int  # the same for its output
     energies: tuple[tuple[float, ...], ...]
+    produces_output: bool = False  # its result is the model's output (the logits of a classifier)
 
     @property
     def is_conv(self) -> bool:

@@ -1,7 +1,8 @@
 """Planning stage (pure, no torch): spec + layer inventory -> which layers are factorized, at which ranks.
 
 Precedence of what decides a layer, highest first: an entry of ``keep``; a ``layer`` rule by exact
-name; by glob (the first written wins among globs); by layer type; the policy's default.
+name; by glob (the first written wins among globs); the model's output layer, which stays dense; a
+rule by layer type; the policy's default.
 """
 
 from __future__ import annotations
@@ -220,6 +221,10 @@ def _slot(layer: LayerInfo, compress: CompressSpec) -> _Slot:
     if kept is not None:
         return _Slot(layer, f'keep "{kept}"', reason="kept dense by `keep`")
     rule = _matching_rule(layer, compress.layers)
+    if layer.produces_output and not (rule and rule.selector.kind in ("name", "glob")):
+        # A rank below the number of outputs confines the logits to a subspace: the margins shrink,
+        # and with them robustness. The layer is a sliver of a conv net (0.4% of cstar:mnist-cnn).
+        return _Slot(layer, "model output", reason=f"its {layer.out_features} outputs keep full rank")
     slot = _Slot(layer, f"layer {rule.selector}" if rule else "default")
     slot.reason = _ineligible(layer) or ("dense by rule" if rule and rule.dense else "")
     if slot.reason:
@@ -331,11 +336,14 @@ def _infeasible(slots: Sequence[_Slot], cost: Cost, compress: CompressSpec) -> S
     smallest = sum(min(cost(s.layer, None), cost(s.layer, s.low)) if s.low and not s.fixed and not s.reason
                    else cost(s.layer, s.ranks) for s in slots)
     reachable = math.floor(sum(cost(s.layer, None) for s in slots) / max(1, smallest) * 100) / 100
+    outputs = [s.layer.name for s in slots if s.rule == "model output"]
     return SpecProblem(
         ("compress", "budget"), "infeasible-budget",
         f"the budget {_budget_text(compress)} cannot be met: the largest reachable ratio is {reachable:.2f}x",
         label=f"at most {reachable:.2f}x here",
-        help="lower the budget, lower `min_rank`, or leave fewer layers dense (`keep`, `dense`, fixed ranks)")
+        help="lower the budget, lower `min_rank`, or leave fewer layers dense (`keep`, `dense`, fixed ranks)",
+        notes=tuple(f'the output layer `{name}` stays dense; a rule `layer "{name}" {{ min_rank = 1 }}` lets the '
+                    "budget cut it" for name in outputs))
 
 
 def _require_met(slots: Sequence[_Slot], cost: Cost, target: float, compress: CompressSpec) -> None:

@@ -425,3 +425,39 @@ def test_inventory_of_registry_models():
     facts = {layer.name: (layer.in_positions, layer.out_positions, layer.params) for layer in digits.layers}
     assert facts["features.0"] == (64, 64, 32 * 9) and facts["features.7"] == (16, 16, 64 * 128 * 9)
     assert facts["fc"] == (1, 1, 1280)
+
+
+@pytest.mark.parametrize(("arch", "head"), [("resnet18", "fc"), ("vgg16_bn", "classifier.6"),
+                                            ("mobilenet_v2", "classifier.1"), ("squeezenet1_0", "classifier.1")])
+def test_the_output_layer_is_found_through_reshapes_pooling_and_dropout(arch, head):
+    import torchvision
+
+    model = getattr(torchvision.models, arch)(num_classes=10)
+    assert inventory.output_layers(inventory.trace(model)) == {head}
+
+
+def test_no_output_layer_where_layers_are_mixed_into_the_output():
+    torch.manual_seed(0)
+    layers = inventory.collect(Tiny().eval(), (3, 8, 8)).layers
+    assert not any(layer.produces_output for layer in layers)  # the output is fc(...) + tokens(...)
+
+
+def test_every_head_of_a_model_with_several_outputs_is_an_output_layer():
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Conv2d(3, 8, 3)
+            self.classes = nn.Linear(8, 10)
+            self.boxes = nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            features = self.body(x).mean(dim=(2, 3))
+            return {"classes": self.classes(features), "boxes": (self.boxes(features),)}
+
+    layers = inventory.collect(TwoHeads(), (3, 8, 8)).layers
+    assert {layer.name for layer in layers if layer.produces_output} == {"classes", "boxes"}
+
+
+def test_the_digits_cnn_classifier_is_its_output_layer():
+    digits = inventory.collect(models.build_model(model_spec("cstar:digits-cnn", shape=(1, 8, 8))), (1, 8, 8))
+    assert [layer.name for layer in digits.layers if layer.produces_output] == ["fc"]

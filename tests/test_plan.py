@@ -458,6 +458,37 @@ def test_a_glob_beats_a_type_rule_written_before_it():
     assert (three.rule, three.method, three.reason) == ("layer type Linear", "dense", "dense by rule")
 
 
+def with_output(layers: list[LayerInfo], name: str) -> list[LayerInfo]:
+    return [dataclasses.replace(layer, produces_output=layer.name == name) for layer in layers]
+
+
+def test_the_output_layer_stays_dense_unless_a_name_or_glob_rule_cuts_it():
+    layers = with_output(model(), "classifier.3")
+    head = layer_plan(planning.make_plan(spec(budget="1.5x params"), layers), "classifier.3")
+    assert (head.rule, head.method, head.ranks) == ("model output", "dense", None)
+    assert head.reason == "its 10 outputs keep full rank"
+    by_type = planning.make_plan(spec(budget="1.5x params", rules=(("type Linear", ("rank = 4",)),)), layers)
+    assert layer_plan(by_type, "classifier.3").rule == "model output"  # a type rule means the hidden layers
+    assert layer_plan(by_type, "classifier.0").ranks == (4,)
+    for selector in ('"classifier.3"', '"classifier.*"'):
+        cut = layer_plan(planning.make_plan(spec(budget="1.5x params", rules=((selector, ("rank = 4",)),)), layers),
+                         "classifier.3")
+        assert (cut.rule, cut.method, cut.ranks) == (f"layer {selector}", "svd", (4,))
+    kept = layer_plan(planning.make_plan(spec(budget="1.5x params", keep=("classifier.3",)), layers), "classifier.3")
+    assert kept.rule == 'keep "classifier.3"'
+
+
+def test_an_infeasible_budget_says_the_output_layer_can_be_cut():
+    layers = with_output(model(), "classifier.3")
+    with pytest.raises(SpecProblem) as raised:
+        planning.make_plan(spec(budget="1000x params", min_rank=1), layers)
+    assert any('`classifier.3` stays dense; a rule `layer "classifier.3" { min_rank = 1 }`' in note
+               for note in raised.value.notes)
+    with pytest.raises(SpecProblem) as raised:
+        planning.make_plan(spec(budget="1000x params", min_rank=1), model())
+    assert raised.value.notes == ()
+
+
 @pytest.mark.parametrize(("first", "second", "expected"), [
     ('"features.?"', '"features.*"', (3, 3)), ('"features.*"', '"features.?"', (5, 5)),
 ])
