@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import time
@@ -85,9 +86,14 @@ class Setting:
 DEFAULT = Setting()
 
 
-def variant(method: str, ratio: int, setting: Setting = DEFAULT) -> str:
+def variant(method: str, ratio: int, setting: Setting = DEFAULT, folder: Path | None = None) -> str:
     """The recipe of one cell: specs/mnist.cstar from the dense start, this method and budget; cstar
-    splits the same total epochs into ``setting.admm_epochs`` of ADMM and the rest of fine-tuning."""
+    splits the same total epochs into ``setting.admm_epochs`` of ADMM and the rest of fine-tuning.
+    Written into ``folder``, its paths are relative to it, so the cell runs from any checkout."""
+
+    def path(target: Path) -> str:
+        return os.path.relpath(target, folder) if folder is not None else str(target)
+
     total = ADMM_EPOCHS + FINETUNE_EPOCHS
     if method == "cstar":
         phases = f"""
@@ -110,7 +116,7 @@ def variant(method: str, ratio: int, setting: Setting = DEFAULT) -> str:
     lr = {setting.finetune_lr:g}
   }}"""
     start = "random weights" if setting.random_start else "the shared adversarially trained dense start"
-    weights = "" if setting.random_start else f'\n  weights = "{DENSE}"'
+    weights = "" if setting.random_start else f'\n  weights = "{path(DENSE)}"'
     cut = "" if setting.keeps_classifier(method, ratio) or method == "channel-prune" else (
         f'\n\n  layer "fc" {{  # the budget may cut the classifier too\n    min_rank = {setting.floor(ratio)}\n  }}')
     return f"""# benchmarks/mnist.py: {method} at {ratio}x from {start}
@@ -122,7 +128,7 @@ model {{
 
 data {{
   dataset = mnist
-  root = "{ROOT.parent / 'shared' / 'data' / 'mnist-10k'}"
+  root = "{path(ROOT.parent / 'shared' / 'data' / 'mnist-10k')}"
   batch_size = 128
   augment = none
 }}
@@ -164,7 +170,7 @@ def run_cell(method: str, ratio: int, setting: Setting = DEFAULT) -> dict[str, o
     folder = CELLS / cell_name(method, ratio, setting)
     folder.mkdir(parents=True, exist_ok=True)
     spec_path = folder / "spec.cstar"
-    spec_path.write_text(variant(method, ratio, setting))
+    spec_path.write_text(variant(method, ratio, setting, folder))
     spec = check_file(spec_path).spec
     started = time.perf_counter()
     compiled = compile_spec(spec, CompileOptions(out=folder / "run", force=True, spec_name=str(spec_path),

@@ -142,3 +142,15 @@ def test_mnist_benchmark_keeps_the_classifier_where_the_budget_allows(mnist_benc
     low_rank = mnist_benchmark.Setting(keep_classifier=False)
     spec = check_file(_written(tmp_path / "low.cstar", mnist_benchmark.variant(method, ratio, low_rank))).spec
     assert cuts_classifier(spec) == (method != "channel-prune")
+
+
+def test_a_cell_recipe_written_in_its_folder_uses_relative_paths(mnist_benchmark, tmp_path):
+    from cstar_dsl.validate import check_file
+
+    folder = tmp_path / "cell"
+    folder.mkdir()
+    text = mnist_benchmark.variant("cstar", 16, folder=folder)
+    assert '"/' not in text  # no absolute path
+    spec = check_file(_written(folder / "spec.cstar", text)).spec
+    assert spec.model.weights == mnist_benchmark.DENSE
+    assert spec.data.root == mnist_benchmark.ROOT.parent / "shared" / "data" / "mnist-10k"
