@@ -51,10 +51,10 @@ class Setting:
     # (not at 256x, where the largest reachable ratio is then 145x).
     keep_classifier: bool | None = None
 
-    def keeps_classifier(self, method: str, ratio: int) -> bool:
+    def cuts_classifier(self, method: str, ratio: int) -> bool:
         if method == "channel-prune":
-            return False  # the pruner protects the classifier's outputs by itself
-        return self.keep_classifier if self.keep_classifier is not None else ratio < 256
+            return False  # the pruner never prunes the classifier's outputs
+        return not self.keep_classifier if self.keep_classifier is not None else ratio >= 256
 
     def floor(self, ratio: int) -> int:
         return self.min_rank if self.min_rank is not None else (1 if ratio >= 256 else 2)
@@ -117,8 +117,8 @@ def variant(method: str, ratio: int, setting: Setting = DEFAULT, folder: Path | 
   }}"""
     start = "random weights" if setting.random_start else "the shared adversarially trained dense start"
     weights = "" if setting.random_start else f'\n  weights = "{path(DENSE)}"'
-    cut = "" if setting.keeps_classifier(method, ratio) or method == "channel-prune" else (
-        f'\n\n  layer "fc" {{  # the budget may cut the classifier too\n    min_rank = {setting.floor(ratio)}\n  }}')
+    cut = f'\n\n  layer "fc" {{  # the budget may cut the classifier too\n    min_rank = {setting.floor(ratio)}\n  }}' \
+        if setting.cuts_classifier(method, ratio) else ""
     return f"""# benchmarks/mnist.py: {method} at {ratio}x from {start}
 model {{
   arch = "cstar:mnist-cnn"
