@@ -1,8 +1,8 @@
 """Planning stage (pure, no torch): spec + layer inventory -> which layers are factorized, at which ranks.
 
 Precedence of what decides a layer, highest first: an entry of ``keep``; a ``layer`` rule by exact
-name; by glob (the first written wins among globs); the model's output layer, which stays dense; a
-rule by layer type; the policy's default.
+name; by glob (the first written wins among globs); the model's output layer, which the low-rank
+methods leave dense; a rule by layer type; the policy's default.
 """
 
 from __future__ import annotations
@@ -221,9 +221,11 @@ def _slot(layer: LayerInfo, compress: CompressSpec) -> _Slot:
     if kept is not None:
         return _Slot(layer, f'keep "{kept}"', reason="kept dense by `keep`")
     rule = _matching_rule(layer, compress.layers)
-    if layer.produces_output and not (rule and rule.selector.kind in ("name", "glob")):
+    if layer.produces_output and compress.method != "channel-prune" and not (
+            rule and rule.selector.kind in ("name", "glob")):
         # A rank below the number of outputs confines the logits to a subspace: the margins shrink,
         # and with them robustness. The layer is a sliver of a conv net (0.4% of cstar:mnist-cnn).
+        # (channel-prune protects the classifier's outputs itself; its plan only sets the parameter count.)
         return _Slot(layer, "model output", reason=f"its {layer.out_features} outputs keep full rank")
     slot = _Slot(layer, f"layer {rule.selector}" if rule else "default")
     slot.reason = _ineligible(layer) or ("dense by rule" if rule and rule.dense else "")

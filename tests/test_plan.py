@@ -478,6 +478,14 @@ def test_the_output_layer_stays_dense_unless_a_name_or_glob_rule_cuts_it():
     assert kept.rule == 'keep "classifier.3"'
 
 
+def test_channel_prune_plans_its_parameter_count_with_the_output_layer_cut():
+    # The pruner protects the classifier's outputs itself; the plan only says how many parameters to keep.
+    base = spec(budget="1.5x params")
+    pruned = base.model_copy(update={"compress": base.compress.model_copy(update={"method": "channel-prune"})})
+    head = layer_plan(planning.make_plan(pruned, with_output(model(), "classifier.3")), "classifier.3")
+    assert head.rule == "default"
+
+
 def test_an_infeasible_budget_says_the_output_layer_can_be_cut():
     layers = with_output(model(), "classifier.3")
     with pytest.raises(SpecProblem) as raised:
