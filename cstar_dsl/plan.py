@@ -21,6 +21,7 @@ from .render import si
 from .spec import CompressSpec, LayerRule, Spec
 
 DEFAULT_MIN_RANK = 2  # a rank-1 factor rarely trains well
+OUTPUT_RULE = "model output"  # what decides the model's output layer, when no name or glob rule does
 Ranks = tuple[int, ...]  # (r,) for a Linear, (r_out, r_in) for a conv
 
 
@@ -226,7 +227,7 @@ def _slot(layer: LayerInfo, compress: CompressSpec) -> _Slot:
         # A rank below the number of outputs confines the logits to a subspace: the margins shrink,
         # and with them robustness. The layer is a sliver of a conv net (0.4% of cstar:mnist-cnn).
         # (channel-prune protects the classifier's outputs itself; its plan only sets the parameter count.)
-        return _Slot(layer, "model output", reason=f"its {layer.out_features} outputs keep full rank")
+        return _Slot(layer, OUTPUT_RULE, reason=f"its {layer.out_features} outputs keep full rank")
     slot = _Slot(layer, f"layer {rule.selector}" if rule else "default")
     slot.reason = _ineligible(layer) or ("dense by rule" if rule and rule.dense else "")
     if slot.reason:
@@ -338,7 +339,7 @@ def _infeasible(slots: Sequence[_Slot], cost: Cost, compress: CompressSpec) -> S
     smallest = sum(min(cost(s.layer, None), cost(s.layer, s.low)) if s.low and not s.fixed and not s.reason
                    else cost(s.layer, s.ranks) for s in slots)
     reachable = math.floor(sum(cost(s.layer, None) for s in slots) / max(1, smallest) * 100) / 100
-    outputs = [s.layer.name for s in slots if s.rule == "model output"]
+    outputs = [s.layer.name for s in slots if s.rule == OUTPUT_RULE]
     return SpecProblem(
         ("compress", "budget"), "infeasible-budget",
         f"the budget {_budget_text(compress)} cannot be met: the largest reachable ratio is {reachable:.2f}x",
