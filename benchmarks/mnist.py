@@ -191,7 +191,7 @@ def schedule(method: str, setting: Setting = DEFAULT) -> str:
     words = ", ".join(text for _, text in setting.changes(method) if text)
     base = f"{setting.admm_epochs} ADMM + {total - setting.admm_epochs} fine-tuning" if method == "cstar" \
         else f"{total} fine-tuning"
-    return f"{base}{' ' if words.startswith('at lr') else ', ' if words else ''}{words}"
+    return f"{base}, {words}" if words else base
 
 
 def run_dense() -> dict[str, object]:
