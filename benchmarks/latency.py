@@ -2,11 +2,14 @@
 
 For each model (a recipe in specs/) and each target compression ratio R, the recipe's budget is
 replaced by ``R x params`` (every other setting kept), the model is planned and factorized, and the
-dense and factorized models are timed in the same process, on the same input, interleaved (dense,
-factorized, dense, ...) so that a load change on the machine hits both alike:
+dense and factorized models are timed in the same process, on the same input, taking turns so that
+a load change on the machine hits both alike:
 
 - eval mode, ``torch.inference_mode()``, batch size 1, ``torch.set_num_threads(threads)``;
-- ``warmup`` calls of each model first, not timed; then ``repeats`` timed calls of each;
+- ``warmup`` calls of each model first, not timed; then ``repeats`` timed calls of each, in turns
+  of ``block`` calls in a row (10), each turn after one untimed call, so that every model runs
+  with its own weights in the caches, as a served model does (``--block 0``: single calls
+  alternating, caches cold; see ``measure``);
 - the median wall time and its interquartile range are reported (with the minimum, the median
   process CPU time and the load average in the JSON);
 - the machine may be shared: every case is timed in ``rounds`` sweeps over all cases, minutes
@@ -42,7 +45,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 import warnings
@@ -59,6 +61,7 @@ from torch import nn  # noqa: E402
 
 import cstar_dsl  # noqa: E402
 from cstar_dsl.inference import optimize_for_inference, to_torchscript  # noqa: E402
+from cstar_dsl.latency import BLOCK, Timing, cpu_name, measure  # noqa: E402
 from cstar_dsl.spec import Spec  # noqa: E402
 from cstar_dsl.spec.compress import RatioBudget  # noqa: E402
 
@@ -69,50 +72,6 @@ RATIOS = (2.0, 4.0, 8.0, 16.0, 32.0)
 TARGET_FROM = 8.0  # the target applies from this ratio on
 MODES = ("eager", "inference", "torchscript", "onnxruntime")
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-# ------------------------------------------------------------------ timing
-
-
-@dataclass(frozen=True)
-class Timing:
-    """Milliseconds per call of one model over the timed repetitions."""
-
-    median: float
-    q1: float
-    q3: float
-    minimum: float
-    cpu_median: float
-    repeats: int
-
-    @property
-    def iqr(self) -> float:
-        return self.q3 - self.q1
-
-    @classmethod
-    def of(cls, wall: Sequence[float], cpu: Sequence[float]) -> Timing:
-        ms = [t * 1e3 for t in wall]
-        quartiles = statistics.quantiles(ms, n=4) if len(ms) > 1 else [ms[0]] * 3
-        return cls(statistics.median(ms), quartiles[0], quartiles[2], min(ms),
-                   statistics.median(cpu) * 1e3, len(ms))
-
-
-def measure(calls: dict[str, Callable[[], object]], *, repeats: int, warmup: int) -> dict[str, Timing]:
-    """Time each zero-argument call ``repeats`` times, interleaved, after ``warmup`` untimed calls each."""
-    wall: dict[str, list[float]] = {name: [] for name in calls}
-    cpu: dict[str, list[float]] = {name: [] for name in calls}
-    with torch.inference_mode():
-        for call in calls.values():
-            for _ in range(warmup):
-                call()
-        for _ in range(repeats):
-            for name, call in calls.items():
-                cpu_start = time.process_time()
-                start = time.perf_counter()
-                call()
-                wall[name].append(time.perf_counter() - start)
-                cpu[name].append(time.process_time() - cpu_start)
-    return {name: Timing.of(wall[name], cpu[name]) for name in calls}
 
 
 # ------------------------------------------------------------ models, plans
@@ -219,7 +178,7 @@ def prepare(name: str, spec: Spec, model: nn.Module, ratios: Iterable[float], *,
     return cases
 
 
-def time_cases(cases: Sequence[Case], *, repeats: int, warmup: int, rounds: int,
+def time_cases(cases: Sequence[Case], *, repeats: int, warmup: int, rounds: int, block: int = BLOCK,
                log: Callable[[str], None] = lambda _: None) -> None:
     """Time every case ``rounds`` times, one sweep over all cases per round, so each case's
     rounds lie minutes apart and a burst of load from other processes spoils at most one."""
@@ -227,7 +186,7 @@ def time_cases(cases: Sequence[Case], *, repeats: int, warmup: int, rounds: int,
         started = time.perf_counter()
         for case in cases:
             load_before = os.getloadavg()[0]
-            timings = measure(case.calls, repeats=repeats, warmup=warmup)
+            timings = measure(case.calls, repeats=repeats, warmup=warmup, block=block)
             case.rounds.append((timings, (load_before, os.getloadavg()[0])))
         log(f"  round {index + 1}/{rounds} took {time.perf_counter() - started:.1f} s")
 
@@ -250,7 +209,7 @@ def rows_of(case: Case, modes: Sequence[str], threads: int, warmup: int) -> list
 
 def benchmark_model(name: str, spec: Spec, model: nn.Module, ratios: Iterable[float], *, repeats: int = 60,
                     warmup: int = 10, threads: int = 1, rounds: int = 1, modes: Sequence[str] = MODES,
-                    log: Callable[[str], None] = lambda _: None) -> list[dict[str, object]]:
+                    block: int = BLOCK, log: Callable[[str], None] = lambda _: None) -> list[dict[str, object]]:
     """One row per (ratio, mode): the dense and factorized latency of ``model`` at batch size 1.
 
     The benchmark's core (``main`` does the same over several models, with the rounds of all
@@ -258,7 +217,7 @@ def benchmark_model(name: str, spec: Spec, model: nn.Module, ratios: Iterable[fl
     """
     torch.set_num_threads(threads)
     cases = prepare(name, spec, model, ratios, modes=modes, log=log)
-    time_cases(cases, repeats=repeats, warmup=warmup, rounds=rounds, log=log)
+    time_cases(cases, repeats=repeats, warmup=warmup, rounds=rounds, block=block, log=log)
     return [row for case in cases for row in rows_of(case, modes, threads, warmup)]
 
 
@@ -534,12 +493,7 @@ def _macs(conv: nn.Conv2d, out: torch.Tensor) -> int:
 
 def machine() -> dict[str, object]:
     """The machine that ran the benchmark."""
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_name()
     return {
         "cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
         "python": platform.python_version(), "torch": torch.__version__,
@@ -581,6 +535,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, help="untimed calls per model first (default 10; --quick 2)")
     parser.add_argument("--rounds", type=int, help="timing sweeps over all cases; each case reports its least "
                         "disturbed round (default 3; --quick 1)")
+    parser.add_argument("--block", type=int, default=BLOCK, help="timed calls of one model in a row, after one "
+                        f"untimed call (default {BLOCK}); 0: alternate single calls, caches cold")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--experiments", action="store_true", help="time the optimization variants instead")
     parser.add_argument("--layers", action="store_true", help="time each factorized layer's convs alone instead")
@@ -598,7 +554,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     else "latency-quick.json" if args.quick else "latency.json")
     output = args.output or RESULTS / default_name
     header = machine()
-    header.update(threads=args.threads, repeats=repeats, warmup=warmup, rounds=rounds, batch=1,
+    header.update(threads=args.threads, repeats=repeats, warmup=warmup, rounds=rounds, block=args.block, batch=1,
                   command=" ".join([".venv/bin/python", "benchmarks/latency.py", *(argv or sys.argv[1:])]))
     print(f"# {header['cpu']}, {header['cores']} cores, torch {header['torch']}, {args.threads} thread(s), "
           f"{repeats} repetitions after {warmup} warm-up calls, {rounds} round(s), batch 1; "
@@ -622,7 +578,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in names:
             spec, model = load(name)
             cases += prepare(name, spec, model, ratios, modes=args.modes, log=log)
-        time_cases(cases, repeats=repeats, warmup=warmup, rounds=rounds, log=log)
+        time_cases(cases, repeats=repeats, warmup=warmup, rounds=rounds, block=args.block, log=log)
         rows = [row for case in cases for row in rows_of(case, args.modes, args.threads, warmup)]
         for row in rows:
             log(_line(row))

@@ -26,6 +26,7 @@ _EXPORTS = {
     "build_model": "api",
     "make_plan": "api",
     "factorize": "api",
+    "measure_latency": "api",
     "Plan": "plan",
     "datasets": "data",
     "compile": "api",

@@ -6,6 +6,7 @@ Each function is one stage the CLI runs, so notebooks and other tools can run an
     model = cstar_dsl.build_model(spec)
     plan = cstar_dsl.make_plan(spec, model)
     compressed = cstar_dsl.factorize(model, plan, spec)
+    latency = cstar_dsl.measure_latency(spec, model, plan)    # batch-1 CPU time, dense vs compressed
     compiled = cstar_dsl.compile(spec, out="runs/resnet18")   # all of `cstar compile`
     model = cstar_dsl.load("runs/resnet18")                   # the artifact, without the recipe
     result = cstar_dsl.evaluate("runs/resnet18", ["pgd(steps = 50)"], sanity=True)  # all of `cstar eval`
@@ -26,6 +27,7 @@ from .plan import Plan
 from .spec import Spec
 
 if TYPE_CHECKING:
+    from .latency import LatencyComparison
     from .pipeline import Compiled, Progress
     from .robustness import Reevaluation
 
@@ -52,6 +54,26 @@ def factorize(model: nn.Module, plan: Plan, spec: Spec | None = None) -> fx.Grap
     leaves = spec.model.leaf if spec else ()
     sweeps = spec.compress.hooi_sweeps if spec else 0
     return rewrite.factorize(model, plan, leaves=leaves, sweeps=sweeps)
+
+
+def measure_latency(spec: Spec, model: nn.Module, plan: Plan, *, threads: int = 1,
+                    repeats: int = 30) -> LatencyComparison:
+    """What the plan buys in time: the batch-1 CPU latency of ``model`` and of the model the plan
+    makes of it (factorized, or channel-pruned to the plan's parameters), both in their inference
+    form, timed in turns on this machine with ``threads`` threads. Weights do not change the time."""
+    import torch
+
+    from .latency import compare_latency
+
+    example = torch.randn(1, *spec.model.input, generator=torch.Generator().manual_seed(0))
+    if spec.compress.method == "channel-prune":
+        from .prune import channel_prune
+
+        kept = set(spec.compress.keep) | {layer.name for layer in plan.layers if layer.rule.startswith("keep")}
+        compressed = channel_prune(model, example, plan.params_after, keep=sorted(kept)).model
+    else:
+        compressed = factorize(model, plan, spec)
+    return compare_latency(model, compressed, example, threads=threads, repeats=repeats, leaves=spec.model.leaf)
 
 
 def compile(spec: Spec | str | Path, out: str | Path, *, resume: bool = False, force: bool = False,

@@ -27,6 +27,7 @@ from .render import FORMATS, render, si, to_dict
 
 if TYPE_CHECKING:
     from .diff import Change, LayerChange
+    from .latency import LatencyComparison
     from .plan import LayerPlan, Plan
     from .spec import Spec
 
@@ -53,6 +54,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return int(args.run(args, console))
 
 
+def _positive(text: str) -> int:
+    """An argparse type: an integer of at least 1 (argparse turns the error into a usage error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cstar", description="Robust low-rank compression recipes for PyTorch.")
     parser.add_argument("--version", action="version", version=f"cstar {__version__}")
@@ -71,6 +83,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="the plan as a table (with full or concise diagnostics) or as JSON")
     plan.add_argument("--allow-import", action="store_true",
                       help="allow `package.module:function` models (imports and runs that code)")
+    plan.add_argument("--latency", action="store_true",
+                      help="also time the dense and the compressed model at batch size 1 on this CPU")
+    plan.add_argument("--threads", type=_positive, default=1, metavar="N",
+                      help="CPU threads for --latency (default 1)")
     plan.set_defaults(run=_plan)
 
     diff = commands.add_parser("diff", help="what changes between two recipes: settings, ranks, params and MACs")
@@ -181,7 +197,7 @@ def _pixels(eps: float) -> str:
 def _plan(args: argparse.Namespace, console: Console) -> int:
     import time
 
-    from .api import build_model, make_plan
+    from .api import build_model, make_plan, measure_latency
     from .problems import SpecProblem
     from .validate import check_file
 
@@ -189,21 +205,26 @@ def _plan(args: argparse.Namespace, console: Console) -> int:
     diagnostic_format = {"table": "full", "concise": "concise", "json": "json"}[args.format]
     try:
         checked = check_file(args.files[0], allow_import=args.allow_import)
-        plan = make_plan(checked.spec, build_model(checked.spec, allow_import=args.allow_import))
+        model = build_model(checked.spec, allow_import=args.allow_import)
+        plan = make_plan(checked.spec, model)
+        seconds = time.perf_counter() - started
+        latency = measure_latency(checked.spec, model, plan, threads=args.threads) if args.latency else None
     except CStarError as error:
         _print_diagnostics(console, list(error.diagnostics), diagnostic_format)
         return EXIT_INVALID
     except SpecProblem as problem:
         _print_diagnostics(console, [checked.diagnostic(problem)], diagnostic_format)
         return EXIT_INVALID
-    seconds = time.perf_counter() - started
     if args.format == "json":
+        extra = {} if latency is None else {"latency": latency.to_dict()}
         console.out(json.dumps({"spec": args.files[0], "model": checked.spec.model.arch, "seconds": seconds,
-                                **plan.to_dict()}, indent=2))
+                                **plan.to_dict(), **extra}, indent=2))
         return EXIT_OK
     _print_diagnostics(console, list(checked.warnings), diagnostic_format)
     console.print(_plan_table(plan, f"{args.files[0]}: {checked.spec.model.arch}"))
     console.out(_plan_summary(plan, seconds))
+    if latency is not None:
+        console.out(_latency_line(latency, plan, time.perf_counter() - started - seconds))
     for warning in plan.warnings:
         console.out(f"note: {warning}.")
     return EXIT_OK
@@ -235,6 +256,14 @@ def _plan_summary(plan: Plan, seconds: float) -> str:
     return (f"budget {plan.budget}, policy {plan.policy}: {factorized} of {len(plan.layers)} layers factorized; "
             f"params {params:.2f}x, MACs {macs:.2f}x (conv + linear weights; "
             f"{si(plan.other_params)} other parameters unchanged); planned in {seconds:.1f} s")
+
+
+def _latency_line(latency: LatencyComparison, plan: Plan, seconds: float) -> str:
+    dense, compressed = latency.dense, latency.factorized
+    threads = f"{latency.threads} thread{'s' if latency.threads > 1 else ''}"
+    return (f"latency: {dense.median:.2f} ms -> {compressed.median:.2f} ms, {latency.speedup:.2f}x faster "
+            f"(MACs {plan.macs_before / max(1, plan.macs_after):.2f}x); batch 1, {threads}, {latency.cpu}; "
+            f"medians of {compressed.repeats} calls after optimize_for_inference; measured in {seconds:.1f} s")
 
 
 # -------------------------------------------------------------------- diff

@@ -110,9 +110,25 @@ def test_every_pass_runs_and_the_graph_is_flat(small):
     assert not modules & {nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.Linear, Tucker2Conv2d}
     calls = [n.target for n in fast.graph.nodes if n.op == "call_function"]
     # stem 1, conv1 3, conv2 1 (full rank: one k x k conv), shortcut 2, last 2 (compress + core);
-    # the 1x1 convs (conv1's compress and expand, the shortcut's two, last's compress) as products
-    assert calls.count(torch.conv2d) == 4 and calls.count(inference._pointwise_conv) == 5
+    # the 1x1 convs (conv1's compress and expand, the shortcut's two, last's compress) as products,
+    # conv1's strided 5 -> 6 core channels-last
+    assert calls.count(torch.conv2d) == 3 and calls.count(inference._pointwise_conv) == 5
+    assert calls.count(inference._channels_last_conv) == 1
     assert "merged" in report.summary()
+
+
+@pytest.mark.parametrize("channels", [8, inference.NARROW_STRIDED + 1])
+def test_only_narrow_strided_convs_run_channels_last(channels):
+    model = _randomized(nn.Sequential(nn.Conv2d(4, channels, 3, stride=2, padding=1), nn.ReLU(),
+                                      nn.Conv2d(channels, 5, 1), nn.Conv2d(5, 3, 3, padding=1)))
+    fast = optimize_for_inference(model)
+    calls = [n.target for n in fast.graph.nodes if n.op == "call_function"]
+    narrow = channels <= inference.NARROW_STRIDED
+    assert calls.count(inference._channels_last_conv) == int(narrow)
+    assert calls.count(torch.conv2d) == 1 + int(not narrow)  # the unstrided 3x3 conv stays NCHW
+    x = torch.randn(2, 4, 15, 15, generator=torch.Generator().manual_seed(3))  # odd size: padding at the edge
+    assert _max_difference(fast, model, x) <= TOLERANCE
+    assert _max_difference(to_torchscript(model, x[:1]), model, x) <= TOLERANCE
 
 
 @pytest.mark.parametrize("options", [{"fold_bn": False}, {"merge": False}, {"lower": False}, {"matmul_1x1": False},
