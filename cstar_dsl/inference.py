@@ -17,7 +17,8 @@
    overhead (a few microseconds a call, which matters when a factorized layer runs three small
    convs at batch size 1); a 1x1 conv runs as one matrix product (after subsampling its input
    when it is strided), which keeps aten from routing it to oneDNN's costly NCHW path when more
-   than one thread is set.
+   than one thread is set; a narrow strided conv runs channels-last, and a max pool as
+   element-wise maxima (2x2) or channels-last (any other), where aten's NCHW kernels are slow.
 
 Every pass keeps the function: the outputs agree with the original model to float rounding
 (``tests/test_inference.py`` bounds the difference by 1e-4). See docs/performance.md for what each
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.modules.utils import _pair
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .inventory import trace
@@ -266,10 +268,12 @@ def _function_call(graph: fx.GraphModule, node: fx.Node, module: nn.Module, matm
         return g.call_function(F.linear, (x, tensor("weight"), tensor("bias")))
     if type(module) is nn.ReLU:
         return g.call_function(torch.relu_ if module.inplace else torch.relu, (x,))
-    if type(module) is nn.MaxPool2d:
+    if type(module) is nn.MaxPool2d and not module.return_indices:
         pool: nn.MaxPool2d = module  # type: ignore[assignment]
-        return g.call_function(F.max_pool2d, (x, pool.kernel_size, pool.stride, pool.padding, pool.dilation,
-                                              pool.ceil_mode))
+        shape = (_pair(pool.kernel_size), _pair(pool.stride), _pair(pool.padding), _pair(pool.dilation))
+        if shape == ((2, 2), (2, 2), (0, 0), (1, 1)) and not pool.ceil_mode:
+            return g.call_function(_max_pool_2x2, (x,))
+        return g.call_function(_max_pool, (x, *shape, pool.ceil_mode))
     if type(module) is nn.AdaptiveAvgPool2d:
         return g.call_function(F.adaptive_avg_pool2d, (x, module.output_size))
     return None
@@ -308,6 +312,30 @@ def _channels_last_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     element; channels-last it copies whole channel vectors: a Tucker-2 core such as 20 -> 21
     channels, stride 2, on 32x32 takes 40-55 us there against 90-140 us in NCHW (one thread)."""
     return torch.conv2d(x.contiguous(memory_format=torch.channels_last), weight, bias, stride, padding, dilation)
+
+
+def _max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
+    """``max_pool2d(x, 2)`` as two element-wise maxima: of row pairs, then of column pairs (a
+    trailing odd row or column dropped, as the pool drops it).
+
+    aten's batch-1 NCHW max pooling reads its input one window at a time: 0.45-0.5 ms for a 2x2
+    pool of 64 x 32 x 32 on one thread, more than the factorized convs around it; the two maxima
+    take 35 us and give the same values (a maximum is exact). No branch on the shape, so a
+    TorchScript trace of it runs at every input size."""
+    rows = torch.maximum(x[..., 0:-1:2, :], x[..., 1::2, :])
+    return torch.maximum(rows[..., 0:-1:2], rows[..., 1::2])
+
+
+def _max_pool(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+              dilation: tuple[int, int], ceil_mode: bool) -> torch.Tensor:
+    """``max_pool2d`` run channels-last: aten's channels-last kernel is vectorized over channels,
+    its NCHW one is not (ResNet's 3x3 stride-2 pool of 64 x 112 x 112: 10 ms NCHW, 1.5 ms
+    converted to channels-last and back, on one thread)."""
+    if x.dim() != 4 or x.is_contiguous(memory_format=torch.channels_last):
+        return F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode)
+    pooled = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), kernel, stride, padding, dilation,
+                          ceil_mode)
+    return pooled.contiguous()
 
 
 def _subsample(x: torch.Tensor, stride: tuple[int, int]) -> torch.Tensor:

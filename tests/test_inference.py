@@ -131,6 +131,55 @@ def test_only_narrow_strided_convs_run_channels_last(channels):
     assert _max_difference(to_torchscript(model, x[:1]), model, x) <= TOLERANCE
 
 
+@pytest.mark.parametrize("shape", [(1, 4, 8, 8), (3, 5, 7, 9), (2, 1, 2, 3), (4, 6, 5)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_2x2_max_pool_gives_the_pools_values(shape, channels_last):
+    x = torch.randint(-3, 4, shape, generator=torch.Generator().manual_seed(5)).float()  # many ties
+    x[(0,) * len(shape)] = float("nan")
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    expected = nn.functional.max_pool2d(x, 2)
+    assert torch.equal(inference._max_pool_2x2(x).isnan(), expected.isnan())
+    assert torch.equal(inference._max_pool_2x2(x).nan_to_num(), expected.nan_to_num())
+
+
+@pytest.mark.parametrize(("pool", "lowered"), [
+    (nn.MaxPool2d(2), "_max_pool_2x2"),
+    (nn.MaxPool2d((2, 2), stride=2), "_max_pool_2x2"),
+    (nn.MaxPool2d(3, 2, 1), "_max_pool"),
+    (nn.MaxPool2d(2, ceil_mode=True), "_max_pool"),
+    (nn.MaxPool2d(2, 1), "_max_pool"),
+])
+def test_max_pools_are_lowered_to_their_fast_forms(pool, lowered):
+    model = _randomized(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), pool, nn.Conv2d(8, 4, 1)))
+    fast = optimize_for_inference(model)
+    calls = [n.target for n in fast.graph.nodes if n.op == "call_function"]
+    assert getattr(inference, lowered) in calls
+    for size in (16, 15):  # odd: a 2x2 pool drops the last row and column; ceil_mode keeps them
+        x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+        assert _max_difference(fast, model, x) <= TOLERANCE
+        assert _max_difference(to_torchscript(model, x[:1, :, :16, :16]), model, x) <= TOLERANCE
+
+
+class _Unpool(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = nn.MaxPool2d(2, return_indices=True)
+        self.unpool = nn.MaxUnpool2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        values, indices = self.pool(x)
+        return self.unpool(values, indices)
+
+
+def test_a_max_pool_returning_indices_stays_a_module():
+    model = _Unpool().eval()
+    fast = optimize_for_inference(model)
+    assert isinstance(fast.get_submodule("pool"), nn.MaxPool2d)
+    x = torch.randn(1, 2, 6, 6, generator=torch.Generator().manual_seed(6))
+    assert _max_difference(fast, model, x) == 0
+
+
 @pytest.mark.parametrize("options", [{"fold_bn": False}, {"merge": False}, {"lower": False}, {"matmul_1x1": False},
                                      {"fold_bn": False, "merge": False, "lower": False}])
 def test_each_pass_alone_keeps_the_function(small, options):
