@@ -49,8 +49,8 @@ def measure(calls: dict[str, Callable[[], object]], *, repeats: int, warmup: int
 
     The calls take turns in blocks: one untimed call, then ``block`` timed ones in a row, then the
     next call's block. A served model runs call after call with its weights in the caches; a
-    dense ResNet-18 run in between (45 MB of weights) evicts a factorized one's (0.7 MB), which
-    then pays for reloading them on every call. Blocks keep that realistic while a change of load
+    dense ResNet-18 run in between (45 MB of weights) evicts a factorized one's (2.8 MB at 16x),
+    which then pays for reloading them on every call. Blocks keep that realistic while a change of load
     on the machine still hits every model alike. ``block=0`` alternates single calls with no
     untimed call between them: the cold-cache regime.
     """
