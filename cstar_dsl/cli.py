@@ -259,7 +259,7 @@ def _plan_summary(plan: Plan, seconds: float) -> str:
 
 
 def _latency_line(latency: LatencyComparison, plan: Plan, seconds: float) -> str:
-    dense, compressed = latency.dense, latency.factorized
+    dense, compressed = latency.dense, latency.compressed
     threads = f"{latency.threads} thread{'s' if latency.threads > 1 else ''}"
     return (f"latency: {dense.median:.2f} ms -> {compressed.median:.2f} ms, {latency.speedup:.2f}x faster "
             f"(MACs {plan.macs_before / max(1, plan.macs_after):.2f}x); batch 1, {threads}, {latency.cpu}; "

@@ -1,4 +1,4 @@
-"""Latency stage: batch-1 CPU latency of a dense and a factorized model, timed in turns on this machine."""
+"""Latency stage: batch-1 CPU latency of a dense and a compressed model, timed in turns on this machine."""
 
 from __future__ import annotations
 
@@ -50,9 +50,9 @@ def measure(calls: dict[str, Callable[[], object]], *, repeats: int, warmup: int
     The calls take turns in blocks: one untimed call, then ``block`` timed ones in a row, then the
     next call's block. A served model runs call after call with its weights in the caches; a
     dense ResNet-18 run in between (45 MB of weights) evicts a factorized one's (2.8 MB at 16x),
-    which then pays for reloading them on every call. Blocks keep that realistic while a change of load
-    on the machine still hits every model alike. ``block=0`` alternates single calls with no
-    untimed call between them: the cold-cache regime.
+    which then pays for reloading them on every call. Blocks keep that realistic while a change
+    of load on the machine still hits every model alike. ``block=0`` alternates single calls with
+    no untimed call between them: the cold-cache regime.
     """
     if not calls:
         return {}
@@ -78,10 +78,10 @@ def measure(calls: dict[str, Callable[[], object]], *, repeats: int, warmup: int
 
 @dataclass(frozen=True)
 class LatencyComparison:
-    """What a plan buys in time: the dense and the factorized model at batch size 1 on this CPU."""
+    """What a plan buys in time: the dense and the compressed model at batch size 1 on this CPU."""
 
     dense: Timing
-    factorized: Timing
+    compressed: Timing
     threads: int
     batch: int
     cpu: str
@@ -89,29 +89,29 @@ class LatencyComparison:
 
     @property
     def speedup(self) -> float:
-        return self.dense.median / self.factorized.median
+        return self.dense.median / self.compressed.median
 
     def to_dict(self) -> dict[str, object]:
         def timing(t: Timing) -> dict[str, float | int]:
             return {key: round(value, 4) if isinstance(value, float) else value for key, value in asdict(t).items()}
 
-        return {"dense_ms": timing(self.dense), "factorized_ms": timing(self.factorized),
+        return {"dense_ms": timing(self.dense), "compressed_ms": timing(self.compressed),
                 "speedup": round(self.speedup, 3), "threads": self.threads, "batch": self.batch,
                 "cpu": self.cpu, "cores": self.cores, "form": "optimize_for_inference"}
 
 
-def compare_latency(dense: nn.Module, factorized: nn.Module, example: torch.Tensor, *, threads: int = 1,
+def compare_latency(dense: nn.Module, compressed: nn.Module, example: torch.Tensor, *, threads: int = 1,
                     repeats: int = 30, warmup: int = 5, leaves: Iterable[str] = ()) -> LatencyComparison:
-    """Batch-1 latency of ``dense`` and ``factorized`` on the CPU, each in its inference form
+    """Batch-1 latency of ``dense`` and ``compressed`` on the CPU, each in its inference form
     (``optimize_for_inference``: batch norms folded, module calls lowered), timed in turns with
     ``threads`` intra-op threads. Neither model is changed; torch's thread count is restored."""
     example = example[:1].cpu()
     leaves = tuple(leaves)
-    fast_dense, fast_factorized = (optimize_for_inference(model, leaves=leaves).cpu() for model in (dense, factorized))
-    calls = {"dense": lambda: fast_dense(example), "factorized": lambda: fast_factorized(example)}
+    fast_dense, fast_compressed = (optimize_for_inference(model, leaves=leaves).cpu() for model in (dense, compressed))
+    calls = {"dense": lambda: fast_dense(example), "compressed": lambda: fast_compressed(example)}
     with _threads(threads):
         timings = measure(calls, repeats=repeats, warmup=warmup)
-    return LatencyComparison(timings["dense"], timings["factorized"], threads, 1, cpu_name(), os.cpu_count() or 1)
+    return LatencyComparison(timings["dense"], timings["compressed"], threads, 1, cpu_name(), os.cpu_count() or 1)
 
 
 def cpu_name() -> str:

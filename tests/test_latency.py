@@ -19,7 +19,7 @@ from cstar_dsl import latency
 from cstar_dsl.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
-LATENCY_KEYS = {"dense_ms", "factorized_ms", "speedup", "threads", "batch", "cpu", "cores", "form"}
+LATENCY_KEYS = {"dense_ms", "compressed_ms", "speedup", "threads", "batch", "cpu", "cores", "form"}
 TIMING_KEYS = {"median", "q1", "q3", "minimum", "cpu_median", "repeats"}
 
 
@@ -67,9 +67,9 @@ def test_compare_latency_times_both_and_leaves_them_and_the_threads_alone():
     assert torch.get_num_threads() == 1
     assert all(torch.equal(value, dense.state_dict()[key]) for key, value in before.items())
     assert not dense.training
-    assert result.dense.repeats == result.factorized.repeats == 4
+    assert result.dense.repeats == result.compressed.repeats == 4
     assert (result.threads, result.batch) == (2, 1) and result.cores >= 1 and result.cpu
-    assert result.speedup == pytest.approx(result.dense.median / result.factorized.median)
+    assert result.speedup == pytest.approx(result.dense.median / result.compressed.median)
     data = result.to_dict()
     assert set(data) == LATENCY_KEYS and set(data["dense_ms"]) == TIMING_KEYS
     json.dumps(data)
@@ -126,7 +126,7 @@ def test_plan_latency_in_json(folder, capsys):
     assert main(["plan", "digits.cstar", "--latency", "--threads", "2", "--format", "json"]) == 0
     data = json.loads(capsys.readouterr().out)["latency"]
     assert set(data) == LATENCY_KEYS and data["threads"] == 2 and data["batch"] == 1
-    assert data["factorized_ms"]["repeats"] == 30
+    assert data["compressed_ms"]["repeats"] == 30
 
 
 def test_plan_without_latency_times_nothing(folder, capsys, monkeypatch):
