@@ -448,6 +448,10 @@ def _report_table(report: dict[str, Any]) -> Table:
                   f"{si(compression['params_compressed'])} ({compression['ratio']:.2f}x)")
     table.add_row("MACs", f"{si(compression['macs_dense'])} -> {si(compression['macs_compressed'])} "
                   f"({compression['macs_dense'] / max(1, compression['macs_compressed']):.2f}x)")
+    latency = report.get("latency")
+    if latency:
+        table.add_row("latency (batch 1, CPU)", f"{latency['dense_ms']['median']:.3g} ms -> "
+                      f"{latency['compressed_ms']['median']:.3g} ms ({latency['speedup']:.2f}x)")
     table.add_row("clean accuracy", _percent(report["accuracy"]["clean"]))
     for name, value in report["accuracy"]["robust"].items():
         table.add_row(f"robust: {name}", _percent(value))

@@ -25,6 +25,7 @@ from . import plan as planning
 from .artifacts import build_structure, model_description, save_model
 from .data import Datasets, augment, datasets, loader_batches
 from .evaluation import Evaluation, evaluate
+from .latency import LatencyComparison, compare_latency
 from .optimize import TrainingDiverged, adversarial_epoch, make_optimizer, make_schedule, training_attack
 from .problems import SpecProblem
 from .spec import AdmmSpec, PhaseSpec, Spec
@@ -154,8 +155,12 @@ def _compile(spec: Spec, options: CompileOptions, progress: Progress, world: dis
     assert run.model is not None
     result = evaluate(run.model, data.test, spec.evaluate, spec.threat, seed=spec.train.seed, device=device,
                       rank=world.rank, ranks=world.size, reduce=lambda counts: distributed.sum_all(counts, world))
+    timed = None
+    if world.is_main:  # one process times, on a CPU the other ranks are done with
+        progress.stage("timing the dense and the compressed model (batch 1, CPU)")
+        timed = compare_latency(dense, run.model, torch.zeros(1, *spec.model.input), leaves=spec.model.leaf)
     progress.stage("writing the artifacts")
-    built = _report(context, run, result, time.perf_counter() - started)
+    built = _report(context, run, result, time.perf_counter() - started, timed)
     if world.is_main:
         _write_artifacts(context, run, built, lock)
     distributed.barrier(world)
@@ -541,7 +546,8 @@ def _prune(context: _Context, net: nn.Module, plan: dict[str, Any] | None) -> tu
 # ----------------------------------------------------------------------- report
 
 
-def _report(context: _Context, run: _Run, result: Evaluation, seconds: float) -> dict[str, Any]:
+def _report(context: _Context, run: _Run, result: Evaluation, seconds: float,
+            latency: LatencyComparison | None) -> dict[str, Any]:
     spec = context.spec
     assert run.plan is not None
     totals = run.plan["totals"]
@@ -566,6 +572,7 @@ def _report(context: _Context, run: _Run, result: Evaluation, seconds: float) ->
                         "macs_dense": totals["macs_before"], "macs_compressed": totals["macs_after"],
                         "other_params": totals["other_params"]},
         "accuracy": {"clean": result.clean, "robust": result.robust},
+        "latency": None if latency is None else latency.to_dict(),
         "attacks": result.attacks,
         "threat": spec.threat.model_dump(mode="json"),
         "requirements": requirements,

@@ -68,6 +68,7 @@ def _summary(report: Mapping[str, Any]) -> list[str]:
         ["Target", f"{_ratio(compression.get('target_ratio'))} (budget {_text(compression.get('budget'))})"],
         ["MACs", f"{_span(macs_dense, macs_compressed, _count)} "
                  f"({_ratio(_quotient(macs_dense, macs_compressed))} fewer)"],
+        ["Latency (batch 1, CPU)", _latency(report.get("latency"))],
         ["Clean accuracy", _pct(accuracy.get("clean"))],
         *_robust_rows(accuracy.get("robust"), report.get("attacks")),
         ["Threat (training)", _threat(report.get("threat"))],
@@ -77,6 +78,21 @@ def _summary(report: Mapping[str, Any]) -> list[str]:
         met = sum(1 for requirement in requirements if requirement.get("met") is True)
         rows.append(["Requirements", f"{met} of {len(requirements)} met"])
     return ["## Summary", "", *_table(["", "Value"], rows)]
+
+
+def _latency(latency: Any) -> str:
+    timing = _mapping(latency)
+    dense = _mapping(timing.get("dense_ms")).get("median")
+    compressed = _mapping(timing.get("compressed_ms")).get("median")
+    if _num(dense) is None and _num(compressed) is None:
+        return DASH
+    return (f"{_span(dense, compressed, _milliseconds)} ({_ratio(_quotient(dense, compressed))} faster; "
+            f"{_plural(timing.get('threads'), 'thread')}, {_text(timing.get('cpu'))})")
+
+
+def _milliseconds(value: Any) -> str:
+    text = _general(value)
+    return text if text == DASH else f"{text} ms"
 
 
 def _robust_rows(robust: Any, attacks: Any) -> list[list[str]]:

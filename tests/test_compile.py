@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -127,6 +128,11 @@ def test_report_json_has_the_documented_fields(compiled):
     assert report["requirements"] == [{"metric": "clean", "op": ">=", "value": 0.2,
                                        "measured": accuracy["clean"], "met": accuracy["clean"] >= 0.2}]
     assert set(report["timings"]) >= {"total_seconds", "phases"}
+    latency = report["latency"]
+    assert (latency["batch"], latency["threads"], latency["form"]) == (1, 1, "optimize_for_inference")
+    assert latency["dense_ms"]["median"] > 0 and latency["compressed_ms"]["median"] > 0
+    assert latency["speedup"] == pytest.approx(latency["dense_ms"]["median"] / latency["compressed_ms"]["median"],
+                                               rel=1e-2)
     assert (out / "spec.cstar").read_text() == spec_path.read_text()
 
 
@@ -186,7 +192,9 @@ def test_baselines_compile_and_load(tmp_path, method):
 def test_unmet_requirement_exits_3_and_still_writes_the_report(tmp_path, capsys):
     spec = write_spec(tmp_path, pretrain=0, admm=1, finetune=0, requirements="  require robust >= 99.9%")
     assert compile_cli(spec, "--out", tmp_path / "run") == 3
-    assert "NOT MET" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "NOT MET" in out
+    assert re.search(r"latency \(batch 1, CPU\)\s+\S+ ms -> \S+ ms \(\d+\.\d\dx\)", out), out
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["requirements"][0]["met"] is False
 

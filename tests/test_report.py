@@ -49,6 +49,12 @@ def report() -> dict[str, Any]:
         "compression": {"budget": "4x params", "target_ratio": 4.0, "params_dense": 240000,
                         "params_compressed": 59800, "ratio": 4.01, "macs_dense": 5000000, "macs_compressed": 1300000},
         "accuracy": {"clean": 0.95, "robust": {PGD: 0.61, FGSM: 0.7}},
+        "latency": {"dense_ms": {"median": 0.2366, "q1": 0.2259, "q3": 0.2613, "minimum": 0.2201,
+                                 "cpu_median": 0.2379, "repeats": 30},
+                    "compressed_ms": {"median": 0.1949, "q1": 0.1838, "q3": 0.231, "minimum": 0.1779,
+                                      "cpu_median": 0.1959, "repeats": 30},
+                    "speedup": 1.214, "threads": 1, "batch": 1, "cpu": "Intel(R) Xeon(R) Processor", "cores": 2,
+                    "form": "optimize_for_inference"},
         "attacks": {PGD: {"attack": "pgd", "norm": "linf", "eps": 0.1, "step": 0.025, "steps": 20,
                           "random_start": True, "restarts": 1},
                     FGSM: {"attack": "fgsm", "norm": "linf", "eps": 0.1}},
@@ -102,6 +108,8 @@ def test_markdown_states_names_accuracies_and_counts(report):
     assert "240.0k" in parameters and "59.8k" in parameters and "4.01×" in parameters
     assert "4.00×" in _table_row(text, "Target")[1] and "4x params" in _table_row(text, "Target")[1]
     assert "3.85×" in _table_row(text, "MACs")[1]  # 5.0M / 1.3M, computed: the report has no MACs ratio
+    assert _table_row(text, "Latency (batch 1, CPU)")[1] == (
+        "0.2366 ms → 0.1949 ms (1.21× faster; 1 thread, Intel(R) Xeon(R) Processor)")
     assert _table_row(text, "`features.0`")[5:8] == ["8, 1", "288 → 100", "93.0%"]
     assert _table_row(text, "`fc`")[-1] == "kept by the spec"
     assert "![curves](curves.png)" in text and "![ranks](ranks.png)" in text
@@ -157,6 +165,7 @@ def test_missing_and_null_values_render_as_a_dash_never_none(report):
     report["timings"]["evaluate_seconds"] = None
     report["requirements"][0].update(measured=None, met=None)
     del report["seed"], report["data"]
+    report["latency"] = None  # a report written before latency was measured
     text = markdown(report)
     assert "None" not in text and "nan" not in text
     assert _table_row(text, "Clean accuracy")[1] == "–"
@@ -167,6 +176,9 @@ def test_missing_and_null_values_render_as_a_dash_never_none(report):
     assert _table_row(_section(text, "Requirements"), "clean")[2:] == ["–", "–"]
     assert "- Processor: –" in text and "- Seed: –" in text and "- Data set: –" in text
     assert _table_row(text, "evaluation")[1] == "–"
+    assert _table_row(text, "Latency (batch 1, CPU)")[1] == "–"
+    report["latency"] = {"dense_ms": {"median": 2.0}, "compressed_ms": {}}
+    assert _table_row(markdown(report), "Latency (batch 1, CPU)")[1] == "2 ms → – (– faster; – threads, –)"
 
 
 def test_an_almost_empty_report_still_renders(report):
