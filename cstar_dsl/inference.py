@@ -18,7 +18,8 @@
    convs at batch size 1); a 1x1 conv runs as one matrix product (after subsampling its input
    when it is strided), which keeps aten from routing it to oneDNN's costly NCHW path when more
    than one thread is set; a narrow strided conv runs channels-last, and a max pool as
-   element-wise maxima (2x2) or channels-last (any other), where aten's NCHW kernels are slow.
+   element-wise maxima (2x2) or channels-last (any other), where aten's NCHW kernels are slow;
+   identities and dropouts (identities in eval mode) go.
 
 Every pass keeps the function: the outputs agree with the original model to float rounding
 (``tests/test_inference.py`` bounds the difference by 1e-4). See docs/performance.md for what each
@@ -266,6 +267,8 @@ def _function_call(graph: fx.GraphModule, node: fx.Node, module: nn.Module, matm
                                               conv.dilation, 1))
     if type(module) is nn.Linear:
         return g.call_function(F.linear, (x, tensor("weight"), tensor("bias")))
+    if type(module) in (nn.Identity, nn.Dropout):  # what both compute in eval mode, the only mode here
+        return x  # type: ignore[return-value]
     if type(module) is nn.ReLU:
         return g.call_function(torch.relu_ if module.inplace else torch.relu, (x,))
     if type(module) is nn.MaxPool2d and not module.return_indices:

@@ -161,6 +161,15 @@ def test_max_pools_are_lowered_to_their_fast_forms(pool, lowered):
         assert _max_difference(to_torchscript(model, x[:1, :, :16, :16]), model, x) <= TOLERANCE
 
 
+def test_identities_and_dropouts_go():
+    model = _randomized(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Identity(), nn.Dropout(0.5), nn.Flatten(),
+                                      nn.Dropout(0.2), nn.Linear(4 * 6 * 6, 2)))
+    fast = optimize_for_inference(model)
+    assert not {type(m) for m in fast.modules()} & {nn.Identity, nn.Dropout}
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(7))
+    assert _max_difference(fast, model, x) <= TOLERANCE
+
+
 class _Unpool(nn.Module):
     def __init__(self) -> None:
         super().__init__()
