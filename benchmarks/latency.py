@@ -493,9 +493,8 @@ def _macs(conv: nn.Conv2d, out: torch.Tensor) -> int:
 
 def machine() -> dict[str, object]:
     """The machine that ran the benchmark."""
-    cpu = cpu_name()
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+        "cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
         "python": platform.python_version(), "torch": torch.__version__,
         "mkldnn": torch.backends.mkldnn.is_available(), "date": datetime.datetime.now().astimezone().isoformat(
             timespec="seconds"),

@@ -108,7 +108,7 @@ _PASSING_MODULES = (nn.Flatten, nn.Dropout, nn.Identity, nn.ReLU, nn.BatchNorm2d
 def output_layers(graph: fx.GraphModule) -> set[str]:
     """The Linear/Conv2d modules whose result is the model's output, seen through reshapes and dropout."""
     found: set[str] = set()
-    pending = _flatten_args(_output_node(graph).args)
+    pending = list(graph.graph.output_node().all_input_nodes)
     while pending:
         node = pending.pop()
         if node.op == "call_module":
@@ -124,22 +124,6 @@ def output_layers(graph: fx.GraphModule) -> set[str]:
         if node.args and isinstance(node.args[0], fx.Node):
             pending.append(node.args[0])
     return found
-
-
-def _output_node(graph: fx.GraphModule) -> fx.Node:
-    return next(node for node in reversed(graph.graph.nodes) if node.op == "output")
-
-
-def _flatten_args(values: Iterable[object]) -> list[fx.Node]:
-    nodes: list[fx.Node] = []
-    for value in values:
-        if isinstance(value, fx.Node):
-            nodes.append(value)
-        elif isinstance(value, (tuple, list)):
-            nodes.extend(_flatten_args(value))
-        elif isinstance(value, dict):
-            nodes.extend(_flatten_args(value.values()))
-    return nodes
 
 
 def _io_positions(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, tuple[int, int]]:

@@ -54,8 +54,6 @@ def measure(calls: dict[str, Callable[[], object]], *, repeats: int, warmup: int
     of load on the machine still hits every model alike. ``block=0`` alternates single calls with
     no untimed call between them: the cold-cache regime.
     """
-    if not calls:
-        return {}
     wall: dict[str, list[float]] = {name: [] for name in calls}
     cpu: dict[str, list[float]] = {name: [] for name in calls}
     rewarm, block = (1, block) if block > 0 else (0, 1)
@@ -63,11 +61,11 @@ def measure(calls: dict[str, Callable[[], object]], *, repeats: int, warmup: int
         for call in calls.values():
             for _ in range(warmup):
                 call()
-        while len(next(iter(wall.values()))) < repeats:
+        for done in range(0, repeats, block):
             for name, call in calls.items():
                 for _ in range(rewarm):
                     call()
-                for _ in range(min(block, repeats - len(wall[name]))):
+                for _ in range(min(block, repeats - done)):
                     cpu_start = time.process_time()
                     start = time.perf_counter()
                     call()
