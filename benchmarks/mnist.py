@@ -1,4 +1,4 @@
-"""MNIST benchmark: dense PGD-AT, cstar, svd-finetune and channel-prune at 16x, 64x and 256x.
+"""MNIST benchmark: dense PGD-AT, cstar, svd-finetune and channel-prune (uniform and global) at 16x, 64x and 256x.
 
 Every method starts from the same adversarially trained dense model (benchmarks/mnist_pretrain.py)
 and gets the same number of epochs after it; every number comes from `cstar compile` itself
@@ -7,6 +7,9 @@ and gets the same number of epochs after it; every number comes from `cstar comp
     python benchmarks/mnist_pretrain.py                      # the shared dense start (~15 min)
     python benchmarks/mnist.py run --ratios 16 64 256        # one cell per (method, ratio)
     python benchmarks/mnist.py table                         # -> benchmarks/results/mnist.json, mnist.md, mnist.png
+
+The wider CNNs (`--arch mnist-cnn-x2`, `mnist-cnn-x4`) keep their start, cells and table under
+benchmarks/results/mnist-x2/ (and -x4); `--device cuda` runs the cells on a GPU.
 
 Cells are written one file each (benchmarks/results/mnist/), so runs can be split across
 processes and machines and a killed run redoes only its unfinished cell.
@@ -27,10 +30,41 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-CELLS = RESULTS / "mnist"
 DENSE = RESULTS / "mnist-dense.safetensors"
-METHODS = ("cstar", "svd-finetune", "channel-prune")
+DATA = ROOT.parent / "shared" / "data" / "mnist-10k"
+# channel-prune-global is `method = channel-prune` with `allocation = global`: the peer's other allocation.
+METHODS = ("cstar", "svd-finetune", "channel-prune", "channel-prune-global")
+
+
+@dataclass(frozen=True)
+class Bench:
+    """Which CNN, where its files live, where the data is, and the device: `mnist-cnn` keeps the original paths
+    (results/mnist/, mnist-dense.safetensors); a wider one gets its own (results/mnist-x2/, mnist-x2-dense...)."""
+
+    arch: str = "mnist-cnn"
+    device: str = "cpu"
+    data: Path = DATA
+    results: Path = RESULTS
+    start: Path | None = None  # the dense start, when it lives elsewhere (a GPU-trained start reused on the CPU)
+
+    @property
+    def name(self) -> str:
+        return self.arch.replace("mnist-cnn", "mnist")
+
+    @property
+    def cells(self) -> Path:
+        return self.results / self.name
+
+    @property
+    def dense(self) -> Path:
+        return self.start or self.results / f"{self.name}-dense.safetensors"
+
+
+BENCH = Bench()
 ADMM_EPOCHS, FINETUNE_EPOCHS = 4, 3  # cstar: 4 ADMM + 3 fine-tuning; the baselines: 7 fine-tuning
+
+
+DEFAULT_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -50,9 +84,11 @@ class Setting:
     # its outputs: at rank 2 its 10 logits would span a plane. None: kept where the budget allows it
     # (not at 256x, where the largest reachable ratio is then 145x).
     keep_classifier: bool | None = None
+    # The seed of the compression (data order, attack starts); every seed starts from the same dense weights.
+    seed: int = 0
 
     def cuts_classifier(self, method: str, ratio: int) -> bool:
-        if method == "channel-prune":
+        if method.startswith("channel-prune"):
             return False  # the pruner never prunes the classifier's outputs
         return not self.keep_classifier if self.keep_classifier is not None else ratio >= 256
 
@@ -77,7 +113,9 @@ class Setting:
             found.append((f"floor{self.min_rank}", f"rank floor {self.min_rank}"))
         if self.random_start:
             found.append(("random", "from random weights, not the dense start"))
-        if self.keep_classifier is not None and method != "channel-prune":
+        if self.seed != DEFAULT_SEED:
+            found.append((f"seed{self.seed}", ""))  # the table averages the seeds of one row
+        if self.keep_classifier is not None and not method.startswith("channel-prune"):
             found.append(("keepfc" if self.keep_classifier else "fclowrank",
                           "classifier dense" if self.keep_classifier else "classifier low-rank"))
         return found
@@ -86,7 +124,8 @@ class Setting:
 DEFAULT = Setting()
 
 
-def variant(method: str, ratio: int, setting: Setting = DEFAULT, folder: Path | None = None) -> str:
+def variant(method: str, ratio: int, setting: Setting = DEFAULT, folder: Path | None = None,
+            bench: Bench = BENCH) -> str:
     """The recipe of one cell: specs/mnist.cstar from the dense start, this method and budget; cstar
     splits the same total epochs into ``setting.admm_epochs`` of ADMM and the rest of fine-tuning.
     Written into ``folder``, its paths are relative to it, so the cell runs from any checkout."""
@@ -116,19 +155,20 @@ def variant(method: str, ratio: int, setting: Setting = DEFAULT, folder: Path | 
     lr = {setting.finetune_lr:g}
   }}"""
     start = "random weights" if setting.random_start else "the shared adversarially trained dense start"
-    weights = "" if setting.random_start else f'\n  weights = "{path(DENSE)}"'
+    weights = "" if setting.random_start else f'\n  weights = "{path(bench.dense)}"'
     cut = f'\n\n  layer "fc" {{  # the budget may cut the classifier too\n    min_rank = {setting.floor(ratio)}\n  }}' \
         if setting.cuts_classifier(method, ratio) else ""
+    allocation = "\n  allocation = global" if method == "channel-prune-global" else ""
     return f"""# benchmarks/mnist.py: {method} at {ratio}x from {start}
 model {{
-  arch = "cstar:mnist-cnn"
+  arch = "cstar:{bench.arch}"
   classes = 10
   input = [1, 28, 28]{weights}
 }}
 
 data {{
   dataset = mnist
-  root = "{path(ROOT.parent / 'shared' / 'data' / 'mnist-10k')}"
+  root = "{path(bench.data)}"
   batch_size = 128
   augment = none
 }}
@@ -141,15 +181,15 @@ threat {{
 }}
 
 compress {{
-  method = {method}
+  method = {method.removesuffix("-global")}{allocation}
   budget = {ratio}x params
   policy = {setting.policy}
   min_rank = {setting.floor(ratio)}  # 2, or 1 at 256x: with a floor of 2 the largest reachable ratio is 178x{cut}
 }}
 
 train {{
-  seed = 0
-  device = cpu
+  seed = {setting.seed}
+  device = {bench.device}
 {phases}
 }}
 
@@ -163,27 +203,38 @@ def cell_name(method: str, ratio: int, setting: Setting = DEFAULT) -> str:
     return "-".join([method, *(part for part, _ in setting.changes(method)), f"{ratio}x"])
 
 
-def run_cell(method: str, ratio: int, setting: Setting = DEFAULT) -> dict[str, object]:
+def run_cell(method: str, ratio: int, setting: Setting = DEFAULT, bench: Bench = BENCH) -> dict[str, object]:
     from cstar_dsl.pipeline import CompileOptions, compile_spec
     from cstar_dsl.validate import check_file
 
-    folder = CELLS / cell_name(method, ratio, setting)
+    folder = bench.cells / cell_name(method, ratio, setting)
     folder.mkdir(parents=True, exist_ok=True)
     spec_path = folder / "spec.cstar"
-    spec_path.write_text(variant(method, ratio, setting, folder))
+    spec_path.write_text(variant(method, ratio, setting, folder, bench))
     spec = check_file(spec_path).spec
     started = time.perf_counter()
-    compiled = compile_spec(spec, CompileOptions(out=folder / "run", force=True, spec_name=str(spec_path),
+    compiled = compile_spec(spec, CompileOptions(out=folder / "run", force=True,
+                                                 spec_name=os.path.relpath(spec_path, ROOT),
                                                  spec_text=spec_path.read_text()))
     report = compiled.report
+    checkout_relative(folder / "run")
     history = report["history"]
-    return {"method": method, "target_ratio": ratio, "ratio": report["compression"]["ratio"],
+    return {"method": method, "target_ratio": ratio, "seed": setting.seed, "ratio": report["compression"]["ratio"],
             "schedule": schedule(method, setting),
             "params": report["compression"]["params_compressed"], "clean": report["accuracy"]["clean"],
             "robust": next(iter(report["accuracy"]["robust"].values())), "seconds": time.perf_counter() - started,
             "epoch_seconds": {phase: _mean([r["seconds"] for r in history if r["phase"] == phase])
                               for phase in ("admm", "finetune")},
             "zstep_seconds": sum(r.get("zstep_seconds", 0.0) for r in history)}
+
+
+def checkout_relative(folder: Path, root: Path = ROOT) -> None:
+    """The run's reports with paths relative to the checkout instead of this machine's: the recipe's resolved paths
+    (weights, data) are absolute in the report, and a committed cell must not carry a machine path."""
+    for path in (folder / "report.json", folder / "report.md"):
+        if path.is_file():
+            text = path.read_text()
+            path.write_text(text.replace(f"{root}/", "").replace(f"{root.parent}/", "../"))
 
 
 def schedule(method: str, setting: Setting = DEFAULT) -> str:
@@ -194,7 +245,7 @@ def schedule(method: str, setting: Setting = DEFAULT) -> str:
     return f"{base}, {words}" if words else base
 
 
-def run_dense() -> dict[str, object]:
+def run_dense(bench: Bench = BENCH) -> dict[str, object]:
     """Dense PGD-AT for the same epochs as the other methods, from the same start."""
     from cstar_dsl import build_model, datasets, load_spec
     from cstar_dsl.evaluation import evaluate
@@ -202,27 +253,29 @@ def run_dense() -> dict[str, object]:
     from cstar_dsl.optimize import adversarial_epoch, make_optimizer, make_schedule, training_attack
     from cstar_dsl.prune import weight_params
 
-    folder = CELLS / "dense"
+    folder = bench.cells / "dense"
     folder.mkdir(parents=True, exist_ok=True)
     spec_path = folder / "spec.cstar"
-    spec_path.write_text(variant("svd-finetune", 16))
+    spec_path.write_text(variant("svd-finetune", 16, folder=folder, bench=bench))
+    device = torch.device(bench.device)
     spec = load_spec(spec_path)
     data = datasets(spec)
     net = build_model(spec)
-    model = Normalized(net, data.mean, data.std)
+    model = Normalized(net, data.mean, data.std).to(device)
     phase = spec.train.finetune
     optimizer, started = make_optimizer(phase, model.parameters()), time.perf_counter()
     lr_schedule, attack = make_schedule(phase, optimizer), training_attack(spec.threat)
-    x, y = data.train.tensors
+    x, y = (t.to(device) for t in data.train.tensors)
     epoch_seconds = []
     for epoch in range(phase.epochs):
         generator = torch.Generator().manual_seed(epoch)
-        order = torch.randperm(len(y), generator=generator)
+        order = torch.randperm(len(y), generator=generator).to(device)
         batches = [(x[order[i:i + 128]], y[order[i:i + 128]]) for i in range(0, len(y), 128)]
+        attack_generator = torch.Generator(device=device).manual_seed(epoch)
         epoch_seconds.append(adversarial_epoch(model, batches, optimizer, attack, phase="dense", epoch=epoch,
-                                               generator=generator).seconds)
+                                               generator=attack_generator).seconds)
         lr_schedule.step()
-    result = evaluate(model, data.test, spec.evaluate, spec.threat, seed=0, device=torch.device("cpu"))
+    result = evaluate(model, data.test, spec.evaluate, spec.threat, seed=0, device=device)
     params = weight_params(net)
     return {"method": "dense", "target_ratio": 1, "ratio": 1.0, "schedule": f"{phase.epochs} PGD-AT",
             "params": params, "clean": result.clean,
@@ -234,32 +287,62 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def machine() -> dict[str, object]:
-    return {"processor": platform.processor() or platform.machine(), "cores": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version()}
+def machine(device: str = "cpu") -> dict[str, object]:
+    found = {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+             "torch": torch.__version__, "python": platform.python_version()}
+    if device == "cuda":
+        found["gpu"] = torch.cuda.get_device_name()
+    return found
 
 
-def table() -> None:
-    rows = [json.loads(p.read_text()) for p in sorted(CELLS.glob("*.json"))]
-    for row in rows:  # cells written before the schedule was recorded ran the default one
-        row.setdefault("schedule", "7 PGD-AT" if row["method"] == "dense" else schedule(row["method"]))
+def table(bench: Bench = BENCH) -> None:
+    cells = [json.loads(p.read_text()) for p in sorted(bench.cells.glob("*.json"))]
+    for cell in cells:  # cells written before the schedule was recorded ran the default one
+        cell.setdefault("schedule", "7 PGD-AT" if cell["method"] == "dense" else schedule(cell["method"]))
+    rows = _seeds_averaged(cells)
     order = {"dense": 0, **{m: i + 1 for i, m in enumerate(METHODS)}}
     rows.sort(key=lambda r: (r["target_ratio"], order[r["method"]], r["schedule"] != schedule(r["method"])))
-    keys = ("method", "target_ratio", "ratio", "params", "clean", "robust", "seconds", "schedule")
-    (RESULTS / "mnist.json").write_text(json.dumps([{k: r[k] for k in keys} for r in rows], indent=2) + "\n")
+    keys = ("method", "target_ratio", "ratio", "params", "clean", "robust", "seeds", "robust_by_seed", "seconds",
+            "schedule")
+    results = bench.results / bench.name
+    results.with_suffix(".json").write_text(json.dumps([{k: r[k] for k in keys} for r in rows], indent=2) + "\n")
     lines = ["| method | schedule after the dense start | target | achieved ratio | params | clean | PGD-20 robust "
-             "| seconds |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| seeds | s/epoch | seconds |", "|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
     for r in rows:
+        seeds = ", ".join(f"{v:.1%}" for v in r["robust_by_seed"]) if len(r["seeds"]) > 1 else str(r["seeds"][0])
         lines.append(f"| {r['method']} | {r['schedule']} | {r['target_ratio']}x | {r['ratio']:.2f}x | {r['params']:,} "
-                     f"| {r['clean']:.1%} | {r['robust']:.1%} | {r['seconds']:.0f} |")
+                     f"| {r['clean']:.1%} | {r['robust']:.1%} | {seeds} | {_epoch_seconds(r)} | {r['seconds']:.0f} |")
     text = "\n".join(lines)
-    machines = sorted({json.dumps(r.get("machine", {}), sort_keys=True) for r in rows})
-    (RESULTS / "mnist.md").write_text(text + "\n\nmachines: " + "; ".join(machines) + "\n")
+    machines = sorted({json.dumps(r.get("machine", {}), sort_keys=True) for r in cells})
+    note = "With several seeds, clean and PGD-20 are their mean and the seeds column lists each seed's PGD-20."
+    results.with_suffix(".md").write_text(f"{text}\n\n{note}\n\nmachines: " + "; ".join(machines) + "\n")
     print(text)
-    _plot(rows)
+    _plot(rows, bench)
 
 
-def _plot(rows: list[dict[str, object]]) -> None:
+def _seeds_averaged(cells: list[dict]) -> list[dict]:
+    """One row per (method, budget, schedule): accuracies averaged over its seeds, the rest from the first seed."""
+    groups: dict[tuple[object, ...], list[dict]] = {}
+    for cell in sorted(cells, key=lambda c: c.get("seed", DEFAULT_SEED)):
+        groups.setdefault((cell["method"], cell["target_ratio"], cell["schedule"]), []).append(cell)
+    rows = []
+    for group in groups.values():
+        row = dict(group[0])
+        row["seeds"] = [c.get("seed", DEFAULT_SEED) for c in group]
+        row["robust_by_seed"] = [c["robust"] for c in group]
+        for key in ("clean", "robust", "seconds"):
+            row[key] = sum(c[key] for c in group) / len(group)
+        rows.append(row)
+    return rows
+
+
+def _epoch_seconds(row: dict[str, object]) -> str:
+    """The mean seconds of a training epoch, over every phase the cell ran (ADMM epochs cost a little more)."""
+    means = [v for v in (row.get("epoch_seconds") or {}).values() if v is not None]  # type: ignore[union-attr]
+    return f"{sum(means) / len(means):.1f}" if means else "-"
+
+
+def _plot(rows: list[dict[str, object]], bench: Bench) -> None:
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(6, 4), layout="constrained")
@@ -277,14 +360,21 @@ def _plot(rows: list[dict[str, object]]) -> None:
     axes.set_xscale("log", base=2)
     axes.set_xlabel("compression ratio (conv + linear weights)")
     axes.set_ylabel("PGD-20 robust accuracy (eps 0.3)")
-    axes.set_title("MNIST, mnist-cnn (0.58M params)")
+    dense = next((r["params"] for r in rows if r["method"] == "dense"), None)
+    axes.set_title(f"MNIST, {bench.arch}" + (f" ({dense / 1e6:.2f}M params)" if dense else ""))
     axes.legend()
-    figure.savefig(RESULTS / "mnist.png", dpi=120)
+    figure.savefig((bench.results / bench.name).with_suffix(".png"), dpi=120)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=("run", "table"))
+    parser.add_argument("--arch", default="mnist-cnn", choices=("mnist-cnn", "mnist-cnn-x2", "mnist-cnn-x4"),
+                        help="the CNN: mnist-cnn (0.58M params) or the same twice / four times as wide")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--data", type=Path, default=DATA, help="the MNIST folder (torchvision's IDX layout)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the dense start is and the cells go")
+    parser.add_argument("--start", type=Path, default=None, help="the dense start (default: in --results)")
     parser.add_argument("--ratios", type=int, nargs="*", default=[16, 64, 256])
     parser.add_argument("--methods", nargs="*", default=["dense", *METHODS])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 per process runs tiny convs fastest)")
@@ -298,26 +388,29 @@ def main() -> None:
     parser.add_argument("--min-rank", type=int, default=None, help="the rank floor (default 2, or 1 at 256x)")
     parser.add_argument("--classifier", choices=("auto", "dense", "low-rank"), default="auto",
                         help="the low-rank methods' classifier: dense where the budget allows (auto), or always either")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="the compression's seed (same dense start)")
     parser.add_argument("--random-start", action="store_true",
                         help="start from random weights instead of the dense start (a diagnostic of the structure)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    bench = Bench(args.arch, args.device, args.data.resolve(), args.results.resolve(),
+                  args.start.resolve() if args.start else None)
     classifier = {"auto": None, "dense": True, "low-rank": False}[args.classifier]
     setting = Setting(args.admm_epochs, args.finetune_lr, args.rho, args.rho_max, args.interval, args.policy,
-                      args.min_rank, args.random_start, classifier)
+                      args.min_rank, args.random_start, classifier, args.seed)
     if args.action == "table":
-        table()
+        table(bench)
         return
     torch.set_num_threads(args.threads)
-    if not DENSE.exists() and not setting.random_start:
-        raise SystemExit(f"no dense start at {DENSE}: run benchmarks/mnist_pretrain.py first")
-    CELLS.mkdir(parents=True, exist_ok=True)
+    if not bench.dense.exists() and not setting.random_start:
+        raise SystemExit(f"no dense start at {bench.dense}: run benchmarks/mnist_pretrain.py --arch {bench.arch} first")
+    bench.cells.mkdir(parents=True, exist_ok=True)
     for method in args.methods:
         for ratio in ([1] if method == "dense" else args.ratios):
-            cell = CELLS / f"{cell_name(method, ratio, setting)}.json"
+            cell = bench.cells / f"{cell_name(method, ratio, setting)}.json"
             if cell.exists():
                 continue
-            row = run_dense() if method == "dense" else run_cell(method, ratio, setting)
-            row["machine"] = machine()
+            row = run_dense(bench) if method == "dense" else run_cell(method, ratio, setting, bench)
+            row["machine"] = machine(bench.device)
             cell.write_text(json.dumps(row, indent=2) + "\n")
             print(json.dumps(row), flush=True)
 

@@ -70,7 +70,8 @@ def measure_latency(spec: Spec, model: nn.Module, plan: Plan, *, threads: int = 
         from .prune import channel_prune
 
         kept = set(spec.compress.keep) | {layer.name for layer in plan.layers if layer.rule.startswith("keep")}
-        compressed = channel_prune(model, example, plan.params_after, keep=sorted(kept)).model
+        compressed = channel_prune(model, example, plan.params_after, keep=sorted(kept),
+                                   allocation=spec.compress.allocation).model
     else:
         compressed = factorize(model, plan, spec)
     return compare_latency(model, compressed, example, threads=threads, repeats=repeats, leaves=spec.model.leaf)

@@ -62,9 +62,18 @@ def _digits_cnn(spec: ModelSpec) -> nn.Module:
     return SmallCnn(spec.input[0], spec.classes, (32, 64, "M", 128, 128))
 
 
-def _mnist_cnn(spec: ModelSpec) -> nn.Module:
-    # About 0.58M parameters, nearly all in 3x3 convs; ends in global pooling and one small Linear.
-    return SmallCnn(spec.input[0], spec.classes, (32, 32, "M", 64, 64, "M", 128, 128, "M", 256))
+_MNIST_WIDTHS: tuple[int | str, ...] = (32, 32, "M", 64, 64, "M", 128, 128, "M", 256)
+
+
+def _mnist_cnn(width: int) -> Callable[[ModelSpec], nn.Module]:
+    """`cstar:mnist-cnn` (about 0.58M parameters, nearly all in 3x3 convs) with every layer ``width`` times as wide:
+    x2 has about 2.3M parameters and x4 about 9.3M, the scale of the CSTAR paper's ResNet-18."""
+
+    def build(spec: ModelSpec) -> nn.Module:
+        widths = tuple(w if w == "M" else int(w) * width for w in _MNIST_WIDTHS)
+        return SmallCnn(spec.input[0], spec.classes, widths)
+
+    return build
 
 
 def _mlp(spec: ModelSpec) -> nn.Module:
@@ -74,7 +83,9 @@ def _mlp(spec: ModelSpec) -> nn.Module:
 
 OWN_MODELS: dict[str, Callable[[ModelSpec], nn.Module]] = {
     "digits-cnn": _digits_cnn,
-    "mnist-cnn": _mnist_cnn,
+    "mnist-cnn": _mnist_cnn(1),
+    "mnist-cnn-x2": _mnist_cnn(2),
+    "mnist-cnn-x4": _mnist_cnn(4),
     "mlp": _mlp,
 }
 

@@ -514,6 +514,13 @@ def _export(context: _Context) -> list[dict[str, Any]]:
     return written
 
 
+def _pruned_reason(before: Any, after: Any, pruning_ratio: float, allocation: str) -> str:
+    if allocation == "uniform":
+        return f"{pruning_ratio:.1%} of channels removed"
+    kept = after.shape[0] if after is not None else 0
+    return f"{kept} of {before.shape[0]} outputs kept ({pruning_ratio:.1%} of all channels removed, ranked globally)"
+
+
 def _prune(context: _Context, net: nn.Module, plan: dict[str, Any] | None) -> tuple[nn.Module, dict[str, Any]]:
     """Torch-Pruning L1 filter pruning to the parameter count the factorized model would have."""
     from .prune import channel_prune
@@ -522,7 +529,8 @@ def _prune(context: _Context, net: nn.Module, plan: dict[str, Any] | None) -> tu
     spec = context.spec
     kept = set(spec.compress.keep) | {layer["name"] for layer in plan["layers"] if layer["rule"].startswith("keep")}
     example = torch.zeros(1, *spec.model.input)
-    pruned = channel_prune(net, example, plan["totals"]["params_after"], keep=sorted(kept))
+    allocation = spec.compress.allocation
+    pruned = channel_prune(net, example, plan["totals"]["params_after"], keep=sorted(kept), allocation=allocation)
     after = {layer.name: layer for layer in inventory.collect(pruned.model, spec.model.input, spec.model.leaf).layers}
     layers = []
     for layer in context.layers:
@@ -531,10 +539,10 @@ def _prune(context: _Context, net: nn.Module, plan: dict[str, Any] | None) -> tu
         layers.append({"name": layer.name, "type": layer.type_name,
                        "method": "dense" if new and new.params == layer.params else "pruned",
                        "shape": list(layer.shape), "shape_after": list(new.shape) if new else None,
-                       "rule": "channel-prune (L1, uniform ratio)", "ranks": None,
+                       "rule": f"channel-prune (L1, {allocation})", "ranks": None,
                        "params_before": layer.params, "params_after": params_after,
                        "macs_before": layer.macs, "macs_after": new.macs if new else 0, "energy_kept": None,
-                       "reason": f"{pruned.pruning_ratio:.1%} of channels removed"})
+                       "reason": _pruned_reason(layer, new, pruned.pruning_ratio, allocation)})
     totals = {"params_before": sum(x["params_before"] for x in layers),
               "params_after": sum(x["params_after"] for x in layers),
               "macs_before": sum(x["macs_before"] for x in layers), "macs_after": sum(x["macs_after"] for x in layers),

@@ -34,23 +34,23 @@ def weight_params(model: nn.Module) -> int:
 
 
 def channel_prune(model: nn.Module, example_input: torch.Tensor, target_params: int, *,
-                  keep: Iterable[str] = ()) -> Pruned:
-    """Bisection on the uniform pruning ratio so that weight_params(pruned) <= target_params and as close to it as the
-    channel granularity allows."""
+                  keep: Iterable[str] = (), allocation: str = "uniform") -> Pruned:
+    """The largest pruned model with weight_params(pruned) <= target_params, by bisection on the pruning ratio.
+
+    ``uniform`` removes the same share of every layer's channels (Li et al.); ``global`` ranks the channels of all
+    layers together by their mean-normalized L1 norm (Torch-Pruning's global pruning), so layers lose different shares.
+    """
     template = copy.deepcopy(model)
     if weight_params(template) <= target_params:
         return Pruned(template, 0.0, weight_params(template))
     protected = [_classifier(template, example_input), *(_module(template, name) for name in keep)]
+    if allocation == "global":
+        return _global_prune(_Trials(template, example_input, protected, global_pruning=True), target_params)
     shares = _kept_shares(template, protected)
     trial = _Trials(template, example_input, protected)
     smallest = trial(shares[0]) if shares else Pruned(template, 0.0, weight_params(template))
     if smallest.params > target_params:
-        raise SpecProblem(
-            ("compress", "budget"), "infeasible-budget",
-            f"channel pruning reaches no fewer than {smallest.params:,} weight parameters (removing "
-            f"{smallest.pruning_ratio:.1%} of every layer's channels), above the budget of {target_params:,}",
-            help=f"raise the budget to at least {smallest.params:,} parameters, or keep fewer layers unpruned",
-        )
+        raise _infeasible(smallest, target_params)
     # Invariant: shares[low] fits the budget, shares[high] does not (index len(shares) is the unpruned model). Each
     # share is a breakpoint where some layer's kept channel count changes, so bisecting over them finds the smallest
     # pruning ratio that fits in about log2(len(shares)) trials (9 for resnet18), and every trial is a distinct model.
@@ -63,6 +63,48 @@ def channel_prune(model: nn.Module, example_input: torch.Tensor, target_params: 
         else:
             high = mid
     return best
+
+
+# A scan in steps of this share finds where the budget is met; bisection then refines it.
+_GLOBAL_SCAN_STEP = Fraction(1, 20)
+_GLOBAL_BISECTIONS = 16
+
+
+def _global_prune(trial: _Trials, target_params: int) -> Pruned:
+    """The smallest global pruning ratio (the share of all prunable channels removed) that meets the budget.
+
+    Params fall as the ratio grows only until the threshold would empty a layer: Torch-Pruning then skips that layer
+    whole, and the model grows again. So a forward scan stops at the first ratio that fits (or where params stop
+    falling), and bisection refines the last step, inside the region where params are monotone."""
+    low, smallest = Fraction(0), None
+    while (high := low + _GLOBAL_SCAN_STEP) < 1:
+        pruned = trial(1 - high)
+        if smallest is not None and pruned.params >= smallest.params:
+            break  # past the monotone region
+        smallest = pruned
+        if pruned.params <= target_params:
+            break
+        low = high
+    if smallest is None or smallest.params > target_params:
+        raise _infeasible(smallest or trial(1 - _GLOBAL_SCAN_STEP), target_params)
+    best = smallest
+    for _ in range(_GLOBAL_BISECTIONS):
+        mid = (low + high) / 2
+        pruned = trial(1 - mid)
+        if pruned.params <= target_params:
+            high, best = mid, pruned
+        else:
+            low = mid
+    return best
+
+
+def _infeasible(smallest: Pruned, target_params: int) -> SpecProblem:
+    return SpecProblem(
+        ("compress", "budget"), "infeasible-budget",
+        f"channel pruning reaches no fewer than {smallest.params:,} weight parameters (removing "
+        f"{smallest.pruning_ratio:.1%} of the channels), above the budget of {target_params:,}",
+        help=f"raise the budget to at least {smallest.params:,} parameters, or keep fewer layers unpruned",
+    )
 
 
 def resize_to(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
@@ -82,9 +124,11 @@ def resize_to(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
 class _Trials:
     """One-shot pruning of a fresh deep copy per kept share: Torch-Pruning cannot undo or redo a pruning step."""
 
-    def __init__(self, template: nn.Module, example_input: torch.Tensor, protected: list[nn.Module]) -> None:
+    def __init__(self, template: nn.Module, example_input: torch.Tensor, protected: list[nn.Module], *,
+                 global_pruning: bool = False) -> None:
         self.template, self.example_input = template, example_input
         self.protected_names = [_name(template, m) for m in protected]
+        self.global_pruning = global_pruning
 
     def __call__(self, share: Fraction) -> Pruned:
         model = copy.deepcopy(self.template)
@@ -93,7 +137,9 @@ class _Trials:
         # Li et al. rank filters by L1 norm within each layer; a uniform per-layer ratio (no global ranking) is their
         # setting and never empties a layer. Torch-Pruning's group mean also scores channels that residual additions
         # couple by every layer they touch, not by one arbitrary root layer.
-        importance = tp.importance.MagnitudeImportance(p=1, group_reduction="mean", normalizer=None)
+        # Across layers the scores must be comparable, so global ranking divides each layer's by its mean.
+        importance = tp.importance.MagnitudeImportance(p=1, group_reduction="mean",
+                                                       normalizer="mean" if self.global_pruning else None)
         # The dependency graph is traced with autograd, so it needs grad even if the caller runs under no_grad.
         with torch.enable_grad(), warnings.catch_warnings():
             # Torch-Pruning warns about cases it then handles itself (unwrapped parameters it prunes along their last
@@ -101,8 +147,9 @@ class _Trials:
             # errors in cstar's tests. Only its own warnings are silenced: torch's still surface.
             warnings.filterwarnings("ignore", module=r"torch_pruning\.")
             # MetaPruner (an alias of BasePruner in 1.6) is the name every torch-pruning release >= 1.4 has.
-            pruner = tp.pruner.MetaPruner(model, self.example_input, importance=importance, global_pruning=False,
-                                          pruning_ratio=ratio, ignored_layers=ignored)
+            pruner = tp.pruner.MetaPruner(model, self.example_input, importance=importance,
+                                          global_pruning=self.global_pruning, pruning_ratio=ratio,
+                                          ignored_layers=ignored)
             pruner.step()
         # Tracing leaves the model in eval mode; give back the mode the caller's model was in.
         model.train(self.template.training)

@@ -30,7 +30,7 @@ TORCHVISION_MODELS: tuple[str, ...] = (
 )
 
 # The project"s own small architectures.
-CSTAR_MODELS: tuple[str, ...] = ("digits-cnn", "mnist-cnn", "mlp")
+CSTAR_MODELS: tuple[str, ...] = ("digits-cnn", "mnist-cnn", "mnist-cnn-x2", "mnist-cnn-x4", "mlp")
 
 DATASETS: tuple[str, ...] = ("digits", "mnist", "cifar10", "cifar100", "imagenet")
 FACTORIZABLE_LAYER_TYPES: tuple[str, ...] = ("Conv2d", "Linear")

@@ -311,6 +311,16 @@ def _phases_for_method(spec: SimpleNamespace, root: Section) -> list[Diagnostic]
     return found
 
 
+def _allocation_for_method(spec: SimpleNamespace, root: Section) -> list[Diagnostic]:
+    compress = spec.compress
+    if compress.method == "channel-prune" or compress.allocation == "uniform":
+        return []
+    return [Diagnostic(
+        "setting-ignored", f"method `{compress.method}` removes no channels; `allocation` is not used",
+        locate(root, ("compress", "allocation")), severity="warning", label="ignored",
+        help="`allocation` chooses how `channel-prune` spreads the removed channels; drop it for this method")]
+
+
 def _fixed_policy_ranks(spec: SimpleNamespace, root: Section) -> list[Diagnostic]:
     if spec.compress.policy.kind != "fixed" or any(r.rank is not None for r in spec.compress.layers):
         return []
@@ -361,6 +371,7 @@ _CHECKS = (
     (("compress",), _rules_against_keep),
     (("compress", "train"), _phases_for_method),
     (("compress",), _fixed_policy_ranks),
+    (("compress",), _allocation_for_method),
     (("data",), _data_root),
     (("data",), _split_for_dataset),
     (("model", "data"), _normalization_channels),

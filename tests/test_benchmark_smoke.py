@@ -152,3 +152,39 @@ def test_a_cell_recipe_written_in_its_folder_uses_relative_paths(mnist_benchmark
     spec = check_file(_written(folder / "spec.cstar", text)).spec
     assert spec.model.weights == mnist_benchmark.DENSE
     assert spec.data.root == mnist_benchmark.ROOT.parent / "shared" / "data" / "mnist-10k"
+
+
+@pytest.fixture(scope="module")
+def gpu_benchmark():
+    yield from _benchmark("gpu")
+
+
+def test_the_gpu_script_runs_every_part_at_toy_size_on_the_cpu(gpu_benchmark, tmp_path):
+    """The GPU's minutes are few: the prepared script must not fail there for a reason the CPU could have shown."""
+    code = gpu_benchmark.main(["--toy", "--out", str(tmp_path), "--archs", "mnist-cnn", "--methods", "dense",
+                               "cstar", "channel-prune-global", "--workers", "2", "--minutes", "20"])
+    assert code == 0
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    assert report["toy"] and report["skipped"] == [] and report["machine"]["device"] == "cpu"
+    assert report["tests"]["returncode"] == 0 and report["tests"]["counts"].get("failed", 0) == 0
+    rows = report["throughput"]["rows"]
+    assert {(r["structure"], r["precision"], r["channels_last"]) for r in rows} == {
+        (s, p, c) for s in ("dense", "factorized", "pruned") for p in ("fp32", "bf16") for c in (False, True)}
+    assert all(r["images_per_second"] > 0 and r["attack"] == "PGD-7" for r in rows)
+    params = {r["structure"]: r["params"] for r in rows}
+    assert params["factorized"] <= params["dense"] / 15 and params["pruned"] <= params["dense"] / 15  # 16x
+    (mnist,) = report["mnist"]
+    assert mnist["pretrain"]["returncode"] == 0
+    assert {cell: result["returncode"] for cell, result in mnist["cells"].items()} == {
+        "dense-1x-seed0": 0, "cstar-16x-seed0": 0, "cstar-64x-seed0": 0, "channel-prune-global-16x-seed0": 0,
+        "channel-prune-global-64x-seed0": 0}
+    table = json.loads((tmp_path / "mnist" / "mnist.json").read_text())
+    assert {(r["method"], r["target_ratio"]) for r in table} == {
+        ("dense", 1), ("cstar", 16), ("cstar", 64), ("channel-prune-global", 16), ("channel-prune-global", 64)}
+    for row in table:
+        assert row["ratio"] == pytest.approx(row["target_ratio"], rel=0.1)
+        assert 0 <= row["robust"] <= row["clean"] <= 1
+    cells = tmp_path / "mnist" / "mnist"
+    cell_recipe = (cells / "cstar-16x" / "spec.cstar").read_text()
+    assert '"/' not in cell_recipe and "allocation" not in cell_recipe
+    assert "allocation = global" in (cells / "channel-prune-global-64x" / "spec.cstar").read_text()

@@ -87,6 +87,17 @@ def test_mnist_cnn_has_about_580k_parameters():
         assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
 
 
+@pytest.mark.parametrize(("arch", "width", "low", "high"), [("cstar:mnist-cnn-x2", 2, 2.25e6, 2.4e6),
+                                                           ("cstar:mnist-cnn-x4", 4, 9.2e6, 9.4e6)])
+def test_wide_mnist_cnns_scale_every_layer(arch, width, low, high):
+    base = models.build_model(model_spec("cstar:mnist-cnn", shape=(1, 28, 28)))
+    wide = models.build_model(model_spec(arch, shape=(1, 28, 28)))
+    assert low <= count(wide) <= high, count(wide)
+    widths = [m.out_channels for m in wide.modules() if isinstance(m, nn.Conv2d)]
+    assert widths == [width * m.out_channels for m in base.modules() if isinstance(m, nn.Conv2d)]
+    assert wide.fc.in_features == width * base.fc.in_features and wide.fc.out_features == 10
+
+
 def test_digits_cnn_builds_for_8x8_inputs():
     model = models.build_model(model_spec("cstar:digits-cnn", shape=(1, 8, 8)))
     with torch.no_grad():

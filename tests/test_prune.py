@@ -191,3 +191,21 @@ def test_resize_to_scales_depthwise_groups_and_keeps_hyperparameters():
     assert (depthwise.groups, depthwise.in_channels, depthwise.dilation, depthwise.padding) == (5, 5, (2, 2), (2, 2))
     assert model[0].bias is None and model[0].stride == (2, 2)
     assert model[1].eps == 1e-3 and not model[1].affine and model[1].num_features == 5
+
+
+def test_global_allocation_meets_the_budget_with_uneven_shares():
+    model = small_cnn()
+    target = weight_params(model) // 16
+    pruned = channel_prune(model, CNN_INPUT, target, allocation="global")
+    assert pruned.params <= target
+    uniform = channel_prune(model, CNN_INPUT, target)
+    # Within the channel granularity of the widest layer: the bisection does not stop early.
+    assert pruned.params >= target - 2 * 256 * 9 * 2
+    kept = [conv.out_channels / original.out_channels for conv, original in zip(convs(pruned.model), convs(model),
+                                                                                 strict=True)]
+    assert max(kept) - min(kept) > 0.05, kept  # the layers lose different shares, unlike uniform pruning
+    assert all(conv.out_channels >= 1 for conv in convs(pruned.model))
+    assert same_state(model, small_cnn())  # the caller's model is untouched
+    assert pruned.model.fc.out_features == 10 and uniform.model.fc.out_features == 10
+    with torch.no_grad():
+        assert pruned.model(CNN_INPUT).shape == (1, 10)

@@ -197,6 +197,8 @@ class CompressSpec(Block):
     keep: Annotated[tuple[str, ...], typed(names, what="module names")] = ()
     min_rank: Annotated[int | None, int_at_least(1, "`min_rank`")] = None
     hooi_sweeps: Annotated[int, int_at_least(0, "`hooi_sweeps`")] = 0
+    # channel-prune only: the same share of every layer's channels, or one ranking of all channels.
+    allocation: Annotated[str, typed(c.choice, options=("uniform", "global"), what="channel allocation")] = "uniform"
     layers: tuple[LayerRule, ...] = ()
 
     @field_validator("keep", mode="after")
