@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import shutil
 import time
 import warnings
@@ -124,7 +125,7 @@ def _check_sizes(check_batch: int) -> tuple[int, int]:
 
 
 def _copy(source: Path, path: Path) -> None:
-    if path.resolve() == source.resolve():
+    if os.path.realpath(path) == os.path.realpath(source):  # Path.resolve raises on a symlink loop
         return
     _write_checked(path, path.suffix, lambda temporary: shutil.copyfile(source, temporary), None)
 

@@ -104,6 +104,10 @@ def ensure_folder(folder: Path) -> None:
     if found == "missing":
         try:
             folder.mkdir(parents=True, exist_ok=True)
+        except NotADirectoryError:
+            blocker = next(parent for parent in folder.parents if os.path.lexists(parent))
+            raise FileProblem(f"cannot write into {folder}: {blocker} is {kind(blocker)}, not a folder",
+                              help="choose another --out") from None
         except OSError as error:
             raise _write_problem(folder, error) from None
         return
