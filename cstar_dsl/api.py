@@ -91,8 +91,9 @@ def compile(spec: Spec | str | Path, out: str | Path, *, resume: bool = False, f
     text = ""
     name = "spec.cstar"
     if not isinstance(spec, Spec):
+        loaded = load_spec(spec, allow_import=allow_import)  # first: it refuses a FIFO before anything reads it
         name, text = str(spec), Path(spec).read_text(encoding="utf-8")
-        spec = load_spec(spec, allow_import=allow_import)
+        spec = loaded
     options = CompileOptions(out=Path(out), resume=resume, locked=locked, force=force, allow_import=allow_import,
                              device=device, spec_name=name, spec_text=text)
     return compile_spec(spec, options, progress)

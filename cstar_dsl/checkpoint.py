@@ -2,23 +2,24 @@
 
 A checkpoint is a dict of tensors and plain values saved with ``torch.save`` and read back with
 ``torch.load(weights_only=True)``, so reading one never runs pickled code. Files are written to a
-temporary name, fsynced and renamed, so a kill or a full disk leaves the previous file whole.
+temporary name, fsynced and renamed (``files.replace``), so a kill or a full disk leaves the previous
+file whole.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import os
+import pickle
 import platform
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from . import files
 
 CHECKPOINT = "checkpoint.pt"
 LOCK = "lock.json"
@@ -32,65 +33,54 @@ class CheckpointError(Exception):
         self.help = help
 
 
-def write_atomic(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Write ``path`` through a temporary file in the same folder: fsync, then rename over the old one.
+def save(path: Path, state: Mapping[str, Any]) -> None:
+    """Write a checkpoint atomically (``files.replace``).
 
     Raises:
-        CheckpointError: the disk is full or not writable; the previous file is left as it was.
+        files.FileProblem: the disk is full or the path may not be written; the previous file is kept.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(descriptor, 0o644)  # mkstemp's 0600 would hide the artifacts from the user's colleagues
-        with os.fdopen(descriptor, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-        _fsync_folder(path.parent)
-    except OSError as error:
-        Path(temporary).unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write {path}: {error.strerror or error}",
-                              help="free some disk space or choose another --out; nothing already written was lost"
-                              ) from error
-
-
-def _fsync_folder(folder: Path) -> None:
-    # The rename is durable only once the folder entry is on disk too.
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-
-
-def write_text(path: Path, text: str) -> None:
-    write_atomic(path, lambda handle: handle.write(text.encode()))
-
-
-def save(path: Path, state: Mapping[str, Any]) -> None:
-    write_atomic(path, lambda handle: torch.save(dict(state), handle))
+    files.write_stream(path, lambda handle: torch.save(dict(state), handle))
 
 
 def load(path: Path) -> dict[str, Any]:
     """A checkpoint written by ``save``; refuses anything that would need unpickling code."""
     try:
+        files.require_file(path, "checkpoint")
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"no checkpoint in {path.parent}",
-                              help="run without --resume to start, or point --out at the run to resume") from None
+                              help="run without --resume to start (with --force if --out holds a model), "
+                                   "or point --out at the run to resume") from None
+    except files.FileProblem as problem:
+        raise CheckpointError(str(problem), help=problem.help) from None
     except Exception as error:  # a truncated or foreign file: explain, never a traceback
-        raise CheckpointError(f"cannot read the checkpoint {path}: {error}",
-                              help="the file is damaged or not a cstar checkpoint; start again without --resume"
-                              ) from None
+        raise CheckpointError(f"cannot read the checkpoint {path}: {load_failure(path, error)}",
+                              help="the file is damaged or not a cstar checkpoint; start over with --force "
+                                   "(without --resume)") from None
     if not isinstance(state, dict) or state.get("format") != "cstar.checkpoint/1":
         raise CheckpointError(f"{path} is not a cstar checkpoint")
     return state
+
+
+def load_failure(path: Path, error: Exception) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed, in cstar's words.
+
+    Never torch's advice to reload with ``weights_only=False`` (that would run the file's code), and
+    never the pickle machinery's errors for a file that is no checkpoint at all ("list index out of range").
+    """
+    if isinstance(error, pickle.UnpicklingError):
+        return ("it holds Python objects other than tensors, which cstar never unpickles (they could run "
+                "code); save a state dict: torch.save(model.state_dict(), PATH)")
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError as reading:
+        return reading.strerror or str(reading)
+    # torch.save writes a zip archive; before torch 1.6, a pickle (protocol 2: 0x80 0x02).
+    if not head.startswith((b"PK", b"\x80")):
+        return "it is not a torch.save file (neither a zip archive nor a pickle of tensors)"
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"the file is damaged ({first[:200]})"
 
 
 def rng_state() -> dict[str, Any]:
@@ -151,9 +141,12 @@ def lock_differences(old: Mapping[str, Any], new: Mapping[str, Any], *, environm
 
 def read_lock(path: Path) -> dict[str, Any]:
     try:
+        files.require_file(path, LOCK)
         lock = json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"no {LOCK} in {path.parent}", help="compile once without --locked to lock") from None
+    except files.FileProblem as problem:
+        raise CheckpointError(str(problem), help=problem.help) from None
     except (OSError, ValueError) as error:
         raise CheckpointError(f"cannot read {path}: {error}") from None
     if not isinstance(lock, dict) or lock.get("schema") != "cstar.lock/1":

@@ -9,9 +9,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from . import __version__
+from . import __version__, files
 from .errors import CStarError, Diagnostic
 from .render import FORMATS, render, si, to_dict
 
@@ -41,14 +39,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv
+    if getattr(args, "resume", False) and getattr(args, "force", False):
+        parser.error("--resume continues the run in --out and --force starts it over: choose one")
     # Logs and pipes get wide lines rather than tables wrapped at 80 columns.
     console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_USAGE
-    missing = [f for f in args.files if f != "-" and not Path(f).is_file()]
-    if missing:
-        parser.error(f"no such file: {missing[0]}")
+    for name in args.files:
+        found = "a file" if name == "-" else files.kind(name)
+        if found != "a file":  # a FIFO or a device would block the read: refused before it is opened
+            parser.error(f"no such file: {name}" if found == "missing" else f"{name} is {found}, not a file")
     if args.files.count("-") > (args.command == "diff"):
         parser.error("only `cstar diff` reads a recipe from standard input, and only one")
     return int(args.run(args, console))
@@ -107,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
                           help="refuse to run unless recipe, model, seed and versions match --out's lock.json")
     compile_.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override the recipe's `train.device`")
     compile_.add_argument("--quiet", action="store_true", help="no progress bars: one log line per epoch")
-    compile_.add_argument("--nproc", type=int, default=1, metavar="N",
+    compile_.add_argument("--nproc", type=_positive, default=1, metavar="N",
                           help="train with N processes on this machine (runs itself under torchrun)")
     compile_.add_argument("--allow-import", action="store_true",
                           help="allow `package.module:function` models (imports and runs that code)")
@@ -127,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
                                "(default: the recipe's `evaluate.attacks`)")
     evaluate.add_argument("--sanity", action="store_true",
                           help="the gradient-masking checks: more steps must not help, an unbounded attack must win")
-    evaluate.add_argument("--samples", type=int, help="evaluate on the first N test images")
+    evaluate.add_argument("--samples", type=_positive, help="evaluate on the first N test images")
     evaluate.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     evaluate.add_argument("--format", choices=("table", "json"), default="table")
     evaluate.add_argument("--allow-import", action="store_true",
@@ -375,6 +376,7 @@ def _diff_json(settings: list[Change], layers: list[LayerChange], plans: list[Pl
 def _compile(args: argparse.Namespace, console: Console) -> int:
     from . import distributed
     from .checkpoint import CheckpointError
+    from .files import FileProblem
     from .pipeline import CompileError, CompileOptions, Progress, compile_spec
     from .problems import SpecProblem
     from .validate import check_file
@@ -402,7 +404,7 @@ def _compile(args: argparse.Namespace, console: Console) -> int:
     except SpecProblem as problem:
         _print_diagnostics(console, [checked.diagnostic(problem)], "full")
         return EXIT_INVALID
-    except (CheckpointError, CompileError) as error:
+    except (CheckpointError, CompileError, FileProblem) as error:
         _print_diagnostics(console, [Diagnostic("run-failed", str(error), help=error.help)], "full")
         return EXIT_FAILED
     except KeyboardInterrupt:
@@ -557,19 +559,29 @@ def _export(args: argparse.Namespace, console: Console) -> int:
 
 def _eval(args: argparse.Namespace, console: Console) -> int:
     from .artifacts import ArtifactError
+    from .problems import SpecProblem
     from .robustness import MissingExtra, parse_attack, reevaluate
 
     folder = Path(args.folders[0])
+    diagnostics_format = "json" if args.format == "json" else "full"
     try:
         attacks = [parse_attack(text) for text in args.attack]
         result = reevaluate(folder, attacks, samples=args.samples, sanity=args.sanity, device=args.device,
                             allow_import=args.allow_import)
     except CStarError as error:
-        _print_diagnostics(console, list(error.diagnostics), "full")
+        _print_diagnostics(console, list(error.diagnostics), diagnostics_format)
         return EXIT_USAGE
-    except (ArtifactError, MissingExtra, ValueError) as error:
-        _print_diagnostics(console, [Diagnostic("eval-failed", str(error))], "full")
+    except SpecProblem as problem:  # the run's recorded recipe no longer runs here: its data folder is gone, say
+        _print_diagnostics(console, [Diagnostic("eval-failed", f"{folder}: {problem.message}", help=problem.help)],
+                           diagnostics_format)
         return EXIT_FAILED
+    except (ArtifactError, MissingExtra, ValueError) as error:
+        _print_diagnostics(console, [Diagnostic("eval-failed", str(error))], diagnostics_format)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        _print_diagnostics(console, [Diagnostic("eval-interrupted", "interrupted (Ctrl-C): nothing was written")],
+                           diagnostics_format)
+        return EXIT_INTERRUPTED
     failed = [check for check in result.sanity if not check.passed]
     if args.format == "json":
         console.out(json.dumps(result.to_dict(), indent=2))
@@ -619,7 +631,12 @@ def _fmt(args: argparse.Namespace, console: Console) -> int:
                 original.decode("utf-8").splitlines(keepends=True), formatted.splitlines(keepends=True),
                 fromfile=name, tofile=name)), end="")
         elif not args.check:
-            _write_atomically(path, formatted)
+            try:
+                files.write_text(path, formatted)
+            except files.FileProblem as problem:
+                changed.remove(name)
+                failed.append(name)
+                diagnostics.append(Diagnostic("unwritable-file", str(problem), help=problem.help))
     _print_diagnostics(console, diagnostics, args.format)
     dry = args.check or args.diff
     for name in changed:
@@ -631,21 +648,6 @@ def _fmt(args: argparse.Namespace, console: Console) -> int:
     if failed or ((args.check or args.diff) and changed):
         return EXIT_INVALID
     return EXIT_OK
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Replace ``path`` so that a crash leaves either the old or the new file, never half of one."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temporary, path.stat().st_mode & 0o7777)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def _print_diagnostics(console: Console, diagnostics: list[Diagnostic], fmt: str) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import shutil
 import time
-import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from . import artifacts
+from . import artifacts, files
 
 if TYPE_CHECKING:
     import onnx
@@ -125,28 +125,21 @@ def _check_sizes(check_batch: int) -> tuple[int, int]:
 
 
 def _copy(source: Path, path: Path) -> None:
-    if path.resolve() == source.resolve():
+    if os.path.realpath(path) == os.path.realpath(source):  # Path.resolve raises on a symlink loop
         return
     _write_checked(path, path.suffix, lambda temporary: shutil.copyfile(source, temporary), None)
 
 
 def _write_checked(path: Path, suffix: str, save: Callable[[Path], None], check: Check | None) -> float | None:
     """Save to a temporary file in ``path``'s folder, check it, then rename it over ``path``."""
-    # A fresh name rather than mkstemp's file: the savers create it, so it gets the umask's permissions, not 0600.
-    temporary = path.parent / f".{path.name}.{uuid.uuid4().hex}{suffix}"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def save_and_check(temporary: Path) -> float | None:
         save(temporary)
-        diff = check(temporary) if check is not None else None
-        os.replace(temporary, path)
-    except OSError as error:
-        raise ExportError(f"cannot write {path}: {error.strerror or error}; free some disk space or choose another "
-                          "--out (an earlier file there is left as it was)") from error
-    finally:
-        # Cleanup must not hide the error that brought us here (say, a parent that is a file).
-        with contextlib.suppress(OSError):
-            temporary.unlink(missing_ok=True)
-    return diff
+        return check(temporary) if check is not None else None
+
+    try:
+        return files.replace(path, save_and_check, suffix=suffix)
+    except files.FileProblem as problem:
+        raise ExportError(f"{problem}; {problem.help}" if problem.help else str(problem)) from None
 
 
 def _max_abs_diff(model: nn.Module, run: Callable[[torch.Tensor], torch.Tensor], batches: list[torch.Tensor],
@@ -160,9 +153,16 @@ def _max_abs_diff(model: nn.Module, run: Callable[[torch.Tensor], torch.Tensor],
                 got = run(batch)
             except Exception as error:  # each runtime has its own error types; a fixed batch size shows up here
                 raise ExportError(f"the {what} fails on a batch of {len(batch)}: {error}") from error
+            if not torch.isfinite(expected).all():
+                # Two all-NaN outputs "differ by 0": a check against them proves nothing.
+                raise ExportError("the PyTorch model itself gives NaN or infinite logits on random images in [0, 1]: "
+                                  "its weights are damaged; nothing was exported")
             if got.shape != expected.shape:
                 raise ExportError(f"the {what} returns logits of shape {tuple(got.shape)} for a batch of "
                                   f"{len(batch)}, PyTorch {tuple(expected.shape)}: the batch dimension is not dynamic")
+            if not torch.isfinite(got).all():
+                raise ExportError(f"the {what} gives NaN or infinite logits on a batch of {len(batch)} where PyTorch "
+                                  "gives finite ones; the file was not written: export another format")
             diff = max(diff, (got.float() - expected).abs().max().item())
     # ``not <=`` also catches NaN.
     if not diff <= TOLERANCE:
@@ -183,6 +183,10 @@ def _onnx(model: nn.Module, example: torch.Tensor, batches: list[torch.Tensor],
     except ImportError as error:
         raise ExportError(f"ONNX export needs the onnx, onnxscript and onnxruntime packages ({error}): "
                           "pip install onnx onnxscript onnxruntime") from None
+
+    if opset > onnx.defs.onnx_opset_version():
+        raise ExportError(f"ONNX opset {opset} does not exist yet: the installed onnx {onnx.__version__} knows opsets "
+                          f"up to {onnx.defs.onnx_opset_version()}; use --opset {NATIVE_OPSET}")
 
     def save(path: Path) -> None:
         onnx.save_model(_onnx_model(model, example, opset), str(path))
@@ -221,7 +225,7 @@ def _onnx_model(model: nn.Module, example: torch.Tensor, opset: int) -> onnx.Mod
     # the ExportError below tells the user to ask for 18.
     try:
         # verbose=False should keep the exporters off stdout; the redirect makes sure, as only the CLI may print.
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), _library_logs_silenced():
             if opset < NATIVE_OPSET:
                 return _legacy_onnx_model(model, example, opset)
             program = torch.onnx.export(model, (example,), dynamo=True, opset_version=opset, verbose=False,
@@ -231,6 +235,21 @@ def _onnx_model(model: nn.Module, example: torch.Tensor, opset: int) -> onnx.Mod
         hint = "try --format torch.export" if opset == NATIVE_OPSET else f"use --opset {NATIVE_OPSET}"
         raise ExportError(f"the ONNX exporter failed at opset {opset}: {error}; {hint}") from error
     return program.model_proto
+
+
+@contextlib.contextmanager
+def _library_logs_silenced() -> Iterator[None]:
+    # onnxscript's version converter logs a whole traceback to stderr (through logging) before it
+    # gives up on an opset; the ExportError that follows says what happened, and only the CLI prints.
+    loggers = [logging.getLogger(name) for name in ("onnxscript", "torch.onnx")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL + 1)  # inherited by their child loggers, unlike `disabled`
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _legacy_onnx_model(model: nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:

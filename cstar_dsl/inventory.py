@@ -141,6 +141,13 @@ def _io_positions(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, t
     try:
         with torch.no_grad():
             model.eval()(torch.zeros(1, *input_shape, **options))
+    except RuntimeError as error:  # torch's error for a shape the layers cannot take (an image too small)
+        size = "x".join(map(str, input_shape))
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SpecProblem(("model", "input"), "input-mismatch", f"the model cannot run on a {size} input: {reason}",
+                          label="does not fit the model",
+                          help="give the input size the model was built for (inception_v3 needs at least 75x75), "
+                               "or choose a model for this size") from None
     finally:
         for handle in handles:
             handle.remove()

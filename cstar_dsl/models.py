@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoint import load_failure
+from .files import FileProblem, require_file
 from .problems import SpecProblem
 from .registry import normalize_module_name
 from .spec import ModelSpec
@@ -192,6 +194,7 @@ def load_weights(model: nn.Module, path: Path) -> None:
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
     try:
+        require_file(path, "weights file")
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
@@ -199,8 +202,11 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise SpecProblem(("model", "weights"), "weights-not-found", f"no such weights file: {path}") from None
+    except FileProblem as problem:
+        raise SpecProblem(("model", "weights"), "unreadable-weights", str(problem), help=problem.help) from None
     except Exception as error:  # a corrupt or hostile file: never a traceback, never unpickled code
-        raise SpecProblem(("model", "weights"), "unreadable-weights", f"cannot read {path.name}: {error}") from None
+        reason = str(error) if path.suffix == ".safetensors" else load_failure(path, error)
+        raise SpecProblem(("model", "weights"), "unreadable-weights", f"cannot read {path.name}: {reason}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -8,6 +8,7 @@ same weights as one that was never interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import time
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from . import __version__, admm, checkpoint, distributed, inventory, models, report, rewrite
+from . import __version__, admm, checkpoint, distributed, files, inventory, models, report, rewrite
 from . import plan as planning
 from .artifacts import build_structure, model_description, save_model
 from .data import Datasets, augment, datasets, loader_batches
@@ -128,15 +129,19 @@ def compile_spec(spec: Spec, options: CompileOptions, progress: Progress | None 
     Raises:
         SpecProblem: a setting that cannot run (data folder, device, budget), located in the recipe.
         checkpoint.CheckpointError: the out folder, lock or checkpoint refuses the run.
+        files.FileProblem: the out folder cannot be written (a file, read-only, a full disk), or
+            another process is writing to it.
         CompileError: training diverged (the last good checkpoint is kept).
     """
     world = distributed.from_environment()
     device = distributed.device_for(world, _device(options.device or spec.train.device))
-    distributed.start(world, device)
-    try:
-        return _compile(spec, options, progress or Progress(), world, device)
-    finally:
-        distributed.stop(world)
+    # One writer per run folder: rank 0 writes it, so rank 0 holds its lock until the run ends.
+    with files.exclusive(options.out) if world.is_main else contextlib.nullcontext():
+        distributed.start(world, device)
+        try:
+            return _compile(spec, options, progress or Progress(), world, device)
+        finally:
+            distributed.stop(world)
 
 
 def _compile(spec: Spec, options: CompileOptions, progress: Progress, world: distributed.World,
@@ -223,8 +228,8 @@ def _prepare_out(context: _Context, lock: dict[str, Any], net: nn.Module) -> _Ru
     if context.world.is_main:
         if options.force:
             for name in (*OUTPUTS, checkpoint.CHECKPOINT):
-                (out / name).unlink(missing_ok=True)
-        checkpoint.write_text(lock_path, json.dumps(lock, indent=2) + "\n")
+                files.remove(out / name)
+        files.write_text(lock_path, json.dumps(lock, indent=2) + "\n")
     return _Run(net=net, model=_place(models.Normalized(net, context.data.mean, context.data.std), context.device))
 
 
@@ -606,16 +611,13 @@ def _write_artifacts(context: _Context, run: _Run, built: dict[str, Any], lock: 
     description["plan"] = run.plan
     save_model(out, run.model, description)
     built["exports"] = _export(context)
-    checkpoint.write_text(out / "report.json", json.dumps(built, indent=2) + "\n")
-    checkpoint.write_text(out / "report.md", report.markdown(built))
-    try:
-        report.plot_curves(built["history"], out / "curves.png")
-        report.plot_ranks(built["layers"], out / "ranks.png")
-    except OSError as error:  # the model and report are written; a plot that cannot be is said, not a traceback
-        raise checkpoint.CheckpointError(f"cannot write the plots in {out}: {error.strerror or error}",
-                                         help="the model and report.json are written; free some disk space") from error
-    checkpoint.write_text(out / "spec.cstar", context.options.spec_text)
-    checkpoint.write_text(out / checkpoint.LOCK, json.dumps(lock, indent=2) + "\n")
+    files.write_text(out / "report.json", json.dumps(built, indent=2) + "\n")
+    files.write_text(out / "report.md", report.markdown(built))
+    # savefig picks the format from the name, so the temporary file keeps ".png".
+    files.replace(out / "curves.png", lambda path: report.plot_curves(built["history"], path), suffix=".png")
+    files.replace(out / "ranks.png", lambda path: report.plot_ranks(built["layers"], path), suffix=".png")
+    files.write_text(out / "spec.cstar", context.options.spec_text)
+    files.write_text(out / checkpoint.LOCK, json.dumps(lock, indent=2) + "\n")
     # The checkpoint goes last: until every artifact is on disk, --resume can still finish the run.
-    (out / checkpoint.CHECKPOINT).unlink(missing_ok=True)
+    files.remove(out / checkpoint.CHECKPOINT)
 

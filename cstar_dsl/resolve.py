@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from . import files
 from . import syntax as ast
 from .errors import CStarError, Diagnostic
 from .lower import Section, SectionList, identity, lower
 from .parse import parse
+from .source import Span
 
 MAX_FILE_BYTES = 16 * 1024 * 1024
+RECIPE_SUFFIX = ".cstar"
 
 
 def display_path(path: Path) -> str:
@@ -25,8 +28,15 @@ def read_document(path: Path) -> ast.Document:
     """Read and parse one recipe file.
 
     Raises:
-        CStarError: ``file-not-found``/``unreadable-file`` without a span, or a syntax diagnostic.
+        CStarError: ``file-not-found``/``unreadable-file``/``not-a-recipe`` without a span, or a syntax
+            diagnostic.
     """
+    found = files.kind(path)  # stat, not open: a FIFO or a device would block the read
+    if found not in ("a file", "missing"):
+        raise CStarError([Diagnostic("unreadable-file", f"cannot read {display_path(path)}: it is {found}, "
+                                     "not a regular file", help="a recipe is a small text file; check the path")])
+    if found == "a file":
+        _require_recipe(path)
     try:
         if path.stat().st_size > MAX_FILE_BYTES:
             raise CStarError([Diagnostic(
@@ -41,6 +51,26 @@ def read_document(path: Path) -> ast.Document:
     return parse(data, display_path(path))
 
 
+def is_recipe_name(path: Path) -> bool:
+    """Whether ``path``, with every symlink followed, names a recipe: its file name ends in ``.cstar``.
+
+    cstar opens nothing else as a recipe, so no recipe, however hostile, can make it read and quote
+    another file (``extend "/etc/passwd"``, or a ``.cstar`` symlink that leads there).
+    """
+    return Path(os.path.realpath(path)).suffix == RECIPE_SUFFIX
+
+
+def _require_recipe(path: Path, span: Span | None = None) -> None:
+    if is_recipe_name(path):
+        return
+    real = os.path.realpath(path)
+    through = f" (a symlink to {_clip(display_path(Path(real)))})" if real != os.path.abspath(path) else ""
+    raise CStarError([Diagnostic(
+        "not-a-recipe", f"{_clip(display_path(path))}{through} is not a recipe: its name does not end in "
+        f"`{RECIPE_SUFFIX}`", span, label="not a `.cstar` file",
+        help=f"cstar reads only `{RECIPE_SUFFIX}` files as recipes; rename the file")])
+
+
 def load_sections(path: Path, text: bytes | None = None) -> tuple[Section, list[Diagnostic]]:
     """The merged sections of a recipe and its bases, and the structural problems of every file.
 
@@ -50,7 +80,8 @@ def load_sections(path: Path, text: bytes | None = None) -> tuple[Section, list[
     Raises:
         CStarError: when a file cannot be read or parsed, or an ``extend`` is missing or cyclic.
     """
-    return _load(path.resolve(), (), text)
+    # realpath, not Path.resolve: the latter raises on a symlink loop, which read_document reports.
+    return _load(Path(os.path.realpath(path)), (), text)
 
 
 def _load(path: Path, chain: tuple[tuple[Path, ast.Extend], ...],
@@ -64,37 +95,25 @@ def _load(path: Path, chain: tuple[tuple[Path, ast.Extend], ...],
 
 
 def _base_path(path: Path, extend: ast.Extend, chain: tuple[tuple[Path, ast.Extend], ...]) -> Path:
-    target = (path.parent / extend.path.value).resolve()  # strings cannot hold NUL: the grammar refuses it
+    target = Path(os.path.realpath(path.parent / extend.path.value))  # the grammar refuses NUL in strings
     visited = [p for p, _ in chain] + [path]
     if target in visited:
         cycle = " -> ".join(display_path(p) for p in visited[visited.index(target):] + [target])
         raise CStarError([Diagnostic(
             "extend-cycle", "this `extend` makes a cycle", extend.path.span, label="leads back here",
             notes=(f"cycle: {cycle}",), help="a recipe cannot extend itself, directly or through its bases")])
-    if not _is_file(target):
-        what = "a folder, not a recipe" if _is_dir(target) else "no such file"
+    found = files.kind(target)
+    if found != "a file":
+        what = {"missing": "no such file", "a folder": "a folder, not a recipe"}.get(found, f"{found}, not a recipe")
         raise CStarError([Diagnostic(
             "extend-not-found", f"base recipe not found: {_clip(display_path(target))}", extend.path.span,
             label=what, help="paths in a recipe are relative to the recipe's own folder")])
+    _require_recipe(target, extend.path.span)
     return target
 
 
 def _clip(text: str, limit: int = 100) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _is_file(path: Path) -> bool:
-    try:
-        return path.is_file()
-    except OSError:  # a name too long for the file system, say
-        return False
-
-
-def _is_dir(path: Path) -> bool:
-    try:
-        return path.is_dir()
-    except OSError:
-        return False
 
 
 def merge(base: Section, override: Section) -> Section:

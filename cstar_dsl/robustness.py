@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from pydantic_core import PydanticCustomError
 from torch import Tensor, nn
 
-from . import __version__
+from . import __version__, files
 from . import coerce as c
 from . import syntax as ast
 from .artifacts import ArtifactError, load
@@ -210,9 +210,12 @@ def resolved_spec(folder: Path, *, allow_import: bool = False) -> Spec:
     """
     path = Path(folder) / "report.json"
     try:
+        files.require_file(path, "report")
         report = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ArtifactError(f"{folder} holds no report.json, which records the recipe to evaluate with") from None
+    except files.FileProblem as problem:
+        raise ArtifactError(str(problem)) from None
     except (OSError, ValueError) as error:
         raise ArtifactError(f"cannot read {path}: {error}") from None
     resolved = report.get("resolved") if isinstance(report, dict) else None

@@ -16,10 +16,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cstar_dsl import checkpoint
+from cstar_dsl import checkpoint, files
 from cstar_dsl.artifacts import load
 from cstar_dsl.cli import main
 from cstar_dsl.data import datasets
+from cstar_dsl.files import FileProblem
 from cstar_dsl.validate import load_spec
 
 TINY = """
@@ -242,8 +243,8 @@ def test_a_failed_write_leaves_the_previous_file_whole(tmp_path, monkeypatch):
     def full_disk(handle):
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(checkpoint.CheckpointError, match="No space left on device"):
-        checkpoint.write_atomic(target, full_disk)
+    with pytest.raises(FileProblem, match="No space left on device"):
+        files.write_stream(target, full_disk)
     assert checkpoint.load(target)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary file left behind
 

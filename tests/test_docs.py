@@ -65,10 +65,10 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 # Codes that no recipe text can produce: they are about the file itself, and the CLI answers a
 # missing FILE argument with a usage error before reading it. Tested here through the API.
-API_ONLY_CODES = {"file-not-found", "unreadable-file"}
+API_ONLY_CODES = {"file-not-found", "unreadable-file", "unwritable-file"}
 # The commands' own failures (compile's out folder, lock, checkpoint, divergence; export; eval): the CLI module
 # that `cstar check` loads emits them, but only those commands reach them; tests/test_cli_run.py shows each.
-RUN_CODES = {"run-failed", "export-failed", "eval-failed"}
+RUN_CODES = {"run-failed", "export-failed", "eval-failed", "eval-interrupted"}
 
 
 # --------------------------------------------------------------------------- markdown

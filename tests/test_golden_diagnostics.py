@@ -39,7 +39,7 @@ EXPECTED_CODES = frozenset({
     # lower and load
     "duplicate-key", "duplicate-block", "duplicate-rule", "duplicate-requirement", "duplicate-extend",
     "misplaced-extend", "misplaced-require", "top-level-setting", "unexpected-label", "invalid-selector",
-    "extend-cycle", "extend-not-found",
+    "extend-cycle", "extend-not-found", "not-a-recipe",
     # spec: keys, blocks and arguments
     "unknown-key", "unknown-block", "unknown-argument", "missing-key", "missing-block", "missing-argument",
     "expected-block",
@@ -53,10 +53,10 @@ EXPECTED_CODES = frozenset({
     "rule-contradicts-keep", "missing-phase", "fixed-needs-rank", "shape-mismatch", "phase-ignored",
 })
 # Codes about the file itself, with no position; a fixture cannot produce them (test_file_level_errors).
-FILE_LEVEL_CODES = frozenset({"file-not-found", "unreadable-file"})
+FILE_LEVEL_CODES = frozenset({"file-not-found", "unreadable-file", "unwritable-file"})
 # Failures of a run, not of a recipe: no recipe file produces them (tests/test_compile.py and
 # tests/test_cli_run.py do).
-RUN_CODES = frozenset({"run-failed", "export-failed", "eval-failed"})
+RUN_CODES = frozenset({"run-failed", "export-failed", "eval-failed", "eval-interrupted"})
 
 # Cases whose current behaviour is a known bug: a traceback instead of a diagnostic, or an invalid
 # recipe accepted. Their .txt holds the output they should have (written by hand). strict: once the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -42,8 +43,9 @@ def path(value: object) -> Path:
     raw = Path(c.text(value, example='"data/mnist"'))
     if raw.is_absolute():
         return raw
-    base = Path(value.span.source.path).resolve().parent if isinstance(value, ast.String) else Path.cwd()
-    return (base / raw).resolve()
+    base = Path(os.path.realpath(value.span.source.path)).parent if isinstance(value, ast.String) else Path.cwd()
+    # realpath, not Path.resolve, which raises on a symlink loop: the reader of the path reports that.
+    return Path(os.path.realpath(base / raw))
 
 
 def names(value: object, what: str) -> tuple[str, ...]:
