@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from . import checkpoint, models, rewrite
+from . import checkpoint, limits, models, rewrite
 from .prune import resize_to
 from .spec import ModelSpec
 
@@ -65,6 +65,31 @@ def build_structure(model_spec: ModelSpec, structure: dict[str, Any], state: dic
     return net
 
 
+def size_problem(description: dict[str, Any]) -> str | None:
+    """What in an (edited) ``model.json`` is too large to build: classes, input or ranks past the
+    bounds a recipe has (``cstar_dsl.limits``), or None. Only numbers are judged here."""
+    model = description.get("model")
+    model = model if isinstance(model, dict) else {}
+    classes, shape = model.get("classes"), model.get("input")
+    if _whole(classes) and classes > limits.MAX_CLASSES:
+        return f"{classes} classes (at most {limits.MAX_CLASSES})"
+    if isinstance(shape, list) and all(_whole(side) for side in shape):
+        found = limits.input_problem(shape)
+        if found:
+            return found
+    structure = description.get("structure")
+    ranks = structure.get("ranks") if isinstance(structure, dict) else None
+    for name, pair in (ranks.items() if isinstance(ranks, dict) else ()):
+        largest = max((r for r in pair if _whole(r)), default=0) if isinstance(pair, list) else 0
+        if largest > limits.MAX_RANK:
+            return f"rank {largest} for {str(name)[:100]} (at most {limits.MAX_RANK})"
+    return None
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def load(folder: str | Path, *, allow_import: bool = False) -> nn.Module:
     """The compiled model in ``folder`` (images in [0, 1] in, logits out), in eval mode, on the CPU.
 
@@ -81,6 +106,9 @@ def load(folder: str | Path, *, allow_import: bool = False) -> nn.Module:
         raise ArtifactError(f"cannot read {folder / DESCRIPTION}: {error}") from None
     if not isinstance(description, dict) or description.get("schema") != SCHEMA:
         raise ArtifactError(f"{folder / DESCRIPTION} is not a cstar model description ({SCHEMA})")
+    problem = size_problem(description)
+    if problem:
+        raise ArtifactError(f"{folder / DESCRIPTION} asks for {problem}; refused before building anything")
     try:
         state = load_file(str(folder / WEIGHTS))
     except Exception as error:  # safetensors raises its own error type for a damaged file

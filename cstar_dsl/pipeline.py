@@ -144,6 +144,7 @@ def _compile(spec: Spec, options: CompileOptions, progress: Progress, world: dis
     started = time.perf_counter()
     progress.stage("loading data and building the model")
     data = datasets(spec)
+    _check_classes(spec, data)
     net = models.build_model(spec.model, seed=spec.train.seed, allow_import=options.allow_import)
     found = inventory.collect(net, spec.model.input, spec.model.leaf)
     dense = models.Normalized(net, data.mean, data.std)
@@ -165,6 +166,15 @@ def _compile(spec: Spec, options: CompileOptions, progress: Progress, world: dis
         _write_artifacts(context, run, built, lock)
     distributed.barrier(world)
     return Compiled(options.out, built, run.model.cpu().eval())
+
+
+def _check_classes(spec: Spec, data: Datasets) -> None:
+    """An image folder's class count is known only once it is read; `cstar check` knows the others."""
+    found = getattr(data.train, "classes", None)
+    if isinstance(found, list) and len(found) != spec.model.classes:
+        raise SpecProblem(("model", "classes"), "dataset-mismatch",
+                          f"`classes` is {spec.model.classes}, but the `{data.name}` folders hold {len(found)} classes",
+                          label=f"expected {len(found)}", help=f"write `classes = {len(found)}`")
 
 
 def _device(name: str) -> torch.device:

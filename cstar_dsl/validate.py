@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from . import limits
 from . import syntax as ast
 from .errors import CStarError, Diagnostic, closest, did_you_mean
 from .lower import Section, SectionList
@@ -357,6 +358,40 @@ def _normalization_channels(spec: SimpleNamespace, root: Section) -> list[Diagno
     return found
 
 
+def _input_against_dataset(spec: SimpleNamespace, root: Section) -> list[Diagnostic]:
+    """The model's input and classes must be what the data set delivers, or the run crashes (or,
+    worse, plans and reports the MACs of images it never sees)."""
+    dataset, (channels, height, width) = spec.data.dataset, spec.model.input
+    fixed = limits.FIXED_SHAPES.get(dataset)
+    found = []
+    if fixed is not None and fixed[0] != spec.model.input:
+        expected = "x".join(map(str, fixed[0]))
+        found.append(Diagnostic(
+            "dataset-mismatch", f"`input` is {_shape(spec.model.input)}, but `{dataset}` images are {expected}",
+            locate(root, ("model", "input")), label=f"expected {_shape(fixed[0])}",
+            help=f"write `input = {_shape(fixed[0])}`, or choose the data set this model is for"))
+    if fixed is None and channels != limits.FOLDER_CHANNELS:
+        found.append(Diagnostic(
+            "dataset-mismatch", f"`input` has {_count(channels, 'channel')}, but `{dataset}` images are RGB",
+            locate(root, ("model", "input")), label=f"expected {limits.FOLDER_CHANNELS} channels",
+            help=f"write `input = [3, {height}, {width}]`"))
+    if fixed is None and min(height, width) < limits.MIN_FOLDER_SIDE:
+        found.append(Diagnostic(
+            "dataset-mismatch", f"`input` is {height}x{width} pixels, too small for `{dataset}` crops",
+            locate(root, ("model", "input")), label=f"at least {limits.MIN_FOLDER_SIDE}x{limits.MIN_FOLDER_SIDE}",
+            help="the usual ImageNet input is `input = [3, 224, 224]`"))
+    if fixed is not None and fixed[1] != spec.model.classes:
+        found.append(Diagnostic(
+            "dataset-mismatch", f"`classes` is {spec.model.classes}, but `{dataset}` has {fixed[1]} classes",
+            locate(root, ("model", "classes")), label=f"expected {fixed[1]}",
+            help=f"write `classes = {fixed[1]}`: the model needs one output per class of the data set"))
+    return found
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(map(str, shape)) + "]"
+
+
 _CHECKS = (
     (("compress",), _rules_against_keep),
     (("compress", "train"), _phases_for_method),
@@ -364,6 +399,7 @@ _CHECKS = (
     (("data",), _data_root),
     (("data",), _split_for_dataset),
     (("model", "data"), _normalization_channels),
+    (("model", "data"), _input_against_dataset),
 )
 
 

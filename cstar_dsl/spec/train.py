@@ -7,6 +7,7 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import BaseModel, Field, field_validator
 
 from .. import coerce as c
+from .. import limits
 from .. import syntax as ast
 from .base import Block, int_at_least, number_at_least, positive_number, typed
 
@@ -95,7 +96,7 @@ def _interval(value: object) -> object:
 class PhaseSpec(Block):
     """A training phase: ``pretrain``, ``finetune`` (and, with more keys, ``admm``)."""
 
-    epochs: Annotated[int, int_at_least(0, "`epochs`")]
+    epochs: Annotated[int, int_at_least(0, "`epochs`", limits.MAX_EPOCHS)]
     lr: Annotated[float, positive_number("`lr`")]
     optimizer: Annotated[Optimizer, typed(c.variant, family=_OPTIMIZERS, what="optimizer")] = Sgd()
     schedule: Annotated[LrSchedule, typed(c.variant, family=_SCHEDULES, what="learning-rate schedule")] = (

@@ -1,0 +1,129 @@
+"""What a newcomer trips over (issue 12): recipes against their data, absurd sizes, warnings in the
+report, the plan at any width, fast feedback, readable plots, dropping a block, movable runs, wording."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cstar_dsl import limits, models
+from cstar_dsl.artifacts import ArtifactError, load, model_description, save_model, size_problem
+from cstar_dsl.errors import CStarError
+from cstar_dsl.spec import ModelSpec
+from cstar_dsl.validate import check_file
+
+SPECS = Path(__file__).resolve().parent.parent / "specs"
+DIGITS = (SPECS / "digits.cstar").read_text(encoding="utf-8")
+
+
+def _recipe(tmp_path: Path, text: str, name: str = "r.cstar") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _codes(path: Path) -> list[tuple[str, int, str]]:
+    with pytest.raises(CStarError) as raised:
+        check_file(path)
+    return [(d.code, d.span.line if d.span else 0, d.message) for d in raised.value.diagnostics]
+
+
+# ------------------------------------------------------------ 1. recipe against data
+
+
+@pytest.mark.parametrize(("dataset", "shape", "classes"), [
+    ("digits", "[1, 8, 8]", 10), ("mnist", "[1, 28, 28]", 10), ("cifar10", "[3, 32, 32]", 10),
+    ("cifar100", "[3, 32, 32]", 100)])
+def test_each_fixed_data_set_accepts_its_own_shape_and_classes(tmp_path, dataset, shape, classes):
+    text = DIGITS.replace("input = [1, 8, 8]", f"input = {shape}").replace("classes = 10", f"classes = {classes}")
+    if dataset != "digits":
+        text = text.replace("dataset = digits", f'dataset = {dataset}\n  root = "data"').replace("split = 80%", "")
+    assert check_file(_recipe(tmp_path, text)).spec.model.input == tuple(json.loads(shape))
+
+
+def test_an_mnist_input_on_digits_is_refused_at_the_input_line(tmp_path):
+    """Before the check, this compiled and reported 58M MACs for 8x8 images (4.7M in truth)."""
+    found = _codes(_recipe(tmp_path, DIGITS.replace("input = [1, 8, 8]", "input = [1, 28, 28]")))
+    assert found == [("dataset-mismatch", 7, "`input` is [1, 28, 28], but `digits` images are 1x8x8")]
+
+
+def test_wrong_channels_and_classes_are_both_reported(tmp_path):
+    text = DIGITS.replace("dataset = digits", 'dataset = cifar10\n  root = "c"').replace("split = 80%", "")
+    text = text.replace("input = [1, 8, 8]", "input = [1, 32, 32]").replace("classes = 10", "classes = 100")
+    found = _codes(_recipe(tmp_path, text))
+    assert [(code, line) for code, line, _ in found] == [("dataset-mismatch", 6), ("dataset-mismatch", 7)]
+    assert "`cifar10` has 10 classes" in found[0][2]
+
+
+def test_imagenet_folders_need_rgb_and_any_size_above_the_crop(tmp_path):
+    base = DIGITS.replace("dataset = digits", 'dataset = imagenet\n  root = "i"').replace("split = 80%", "")
+    ok = base.replace("input = [1, 8, 8]", "input = [3, 160, 96]").replace("classes = 10", "classes = 37")
+    assert check_file(_recipe(tmp_path, ok)).spec.model.classes == 37  # the folders decide, at load time
+    found = _codes(_recipe(tmp_path, base.replace("input = [1, 8, 8]", "input = [1, 24, 224]")))
+    assert [m for _, _, m in found] == ["`input` has 1 channel, but `imagenet` images are RGB",
+                                         "`input` is 24x224 pixels, too small for `imagenet` crops"]
+
+
+# --------------------------------------------------------------------- 2. absurd sizes
+
+
+@pytest.mark.parametrize(("old", "new", "message"), [
+    ("classes = 10", "classes = 100001", "`classes` must be at most 100000, got 100001"),
+    ("batch_size = 64", "batch_size = 1M", "`batch_size` must be at most 65536, got 1M"),
+    ("epochs = 4", "epochs = " + "1" + "0" * 38, "`epochs` must be at most 100000, got 1" + "0" * 20 + "..."),
+    ("steps = 7", "steps = 1G", "`steps` must be at most 100000, got 1G"),
+    ("min_rank", "min_rank", ""),
+])
+def test_absurd_sizes_are_out_of_range(tmp_path, old, new, message):
+    if old == "min_rank":  # a rank bound in the compress block
+        text = DIGITS.replace('keep = ["fc"]', 'keep = ["fc"]\n  min_rank = 70000')
+        message = "`min_rank` must be at most 65536, got 70000"
+    else:
+        text = DIGITS.replace(old, new, 1)
+    found = _codes(_recipe(tmp_path, text))
+    assert [(code, m) for code, _, m in found] == [("out-of-range", message)]
+
+
+def test_the_bounds_leave_room_for_real_runs(tmp_path):
+    text = DIGITS.replace("epochs = 4", f"epochs = {limits.MAX_EPOCHS}").replace("batch_size = 64", "batch_size = 4k")
+    assert check_file(_recipe(tmp_path, text)).spec.train.finetune.epochs == limits.MAX_EPOCHS
+    assert limits.input_problem((3, 2048, 2048)) is None  # 12.6M values
+    assert limits.input_problem((3, 16384, 16384)) is not None
+    assert "larger than 16384" in limits.input_problem((1, 16385, 1))
+
+
+def _saved(tmp_path: Path) -> Path:
+    spec = ModelSpec(arch="cstar:mlp", classes=10, input=(1, 8, 8))
+    model = models.Normalized(models.build_model(spec, seed=0), (0.5,), (0.25,))
+    save_model(tmp_path, model, model_description(spec, "cstar", {"kind": "dense"}, (0.5,), (0.25,)))
+    return tmp_path
+
+
+@pytest.mark.parametrize(("edit", "said"), [
+    (lambda d: d["model"].update(classes=10**12), "1000000000000 classes (at most 100000)"),
+    (lambda d: d["model"].update(input=[3, 100000, 100000]), "an input side of 100000 is larger than 16384"),
+    (lambda d: d["model"].update(input=[512, 1024, 1024]), "536,870,912 values per example"),
+    (lambda d: d.update(structure={"kind": "factorized", "ranks": {"fc1": [10**9]}}),
+     "rank 1000000000 for fc1 (at most 65536)"),
+])
+def test_an_edited_model_json_asking_for_absurd_sizes_is_refused_before_building(tmp_path, monkeypatch, edit, said):
+    folder = _saved(tmp_path)
+    description = json.loads((folder / "model.json").read_text())
+    edit(description)
+    (folder / "model.json").write_text(json.dumps(description))
+    built = []
+    monkeypatch.setattr(models, "build_model", lambda *a, **k: built.append(a))
+    with pytest.raises(ArtifactError, match="asks for .*refused before building anything") as raised:
+        load(folder)
+    assert said in str(raised.value)
+    assert not built
+
+
+def test_a_sane_model_json_has_no_size_problem(tmp_path):
+    folder = _saved(tmp_path)
+    assert size_problem(json.loads((folder / "model.json").read_text())) is None
+    assert size_problem({"model": "garbage", "structure": {"ranks": {"x": "y"}}}) is None  # shape errors are not sizes
+    assert isinstance(load(folder)(torch.rand(1, 1, 8, 8)), torch.Tensor)
