@@ -23,7 +23,7 @@ from rich.text import Text
 
 from . import __version__
 from .errors import CStarError, Diagnostic
-from .render import FORMATS, render, si, to_dict
+from .render import FORMATS, plural, render, si, to_dict
 
 if TYPE_CHECKING:
     from .diff import Change, LayerChange
@@ -98,7 +98,11 @@ def _parser() -> argparse.ArgumentParser:
                       help="allow `package.module:function` models (imports and runs that code)")
     diff.set_defaults(run=_diff)
 
-    compile_ = commands.add_parser("compile", help="train, compress and evaluate: the recipe's robust compact model")
+    compile_ = commands.add_parser(
+        "compile", help="train, compress and evaluate: the recipe's robust compact model",
+        description="Train, compress and evaluate the model a recipe describes, and write it with its report, "
+                    "plots and lock into the run folder. Every epoch is checkpointed: --resume continues an "
+                    "interrupted run.")
     compile_.add_argument("files", nargs=1, metavar="FILE")
     compile_.add_argument("--out", type=Path, help="the run folder (default: runs/<recipe name>)")
     compile_.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -115,7 +119,9 @@ def _parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="write a compiled model as ONNX, TorchScript or torch.export, checked")
     export.add_argument("folders", nargs=1, metavar="DIR", help="a folder `cstar compile` wrote")
-    export.add_argument("--format", choices=("onnx", "torchscript", "torch.export", "safetensors"), default="onnx")
+    export.add_argument("--format", choices=("onnx", "torchscript", "torch.export", "safetensors"), default="onnx",
+                        help="onnx (default; for inference servers), torchscript, torch.export (a PyTorch program) "
+                             "or safetensors (the weights alone, loaded with cstar_dsl.load)")
     export.add_argument("--out", type=Path, help="the file to write (default: DIR/model.onnx and the like)")
     export.add_argument("--opset", type=int, default=18, help="the ONNX opset (at least 17; default 18)")
     export.set_defaults(run=_export, files=[])
@@ -169,8 +175,8 @@ def _check(args: argparse.Namespace, console: Console) -> int:
         console.out(line)
     if invalid:
         errors = sum(d.is_error for d in diagnostics)
-        console.out(f"Found {errors} error{'s' * (errors != 1)} in {invalid} of {len(args.files)} "
-                    f"file{'s' * (len(args.files) != 1)}.", style="bold red")
+        console.out(f"Found {plural(errors, 'error')} in {invalid} of {plural(len(args.files), 'file')}.",
+                    style="bold red")
     return EXIT_INVALID if invalid else EXIT_OK
 
 
@@ -260,7 +266,7 @@ def _plan_summary(plan: Plan, seconds: float) -> str:
 
 def _latency_line(latency: LatencyComparison, plan: Plan, seconds: float) -> str:
     dense, compressed = latency.dense, latency.compressed
-    threads = f"{latency.threads} thread{'s' if latency.threads > 1 else ''}"
+    threads = plural(latency.threads, "thread")
     return (f"latency: {dense.median:.2f} ms -> {compressed.median:.2f} ms, {latency.speedup:.2f}x faster "
             f"(MACs {plan.macs_before / max(1, plan.macs_after):.2f}x); batch 1, {threads}, {latency.cpu}; "
             f"medians of {compressed.repeats} calls after optimize_for_inference; measured in {seconds:.1f} s")
@@ -442,7 +448,7 @@ def _percent(value: float | None) -> str:
 def _report_table(report: dict[str, Any]) -> Table:
     compression = report["compression"]
     table = Table(title=f"{report['spec']}: {report['method']}", title_justify="left", box=box.SIMPLE_HEAD)
-    table.add_column("")
+    table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_row("params (conv + linear)", f"{si(compression['params_dense'])} -> "
                   f"{si(compression['params_compressed'])} ({compression['ratio']:.2f}x)")
@@ -485,7 +491,7 @@ class _LogProgress:
 
     def phase_started(self, phase: str, epochs: int, first_epoch: int, steps: int) -> None:
         resumed = f", resuming at epoch {first_epoch + 1}" if first_epoch else ""
-        self.console.out(f"-- {phase}: {epochs} epochs of {steps} steps{resumed}")
+        self.console.out(f"-- {phase}: {plural(epochs, 'epoch')} of {plural(steps, 'step')}{resumed}")
 
     def step(self, phase: str, step: int, loss: float) -> None:
         return None
@@ -575,19 +581,27 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
         console.out(json.dumps(result.to_dict(), indent=2))
         return EXIT_UNMET if failed else EXIT_OK
     table = Table(title=f"{folder}: {result.samples} test images", title_justify="left", box=box.SIMPLE_HEAD)
-    for column in ("", "accuracy", "implementation"):
+    for column in ("attack", "accuracy", "implementation"):
         table.add_column(column, justify="right" if column == "accuracy" else "left")
     table.add_row("clean", _percent(result.clean), "")
     for name, value in result.robust.items():
         table.add_row(name, _percent(value), result.implementations.get(name, ""))
     console.print(table)
     for check in result.sanity:
-        console.out(f"{'ok  ' if check.passed else 'FAIL'} {check.name}: {check.detail}",
+        console.out(_wrapped(f"{'ok  ' if check.passed else 'FAIL'} {check.name}: {check.detail}"),
                     style=None if check.passed else "bold red")
     if failed:
         console.out("a sanity check failed: these robust accuracies may be overestimated (gradient masking?)",
                     style="bold red")
     return EXIT_UNMET if failed else EXIT_OK
+
+
+def _wrapped(line: str, width: int = 100) -> str:
+    """A long result line on several lines of at most ``width``, continuations indented, so it reads
+    the same in a terminal, a log or a CI page."""
+    import textwrap
+
+    return textwrap.fill(line, width, subsequent_indent="     ", break_on_hyphens=False, break_long_words=False)
 
 
 # --------------------------------------------------------------------- fmt
@@ -626,7 +640,7 @@ def _fmt(args: argparse.Namespace, console: Console) -> int:
         console.out(f"{'would reformat' if dry else 'reformatted'} {name}")
     unchanged = len(args.files) - len(changed) - len(failed)
     verb = "would be reformatted" if dry else "reformatted"
-    console.out(f"{len(changed)} file{'s' * (len(changed) != 1)} {verb}, {unchanged} left unchanged"
+    console.out(f"{plural(len(changed), 'file')} {verb}, {unchanged} left unchanged"
                 + (f", {len(failed)} with errors" if failed else ""))
     if failed or ((args.check or args.diff) and changed):
         return EXIT_INVALID

@@ -28,7 +28,7 @@ FIXED_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
     "cifar100": ((3, 32, 32), 100),
 }
 FOLDER_CHANNELS = 3
-MIN_FOLDER_SIDE = 32  # the smallest side the ImageNet crops and the torchvision stems are meant for
+MIN_FOLDER_SIDE = 8  # the resize-and-crop works at any size, but below 8x8 too little of an image is left
 
 
 def input_problem(shape: Sequence[int]) -> str | None:

@@ -8,6 +8,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .render import plural
+
 if TYPE_CHECKING:  # matplotlib is imported inside the plot functions: importing this module stays cheap
     from matplotlib.axes import Axes
 
@@ -385,7 +387,8 @@ def _duration(value: Any) -> str:
 
 
 def _plural(value: Any, noun: str) -> str:
-    return f"{_text(value)} {noun}" + ("" if _num(value) == 1 else "s")
+    number = _num(value)
+    return plural(number, noun) if number is not None else f"{_text(value)} {noun}s"
 
 
 def _mapping(value: Any) -> Mapping[str, Any]:

@@ -16,6 +16,7 @@ from . import syntax as ast
 from .errors import CStarError, Diagnostic, closest, did_you_mean
 from .lower import Section, SectionList
 from .problems import SpecProblem
+from .render import plural
 from .resolve import load_sections
 from .source import Span
 from .spec import Spec
@@ -352,8 +353,8 @@ def _normalization_channels(spec: SimpleNamespace, root: Section) -> list[Diagno
         if values is not None and len(values) != channels:
             found.append(Diagnostic(
                 "shape-mismatch",
-                f"`{key}` has {_count(len(values), 'value')} but the input has {_count(channels, 'channel')}",
-                locate(root, ("data", key)), label=f"expected {_count(channels, 'value')}",
+                f"`{key}` has {plural(len(values), 'value')} but the input has {plural(channels, 'channel')}",
+                locate(root, ("data", key)), label=f"expected {plural(channels, 'value')}",
                 help="give one value per input channel (model.input is [C, H, W])"))
     return found
 
@@ -372,7 +373,7 @@ def _input_against_dataset(spec: SimpleNamespace, root: Section) -> list[Diagnos
             help=f"write `input = {_shape(fixed[0])}`, or choose the data set this model is for"))
     if fixed is None and channels != limits.FOLDER_CHANNELS:
         found.append(Diagnostic(
-            "dataset-mismatch", f"`input` has {_count(channels, 'channel')}, but `{dataset}` images are RGB",
+            "dataset-mismatch", f"`input` has {plural(channels, 'channel')}, but `{dataset}` images are RGB",
             locate(root, ("model", "input")), label=f"expected {limits.FOLDER_CHANNELS} channels",
             help=f"write `input = [3, {height}, {width}]`"))
     if fixed is None and min(height, width) < limits.MIN_FOLDER_SIDE:
@@ -403,5 +404,3 @@ _CHECKS = (
 )
 
 
-def _count(number: int, noun: str) -> str:
-    return f"{number} {noun}{'s' * (number != 1)}"

@@ -62,9 +62,9 @@ def test_imagenet_folders_need_rgb_and_any_size_above_the_crop(tmp_path):
     base = DIGITS.replace("dataset = digits", 'dataset = imagenet\n  root = "i"').replace("split = 80%", "")
     ok = base.replace("input = [1, 8, 8]", "input = [3, 160, 96]").replace("classes = 10", "classes = 37")
     assert check_file(_recipe(tmp_path, ok)).spec.model.classes == 37  # the folders decide, at load time
-    found = _codes(_recipe(tmp_path, base.replace("input = [1, 8, 8]", "input = [1, 24, 224]")))
+    found = _codes(_recipe(tmp_path, base.replace("input = [1, 8, 8]", "input = [1, 4, 224]")))
     assert [m for _, _, m in found] == ["`input` has 1 channel, but `imagenet` images are RGB",
-                                         "`input` is 24x224 pixels, too small for `imagenet` crops"]
+                                         "`input` is 4x224 pixels, too small for `imagenet` crops"]
 
 
 # --------------------------------------------------------------------- 2. absurd sizes
@@ -127,3 +127,60 @@ def test_a_sane_model_json_has_no_size_problem(tmp_path):
     assert size_problem(json.loads((folder / "model.json").read_text())) is None
     assert size_problem({"model": "garbage", "structure": {"ranks": {"x": "y"}}}) is None  # shape errors are not sizes
     assert isinstance(load(folder)(torch.rand(1, 1, 8, 8)), torch.Tensor)
+
+
+# ---------------------------------------------------------------- 10. help and wording
+
+
+def test_plural_says_one_epoch_and_two_points():
+    from cstar_dsl.render import plural
+
+    assert [plural(1, "epoch"), plural(2, "epoch"), plural(0, "file"), plural(1.0, "point"), plural(0.5, "point"),
+            plural(1_000_000, "step")] == ["1 epoch", "2 epochs", "0 files", "1 point", "0.5 points", "1000000 steps"]
+
+
+def test_compile_and_export_help_say_what_they_do(capsys):
+    from cstar_dsl import cli
+
+    for command in ("compile", "export"):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "Train, compress and evaluate the model a recipe describes" in printed
+    assert "onnx (default; for inference servers)" in printed and "safetensors (the weights alone" in printed
+
+
+def test_the_log_says_1_epoch_of_1_step():
+    from io import StringIO
+
+    from rich.console import Console
+
+    from cstar_dsl.cli import _LogProgress
+
+    stream = StringIO()
+    _LogProgress(Console(file=stream, width=100)).phase_started("finetune", 1, 0, 1)
+    assert stream.getvalue() == "-- finetune: 1 epoch of 1 step\n"
+
+
+def test_the_final_table_has_a_header_for_every_column():
+    from cstar_dsl.cli import _report_table
+
+    report = {"spec": "r.cstar", "method": "cstar", "accuracy": {"clean": 0.9, "robust": {"pgd": 0.5}},
+              "compression": {"params_dense": 100, "params_compressed": 25, "ratio": 4.0, "macs_dense": 10,
+                              "macs_compressed": 5}, "data": {"test_size": 9},
+              "timings": {"total_seconds": 3.0}, "machine": {"device": "cpu"}}
+    headers = [column.header for column in _report_table(report).columns]
+    assert all(headers) and headers == ["measure", "value"]
+
+
+def test_sanity_lines_wrap_at_100_columns():
+    from cstar_dsl.cli import _wrapped
+
+    detail = ("pgd(linf, eps=0.1, step=0.025, steps=20, restarts=1): 89.4% (321/359); pgd(linf, eps=0.1, "
+              "step=0.025, steps=100, restarts=3): 89.1% (320/359) (-0.3 points); allowed rise 0.56 points "
+              "(1 image or 0.5 points, whichever is larger)")
+    line = f"ok   more steps do not help the model: {detail}"
+    lines = _wrapped(line).splitlines()
+    assert len(line) > 200 and len(lines) == 3 and all(len(part) <= 100 for part in lines)
+    assert " ".join(" ".join(lines).split()) == " ".join(line.split())  # every word kept, in order
+    assert lines[1].startswith("     ") and "pgd(linf" in lines[0]
