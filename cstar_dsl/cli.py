@@ -23,7 +23,7 @@ from rich.text import Text
 
 from . import __version__
 from .errors import CStarError, Diagnostic
-from .render import FORMATS, plural, render, si, to_dict
+from .render import FORMATS, plural, render, render_concise, si, to_dict
 
 if TYPE_CHECKING:
     from .diff import Change, LayerChange
@@ -379,27 +379,42 @@ def _diff_json(settings: list[Change], layers: list[LayerChange], plans: list[Pl
 
 
 def _compile(args: argparse.Namespace, console: Console) -> int:
-    from . import distributed
-    from .checkpoint import CheckpointError
-    from .pipeline import CompileError, CompileOptions, Progress, compile_spec
-    from .problems import SpecProblem
+    from .runfolder import folder_problem
     from .validate import check_file
 
-    world = distributed.from_environment()
-    if args.nproc > 1 and not world.active:
-        return distributed.launch(_without_nproc(args.argv), args.nproc)
-    if not world.is_main:  # rank 0 speaks for the run
+    # The recipe and the out folder are checked, and the first line said, before torch is imported
+    # and the data loaded: a mistake there is reported in a second, not after a minute.
+    under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    launching = args.nproc > 1 and not under_torchrun
+    if under_torchrun and os.environ.get("RANK") != "0":  # rank 0 speaks for the run
         console = Console(quiet=True)
     path = Path(args.files[0])
+    out = args.out or Path("runs") / path.stem
     try:
         checked = check_file(path, allow_import=args.allow_import)
     except CStarError as error:
         _print_diagnostics(console, list(error.diagnostics), "full")
         return EXIT_INVALID
-    _print_diagnostics(console, list(checked.warnings), "full")
-    options = CompileOptions(out=args.out or Path("runs") / path.stem, resume=args.resume, locked=args.locked,
+    taken = folder_problem(out, resume=args.resume, force=args.force, locked=args.locked)
+    if taken:
+        _print_diagnostics(console, [Diagnostic("run-failed", taken[0], help=taken[1])], "full")
+        return EXIT_FAILED
+    if not launching:  # the processes torchrun starts say it themselves
+        _print_diagnostics(console, list(checked.warnings), "full")
+        console.out(f"-- {'resuming' if args.resume else 'compiling'} {path} into {out}/")
+
+    from . import distributed
+    from .checkpoint import CheckpointError
+    from .pipeline import CompileError, CompileOptions, Progress, compile_spec
+    from .problems import SpecProblem
+
+    world = distributed.from_environment()
+    if launching:
+        return distributed.launch(_without_nproc(args.argv), args.nproc)
+    options = CompileOptions(out=out, resume=args.resume, locked=args.locked,
                              force=args.force, allow_import=args.allow_import, device=args.device,
-                             spec_name=str(path), spec_text=path.read_text(encoding="utf-8"))
+                             spec_name=str(path), spec_text=path.read_text(encoding="utf-8"),
+                             warnings=tuple(render_concise(d) for d in checked.warnings))
     bars = console.is_terminal and not args.quiet
     progress = _RichProgress(console) if bars else _LogProgress(console)
     try:

@@ -184,3 +184,87 @@ def test_sanity_lines_wrap_at_100_columns():
     assert len(line) > 200 and len(lines) == 3 and all(len(part) <= 100 for part in lines)
     assert " ".join(" ".join(lines).split()) == " ".join(line.split())  # every word kept, in order
     assert lines[1].startswith("     ") and "pgd(linf" in lines[0]
+
+
+# ------------------------------------------- 3, 5, 9: one tiny compile with a warning, moved
+
+
+@pytest.fixture(scope="module")
+def warned_run(tmp_path_factory):
+    """A tiny svd-finetune recipe that keeps its base's `admm` block: checked with a warning."""
+    from test_compile import compile_cli, write_spec
+
+    folder = tmp_path_factory.mktemp("warned") / "project"
+    folder.mkdir()
+    base = write_spec(folder, method="cstar", pretrain=1, admm=1, finetune=1, name="base.cstar")
+    spec = folder / "variant.cstar"
+    # `root` is unused by digits, but it is a path: the lock must hash it as written, not resolved
+    spec.write_text(f'extend "{base.name}"\n\ndata {{\n  root = "data"\n}}\n\n'
+                    'compress {\n  method = svd-finetune\n}\n')
+    assert compile_cli(spec, "--out", folder / "run") == 0
+    return spec, folder / "run"
+
+
+def test_check_time_warnings_reach_report_json_and_report_md(warned_run):
+    _, out = warned_run
+    warnings = json.loads((out / "report.json").read_text())["warnings"]
+    assert any("warning[phase-ignored] method `svd-finetune` has no ADMM phase" in w for w in warnings), warnings
+    assert any(w.startswith("base.cstar:") or "/base.cstar:" in w for w in warnings)  # where it is, as check says
+    markdown = (out / "report.md").read_text()
+    assert "## Warnings" in markdown and "phase-ignored" in markdown.split("## Warnings", 1)[1]
+
+
+def test_a_taken_out_folder_is_refused_before_torch_is_imported(warned_run, tmp_path):
+    import subprocess
+    import sys
+
+    spec, out = warned_run
+    script = ("import sys\nfrom cstar_dsl import cli\n"
+              f"code = cli.main(['compile', {str(spec)!r}, '--out', {str(out)!r}])\n"
+              "print('exit', code, 'torch imported:', 'torch' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert "already holds a compiled model" in result.stdout
+    assert result.stdout.rstrip().endswith("exit 4 torch imported: False")
+
+
+def test_the_first_line_comes_before_the_data(tmp_path, capsys, monkeypatch):
+    from cstar_dsl import cli, pipeline
+
+    spec = _recipe(tmp_path, DIGITS)
+    seen = []
+    monkeypatch.setattr(pipeline, "compile_spec", lambda *a, **k: seen.append(capsys.readouterr().out) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        cli.main(["compile", str(spec), "--out", str(tmp_path / "run"), "--quiet"])
+    assert seen == [f"-- compiling {spec} into {tmp_path / 'run'}/\n"]
+
+
+def test_the_spec_hash_does_not_depend_on_where_the_checkout_sits(tmp_path):
+    from cstar_dsl.pipeline import spec_identity
+
+    text = DIGITS.replace("dataset = digits", 'dataset = mnist\n  root = "../data/mnist"').replace(
+        "split = 80%", "").replace("[1, 8, 8]", "[1, 28, 28]").replace(
+        'arch = "cstar:digits-cnn"', 'arch = "cstar:digits-cnn"\n  weights = "w/start.safetensors"')
+    here, there = tmp_path / "a" / "specs", tmp_path / "elsewhere" / "deep" / "specs"
+    for folder in (here, there):
+        folder.mkdir(parents=True)
+    one, two = (check_file(_recipe(folder, text)).spec for folder in (here, there))
+    assert one.data.root != two.data.root  # the resolved paths differ ...
+    assert spec_identity(one, here) == spec_identity(two, there)  # ... what the recipe means does not
+    assert '"root":"../data/mnist"' in spec_identity(one, here)
+    changed = check_file(_recipe(there, text.replace("../data/mnist", "../data/mnist-10k"))).spec
+    assert spec_identity(changed, there) != spec_identity(two, there)
+
+
+def test_a_run_folder_moved_with_its_recipe_is_accepted_by_its_lock(warned_run, tmp_path):
+    """--locked compares the whole lock (the spec hash first) before it re-runs the recipe in place."""
+    import shutil
+
+    from test_compile import compile_cli
+
+    spec, out = warned_run
+    moved = tmp_path / "moved" / "project"
+    shutil.copytree(spec.parent, moved)
+    lock = json.loads((out / "lock.json").read_text())
+    assert compile_cli(moved / spec.name, "--out", moved / out.name, "--locked") == 0
+    assert json.loads((moved / out.name / "lock.json").read_text())["spec_sha256"] == lock["spec_sha256"]
