@@ -268,3 +268,67 @@ def test_a_run_folder_moved_with_its_recipe_is_accepted_by_its_lock(warned_run, 
     lock = json.loads((out / "lock.json").read_text())
     assert compile_cli(moved / spec.name, "--out", moved / out.name, "--locked") == 0
     assert json.loads((moved / out.name / "lock.json").read_text())["spec_sha256"] == lock["spec_sha256"]
+
+
+# --------------------------------------------------------------- 4, 7. the plan at any width
+
+
+@pytest.fixture(scope="module")
+def resnet_plan():
+    from cstar_dsl.api import build_model, make_plan
+
+    spec = check_file(SPECS / "resnet18.cstar").spec
+    return make_plan(spec, build_model(spec))
+
+
+def _plan_text(plan, width: int, pruning: bool = False) -> list[str]:
+    from io import StringIO
+
+    from rich.console import Console
+
+    from cstar_dsl.cli import _plan_notes, _plan_table, _wrapped
+
+    stream = StringIO()
+    console = Console(file=stream, width=width, highlight=False)
+    console.print(_plan_table(plan, "resnet18.cstar: torchvision:resnet18", console.width, pruning=pruning))
+    for line in _plan_notes(plan, console.width, pruning=pruning):
+        console.out(_wrapped(line, console.width))
+    return stream.getvalue().splitlines()
+
+
+@pytest.mark.parametrize("width", [80, 100, 160])
+def test_the_plan_has_one_line_a_layer_within_the_width(resnet_plan, width):
+    lines = _plan_text(resnet_plan, width)
+    assert max(len(line) for line in lines) <= width
+    for layer in resnet_plan.layers:  # each layer on exactly one line, with its ranks and sizes
+        rows = [line for line in lines if line.split() and line.split()[0] == layer.name]
+        assert len(rows) == 1, (layer.name, rows)
+        if layer.ranks is not None:
+            assert f"tucker2 {'x'.join(map(str, layer.ranks))}" in rows[0] or "svd" in rows[0]
+    assert not any(line.strip() and line.split()[0].startswith("ple.") for line in lines)  # no folded names
+
+
+def test_the_plan_uses_the_width_it_has(resnet_plan):
+    narrow, middle, wide = (_plan_text(resnet_plan, width) for width in (80, 100, 160))
+    header = {width: next(line for line in text if line.split()[:1] == ["layer"]).split()
+              for width, text in ((80, narrow), (100, middle), (160, wide))}
+    assert header[80] == ["layer", "shape", "ranks", "params", "MACs"]
+    assert header[100] == ["layer", "shape", "ranks", "params", "MACs", "energy"]
+    assert header[160] == ["layer", "kind", "shape", "rule", "ranks", "params", "MACs", "energy"]
+    # what a narrow table leaves out is said once under it
+    assert "dense (kept dense by `keep`): conv1, fc" in narrow
+    assert 'ranks by layer "layer4.*": 5 layers' in narrow and "ranks by default: 14 layers" in narrow
+    assert any("dense: kept dense by `keep`" in line for line in wide)
+    assert not any(line.startswith("ranks by") for line in wide)
+
+
+def test_a_channel_prune_plan_shows_no_ranks(resnet_plan):
+    for width in (80, 160):
+        lines = _plan_text(resnet_plan, width, pruning=True)
+        text = "\n".join(lines)
+        assert "tucker2" not in text and "energy" not in text
+        assert "channels" in next(line for line in lines if "layer" in line.split()[:1])
+        rows = {line.split()[0]: line for line in lines if line.split() and line.split()[0].startswith(("conv1",
+                                                                                                          "layer1.0"))}
+        assert "dense" in rows["conv1"] and "pruned" in rows["layer1.0.conv1"]
+        assert "no ranks apply" in text and max(len(line) for line in lines) <= width
