@@ -17,7 +17,7 @@ from .errors import CStarError, Diagnostic, closest, did_you_mean
 from .lower import Section, SectionList
 from .problems import SpecProblem
 from .render import plural
-from .resolve import load_sections
+from .resolve import is_drop, load_sections
 from .source import Span
 from .spec import Spec
 
@@ -305,7 +305,8 @@ def _phases_for_method(spec: SimpleNamespace, root: Section) -> list[Diagnostic]
         found.append(Diagnostic(
             "phase-ignored", f"method `{method}` has no ADMM phase; the `admm` block is not used",
             locate(root, ("train", "admm")), severity="warning", label="ignored",
-            help="move its epochs to `finetune` to give the method the same total epochs"))
+            help="drop it with `admm = none` in the train block; move its epochs to `finetune` to give "
+                 "the method the same total epochs"))
     if train.finetune is None:
         found.append(Diagnostic(
             "missing-phase", f"method `{method}` needs a `finetune` phase", locate(root, ("train",)),
@@ -393,6 +394,16 @@ def _shape(shape: tuple[int, ...]) -> str:
     return "[" + ", ".join(map(str, shape)) + "]"
 
 
+def _drops_without_a_block(spec: SimpleNamespace, root: Section) -> list[Diagnostic]:
+    """`PHASE = none` that found no block to drop: the recipe says something that changes nothing."""
+    train = root.get("train")
+    return [Diagnostic(
+        "nothing-to-drop", f"`{key} = none` drops nothing: there is no `{key}` block here or in a base",
+        locate(root, ("train", key)), severity="warning", label="nothing to drop",
+        help=f"remove this line: `{key} = none` removes the `{key}` block of an `extend`ed recipe")
+        for key, value in (train.items() if isinstance(train, Section) else ()) if is_drop(value)]
+
+
 _CHECKS = (
     (("compress",), _rules_against_keep),
     (("compress", "train"), _phases_for_method),
@@ -401,6 +412,7 @@ _CHECKS = (
     (("data",), _split_for_dataset),
     (("model", "data"), _normalization_channels),
     (("model", "data"), _input_against_dataset),
+    (("train",), _drops_without_a_block),
 )
 
 

@@ -332,3 +332,30 @@ def test_a_channel_prune_plan_shows_no_ranks(resnet_plan):
                                                                                                           "layer1.0"))}
         assert "dense" in rows["conv1"] and "pruned" in rows["layer1.0.conv1"]
         assert "no ranks apply" in text and max(len(line) for line in lines) <= width
+
+
+# ------------------------------------------------------------------- 8. dropping a block
+
+
+def test_a_baseline_variant_drops_the_bases_admm_phase_without_a_warning(tmp_path):
+    (tmp_path / "digits.cstar").write_text(DIGITS)
+    variant = _recipe(tmp_path, 'extend "digits.cstar"\n\ncompress {\n  method = svd-finetune\n}\n\n'
+                                "train {\n  admm = none\n}\n")
+    checked = check_file(variant)
+    assert checked.spec.train.admm is None and checked.warnings == ()
+    assert checked.spec.train.pretrain is not None and checked.spec.train.finetune.epochs == 4  # the rest stays
+    kept = check_file(_recipe(tmp_path, 'extend "digits.cstar"\n\ncompress {\n  method = svd-finetune\n}\n',
+                              "kept.cstar"))
+    assert [d.code for d in kept.warnings] == ["phase-ignored"]  # what the drop is for
+
+
+def test_a_drop_is_undone_by_a_later_variant_that_gives_the_block_again(tmp_path):
+    (tmp_path / "digits.cstar").write_text(DIGITS)
+    _recipe(tmp_path, 'extend "digits.cstar"\n\ntrain {\n  pretrain = none\n}\n', "nopre.cstar")
+    again = _recipe(tmp_path, 'extend "nopre.cstar"\n\ntrain {\n  pretrain {\n    epochs = 2\n    lr = 0.1\n  }\n}\n')
+    pretrain = check_file(again).spec.train.pretrain
+    assert (pretrain.epochs, pretrain.lr) == (2, 0.1)  # a fresh block: nothing merged from the dropped one
+
+
+def test_none_stays_an_ordinary_option_elsewhere(tmp_path):
+    assert check_file(_recipe(tmp_path, DIGITS)).spec.data.augment == "none"
