@@ -623,7 +623,7 @@ def _write_artifacts(context: _Context, run: _Run, built: dict[str, Any], lock: 
     checkpoint.write_text(out / "report.json", json.dumps(built, indent=2) + "\n")
     checkpoint.write_text(out / "report.md", report.markdown(built))
     try:
-        report.plot_curves(built["history"], out / "curves.png")
+        report.plot_curves(built["history"], out / "curves.png", test=built["accuracy"])
         report.plot_ranks(built["layers"], out / "ranks.png")
     except OSError as error:  # the model and report are written; a plot that cannot be is said, not a traceback
         raise checkpoint.CheckpointError(f"cannot write the plots in {out}: {error.strerror or error}",

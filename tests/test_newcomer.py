@@ -359,3 +359,55 @@ def test_a_drop_is_undone_by_a_later_variant_that_gives_the_block_again(tmp_path
 
 def test_none_stays_an_ordinary_option_elsewhere(tmp_path):
     assert check_file(_recipe(tmp_path, DIGITS)).spec.data.augment == "none"
+
+
+# ------------------------------------------------------------------------- 6. the plots
+
+
+HISTORY = [{"phase": phase, "epoch": epoch, "loss": loss, "clean": 0.9, "robust": 0.5, "seconds": 1.0,
+            **({"rho": rho, "residual": 0.5 / (epoch + 1)} if phase == "admm" else {})}
+           for phase, epoch, loss, rho in [("pretrain", 0, 2.0, 0), ("pretrain", 1, 0.06, 0), ("admm", 0, 9.0, 0.2),
+                                           ("admm", 1, 3.0, 2.0), ("finetune", 0, 0.1, 0)]]
+LAYERS = [{"name": name, "method": method, "ranks": ranks, "params_before": 1000 * (i + 1),
+           "params_after": 300 * (i + 1), "energy_kept": 0.9 if ranks else None}
+          for i, (name, method, ranks) in enumerate([("features.10", "tucker2", [43, 55]), ("fc", "dense", None),
+                                                      ("features.3", "tucker2", [19, 19])])]
+
+
+def _figure_of(monkeypatch, draw):
+    from matplotlib.figure import Figure
+
+    drawn = []
+    monkeypatch.setattr(Figure, "savefig", lambda figure, *a, **k: drawn.append(figure))
+    draw()
+    return drawn[0]
+
+
+def test_curves_say_what_they_show(monkeypatch, tmp_path):
+    from cstar_dsl.report import plot_curves
+
+    test = {"clean": 0.992, "robust": {"pgd": 0.894, "fgsm": 0.922}}
+    figure = _figure_of(monkeypatch, lambda: plot_curves(HISTORY, tmp_path / "c.png", test=test))
+    accuracy, loss, residual = figure.axes[:3]
+    labels = [text.get_text() for ax in figure.axes for text in (ax.get_legend().get_texts() if ax.get_legend()
+                                                                   else [])]
+    assert "test clean, after training: 99.2%" in labels
+    assert "test robust (worst attack), after training: 89.4%" in labels  # the lower of the two attacks
+    assert any("penalty" in label and "admm" in label for label in labels)  # the ADMM loss includes it, said so
+    assert "training batches" in accuracy.get_title()
+    figure.canvas.draw()
+    rho_axis = figure.axes[-1]
+    ticks = [t.get_text() for t in rho_axis.get_yticklabels(minor=False) + rho_axis.get_yticklabels(minor=True)]
+    assert "2" in ticks and not any("10^" in t or "times" in t for t in ticks), ticks
+    assert loss.get_yscale() == "log" and "0.1" in [t.get_text() for t in loss.get_yticklabels()]
+
+
+def test_ranks_plot_writes_the_ranks_and_keeps_one_layer_order(monkeypatch, tmp_path):
+    from cstar_dsl.report import plot_ranks
+
+    figure = _figure_of(monkeypatch, lambda: plot_ranks(LAYERS, tmp_path / "r.png"))
+    ax = figure.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["fc", "features.3", "features.10"]
+    assert {t.get_text() for t in ax.texts} == {"dense", "19x19", "43x55"}
+    again = _figure_of(monkeypatch, lambda: plot_ranks(list(reversed(LAYERS)), tmp_path / "r.png"))
+    assert [t.get_text() for t in again.axes[0].get_xticklabels()] == ["fc", "features.3", "features.10"]
