@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from . import files, models, rewrite
+from . import files, limits, models, rewrite
 from .problems import SpecProblem
 from .prune import resize_to
 from .spec import ModelSpec
@@ -121,6 +121,31 @@ def _model_spec(description: dict[str, Any], path: Path, allow_import: bool) -> 
         raise ArtifactError(f"{path} describes a model cstar cannot build: {reasons}") from None
 
 
+def size_problem(description: dict[str, Any]) -> str | None:
+    """What in an (edited) ``model.json`` is too large to build: classes, input or ranks past the
+    bounds a recipe has (``cstar_dsl.limits``), or None. Only numbers are judged here."""
+    model = description.get("model")
+    model = model if isinstance(model, dict) else {}
+    classes, shape = model.get("classes"), model.get("input")
+    if _whole(classes) and classes > limits.MAX_CLASSES:
+        return f"{classes} classes (at most {limits.MAX_CLASSES})"
+    if isinstance(shape, list) and all(_whole(side) for side in shape):
+        found = limits.input_problem(shape)
+        if found:
+            return found
+    structure = description.get("structure")
+    ranks = structure.get("ranks") if isinstance(structure, dict) else None
+    for name, pair in (ranks.items() if isinstance(ranks, dict) else ()):
+        largest = max((r for r in pair if _whole(r)), default=0) if isinstance(pair, list) else 0
+        if largest > limits.MAX_RANK:
+            return f"rank {largest} for {str(name)[:100]} (at most {limits.MAX_RANK})"
+    return None
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def load(folder: str | Path, *, allow_import: bool = False) -> nn.Module:
     """The compiled model in ``folder`` (images in [0, 1] in, logits out), in eval mode, on the CPU.
 
@@ -136,6 +161,9 @@ def load(folder: str | Path, *, allow_import: bool = False) -> nn.Module:
         except files.FileProblem as problem:
             raise ArtifactError(str(problem)) from None
     description = _read_description(folder)
+    problem = size_problem(description)
+    if problem:
+        raise ArtifactError(f"{folder / DESCRIPTION} asks for {problem}; refused before building anything")
     try:
         state = load_file(str(folder / WEIGHTS))
     except Exception as error:  # safetensors raises its own error type for a damaged file

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ from rich.text import Text
 
 from . import __version__, files
 from .errors import CStarError, Diagnostic
-from .render import FORMATS, render, si, to_dict
+from .render import FORMATS, plural, render, render_concise, si, to_dict
 
 if TYPE_CHECKING:
     from .diff import Change, LayerChange
@@ -99,7 +100,11 @@ def _parser() -> argparse.ArgumentParser:
                       help="allow `package.module:function` models (imports and runs that code)")
     diff.set_defaults(run=_diff)
 
-    compile_ = commands.add_parser("compile", help="train, compress and evaluate: the recipe's robust compact model")
+    compile_ = commands.add_parser(
+        "compile", help="train, compress and evaluate: the recipe's robust compact model",
+        description="Train, compress and evaluate the model a recipe describes, and write it with its report, "
+                    "plots and lock into the run folder. Every epoch is checkpointed: --resume continues an "
+                    "interrupted run.")
     compile_.add_argument("files", nargs=1, metavar="FILE")
     compile_.add_argument("--out", type=Path, help="the run folder (default: runs/<recipe name>)")
     compile_.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -116,7 +121,9 @@ def _parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="write a compiled model as ONNX, TorchScript or torch.export, checked")
     export.add_argument("folders", nargs=1, metavar="DIR", help="a folder `cstar compile` wrote")
-    export.add_argument("--format", choices=("onnx", "torchscript", "torch.export", "safetensors"), default="onnx")
+    export.add_argument("--format", choices=("onnx", "torchscript", "torch.export", "safetensors"), default="onnx",
+                        help="onnx (default; for inference servers), torchscript, torch.export (a PyTorch program) "
+                             "or safetensors (the weights alone, loaded with cstar_dsl.load)")
     export.add_argument("--out", type=Path, help="the file to write (default: DIR/model.onnx and the like)")
     export.add_argument("--opset", type=int, default=18, help="the ONNX opset (at least 17; default 18)")
     export.set_defaults(run=_export, files=[])
@@ -170,8 +177,8 @@ def _check(args: argparse.Namespace, console: Console) -> int:
         console.out(line)
     if invalid:
         errors = sum(d.is_error for d in diagnostics)
-        console.out(f"Found {errors} error{'s' * (errors != 1)} in {invalid} of {len(args.files)} "
-                    f"file{'s' * (len(args.files) != 1)}.", style="bold red")
+        console.out(f"Found {plural(errors, 'error')} in {invalid} of {plural(len(args.files), 'file')}.",
+                    style="bold red")
     return EXIT_INVALID if invalid else EXIT_OK
 
 
@@ -222,32 +229,98 @@ def _plan(args: argparse.Namespace, console: Console) -> int:
                                 **plan.to_dict(), **extra}, indent=2))
         return EXIT_OK
     _print_diagnostics(console, list(checked.warnings), diagnostic_format)
-    console.print(_plan_table(plan, f"{args.files[0]}: {checked.spec.model.arch}"))
-    console.out(_plan_summary(plan, seconds))
+    pruning = checked.spec.compress.method == "channel-prune"
+    console.print(_plan_table(plan, f"{args.files[0]}: {checked.spec.model.arch}", console.width, pruning=pruning))
+    summary = [] if pruning else [_plan_summary(plan, seconds)]
+    for line in [*_plan_notes(plan, console.width, pruning=pruning), *summary]:
+        console.out(_wrapped(line, console.width))
     if latency is not None:
         console.out(_latency_line(latency, plan, time.perf_counter() - started - seconds))
-    for warning in plan.warnings:
-        console.out(f"note: {warning}.")
+    for warning in [] if pruning else plan.warnings:  # they speak of ranks
+        console.out(_wrapped(f"note: {warning}.", console.width))
     return EXIT_OK
 
 
-def _plan_table(plan: Plan, title: str) -> Table:
-    table = Table(title=title, title_justify="left", show_footer=True, box=box.SIMPLE_HEAD)
-    footer = {"layer": "total", "params": f"{si(plan.params_before)} -> {si(plan.params_after)}",
-              "MACs": f"{si(plan.macs_before)} -> {si(plan.macs_after)}"}
-    for column in ("layer", "kind", "shape", "rule", "ranks", "params", "MACs", "energy"):
-        numeric = column in ("params", "MACs", "energy")
-        table.add_column(column, footer=footer.get(column, ""), justify="right" if numeric else "left",
-                         no_wrap=column in ("layer", "shape", "params", "MACs"))
+# The columns a plan table has at a console width of at least this many columns: at 80, one line
+# a layer (the rule and each dense layer's reason follow the table); wider, more of the story.
+_PLAN_LAYOUTS = (
+    (130, ("layer", "kind", "shape", "rule", "ranks", "params", "MACs", "energy")),
+    (110, ("layer", "shape", "rule", "ranks", "params", "MACs", "energy")),
+    (90, ("layer", "shape", "ranks", "params", "MACs", "energy")),
+    (0, ("layer", "shape", "ranks", "params", "MACs")),
+)
+_NUMERIC = ("params", "MACs", "energy")
+
+
+def _plan_columns(width: int) -> tuple[str, ...]:
+    return next(columns for least, columns in _PLAN_LAYOUTS if width >= least)
+
+
+def _plan_table(plan: Plan, title: str, width: int = 200, *, pruning: bool = False) -> Table:
+    """The plan, one row a layer, in the columns that fit ``width``. A channel-prune plan has no
+    ranks: its channels are chosen when compiling, so it shows what stays dense and the target."""
+    columns = tuple(c for c in _plan_columns(width) if not (pruning and c == "energy"))
+    wide = "kind" in columns
+    arrow = " -> " if wide else "→"
+    padding = (0, 1) if wide else (0, 1, 0, 0)
+    table = Table(title=title, title_justify="left", show_footer=True, box=box.SIMPLE_HEAD, padding=padding,
+                  pad_edge=wide, show_edge=wide)
+    footer = {"layer": "total", "params": f"{si(plan.params_before)}{arrow}{si(plan.params_after)}",
+              "MACs": "" if pruning else f"{si(plan.macs_before)}{arrow}{si(plan.macs_after)}"}
+    for column in columns:
+        table.add_column("channels" if pruning and column == "ranks" else column, footer=footer.get(column, ""),
+                         justify="right" if column in _NUMERIC else "left",
+                         no_wrap=column in ("layer", "shape", "params", "MACs"), overflow="fold")
     for layer in plan.layers:
-        ranks = "dense: " + layer.reason if layer.ranks is None else (
-            f"{layer.method} {'x'.join(map(str, layer.ranks))}")
-        table.add_row(
-            layer.name, layer.type_name, "x".join(map(str, layer.shape)), layer.rule, ranks,
-            f"{si(layer.params_before)} -> {si(layer.params_after)}",
-            f"{si(layer.macs_before)} -> {si(layer.macs_after)}",
-            "" if layer.energy_kept is None else f"{layer.energy_kept:.1%}")
+        cells = {"layer": layer.name, "kind": layer.type_name, "shape": "x".join(map(str, layer.shape)),
+                 "rule": layer.rule, "ranks": _treatment(layer, wide, pruning),
+                 "params": si(layer.params_before) if pruning else (
+                     f"{si(layer.params_before)}{arrow}{si(layer.params_after)}"),
+                 "MACs": si(layer.macs_before) if pruning else f"{si(layer.macs_before)}{arrow}{si(layer.macs_after)}",
+                 "energy": "" if layer.energy_kept is None or pruning else f"{layer.energy_kept:.1%}"}
+        table.add_row(*(cells[column] for column in columns))
     return table
+
+
+def _treatment(layer: LayerPlan, wide: bool, pruning: bool) -> str:
+    if pruning:  # Torch-Pruning leaves only `keep` and the output layer whole
+        return "dense" if _prune_keeps(layer) else "pruned"
+    if layer.ranks is None:
+        return f"dense: {layer.reason}" if wide else "dense"
+    return f"{layer.method} {'x'.join(map(str, layer.ranks))}"
+
+
+def _plan_notes(plan: Plan, width: int, *, pruning: bool = False) -> list[str]:
+    """What a narrow table leaves out, said once under it: why each dense layer is dense, and which
+    rule chose the ranks of the others."""
+    if pruning:
+        pruned = sum(not _prune_keeps(layer) for layer in plan.layers)
+        return [f"channel-prune: `cstar compile` removes one share of the output channels of each of the "
+                f"{plural(pruned, 'pruned layer')} (smallest L1 norm first), until the conv and linear weights are "
+                f"at most {si(plan.params_after)} ({plan.params_before / max(1, plan.params_after):.2f}x fewer); "
+                "no ranks apply, and the MACs are known after compiling"]
+    lines = []
+    columns = _plan_columns(width)
+    if "kind" in columns:
+        return lines
+    dense: dict[str, list[str]] = {}
+    for layer in plan.layers:
+        if layer.ranks is None:
+            dense.setdefault(layer.reason, []).append(layer.name)
+    lines += [f"dense ({reason}): {', '.join(names)}" for reason, names in dense.items()]
+    if "rule" not in columns:
+        rules: dict[str, int] = {}
+        for layer in plan.layers:
+            if layer.ranks is not None:
+                rules[layer.rule] = rules.get(layer.rule, 0) + 1
+        lines += [f"ranks by {rule}: {plural(count, 'layer')}" for rule, count in rules.items()]
+    return lines
+
+
+def _prune_keeps(layer: LayerPlan) -> bool:
+    from .plan import OUTPUT_RULE
+
+    return layer.rule.startswith("keep") or layer.rule == OUTPUT_RULE
 
 
 def _plan_summary(plan: Plan, seconds: float) -> str:
@@ -261,7 +334,7 @@ def _plan_summary(plan: Plan, seconds: float) -> str:
 
 def _latency_line(latency: LatencyComparison, plan: Plan, seconds: float) -> str:
     dense, compressed = latency.dense, latency.compressed
-    threads = f"{latency.threads} thread{'s' if latency.threads > 1 else ''}"
+    threads = plural(latency.threads, "thread")
     return (f"latency: {dense.median:.2f} ms -> {compressed.median:.2f} ms, {latency.speedup:.2f}x faster "
             f"(MACs {plan.macs_before / max(1, plan.macs_after):.2f}x); batch 1, {threads}, {latency.cpu}; "
             f"medians of {compressed.repeats} calls after optimize_for_inference; measured in {seconds:.1f} s")
@@ -374,28 +447,43 @@ def _diff_json(settings: list[Change], layers: list[LayerChange], plans: list[Pl
 
 
 def _compile(args: argparse.Namespace, console: Console) -> int:
-    from . import distributed
-    from .checkpoint import CheckpointError
-    from .files import FileProblem
-    from .pipeline import CompileError, CompileOptions, Progress, compile_spec
-    from .problems import SpecProblem
+    from .runfolder import folder_problem
     from .validate import check_file
 
-    world = distributed.from_environment()
-    if args.nproc > 1 and not world.active:
-        return distributed.launch(_without_nproc(args.argv), args.nproc)
-    if not world.is_main:  # rank 0 speaks for the run
+    # The recipe and the out folder are checked, and the first line said, before torch is imported
+    # and the data loaded: a mistake there is reported in a second, not after a minute.
+    under_torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    launching = args.nproc > 1 and not under_torchrun
+    if under_torchrun and os.environ.get("RANK") != "0":  # rank 0 speaks for the run
         console = Console(quiet=True)
     path = Path(args.files[0])
+    out = args.out or Path("runs") / path.stem
     try:
         checked = check_file(path, allow_import=args.allow_import)
     except CStarError as error:
         _print_diagnostics(console, list(error.diagnostics), "full")
         return EXIT_INVALID
-    _print_diagnostics(console, list(checked.warnings), "full")
-    options = CompileOptions(out=args.out or Path("runs") / path.stem, resume=args.resume, locked=args.locked,
+    taken = folder_problem(out, resume=args.resume, force=args.force, locked=args.locked)
+    if taken:
+        _print_diagnostics(console, [Diagnostic("run-failed", taken[0], help=taken[1])], "full")
+        return EXIT_FAILED
+    if not launching:  # the processes torchrun starts say it themselves
+        _print_diagnostics(console, list(checked.warnings), "full")
+        console.out(f"-- {'resuming' if args.resume else 'compiling'} {path} into {out}/")
+
+    from . import distributed
+    from .checkpoint import CheckpointError
+    from .files import FileProblem
+    from .pipeline import CompileError, CompileOptions, Progress, compile_spec
+    from .problems import SpecProblem
+
+    world = distributed.from_environment()
+    if launching:
+        return distributed.launch(_without_nproc(args.argv), args.nproc)
+    options = CompileOptions(out=out, resume=args.resume, locked=args.locked,
                              force=args.force, allow_import=args.allow_import, device=args.device,
-                             spec_name=str(path), spec_text=path.read_text(encoding="utf-8"))
+                             spec_name=str(path), spec_text=path.read_text(encoding="utf-8"),
+                             warnings=tuple(render_concise(d) for d in checked.warnings))
     bars = console.is_terminal and not args.quiet
     progress = _RichProgress(console) if bars else _LogProgress(console)
     try:
@@ -444,7 +532,7 @@ def _percent(value: float | None) -> str:
 def _report_table(report: dict[str, Any]) -> Table:
     compression = report["compression"]
     table = Table(title=f"{report['spec']}: {report['method']}", title_justify="left", box=box.SIMPLE_HEAD)
-    table.add_column("")
+    table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_row("params (conv + linear)", f"{si(compression['params_dense'])} -> "
                   f"{si(compression['params_compressed'])} ({compression['ratio']:.2f}x)")
@@ -487,7 +575,7 @@ class _LogProgress:
 
     def phase_started(self, phase: str, epochs: int, first_epoch: int, steps: int) -> None:
         resumed = f", resuming at epoch {first_epoch + 1}" if first_epoch else ""
-        self.console.out(f"-- {phase}: {epochs} epochs of {steps} steps{resumed}")
+        self.console.out(f"-- {phase}: {plural(epochs, 'epoch')} of {plural(steps, 'step')}{resumed}")
 
     def step(self, phase: str, step: int, loss: float) -> None:
         return None
@@ -587,19 +675,27 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
         console.out(json.dumps(result.to_dict(), indent=2))
         return EXIT_UNMET if failed else EXIT_OK
     table = Table(title=f"{folder}: {result.samples} test images", title_justify="left", box=box.SIMPLE_HEAD)
-    for column in ("", "accuracy", "implementation"):
+    for column in ("attack", "accuracy", "implementation"):
         table.add_column(column, justify="right" if column == "accuracy" else "left")
     table.add_row("clean", _percent(result.clean), "")
     for name, value in result.robust.items():
         table.add_row(name, _percent(value), result.implementations.get(name, ""))
     console.print(table)
     for check in result.sanity:
-        console.out(f"{'ok  ' if check.passed else 'FAIL'} {check.name}: {check.detail}",
+        console.out(_wrapped(f"{'ok  ' if check.passed else 'FAIL'} {check.name}: {check.detail}"),
                     style=None if check.passed else "bold red")
     if failed:
         console.out("a sanity check failed: these robust accuracies may be overestimated (gradient masking?)",
                     style="bold red")
     return EXIT_UNMET if failed else EXIT_OK
+
+
+def _wrapped(line: str, width: int = 100) -> str:
+    """A long result line on several lines of at most ``width``, continuations indented, so it reads
+    the same in a terminal, a log or a CI page."""
+    import textwrap
+
+    return textwrap.fill(line, width, subsequent_indent="     ", break_on_hyphens=False, break_long_words=False)
 
 
 # --------------------------------------------------------------------- fmt
@@ -643,7 +739,7 @@ def _fmt(args: argparse.Namespace, console: Console) -> int:
         console.out(f"{'would reformat' if dry else 'reformatted'} {name}")
     unchanged = len(args.files) - len(changed) - len(failed)
     verb = "would be reformatted" if dry else "reformatted"
-    console.out(f"{len(changed)} file{'s' * (len(changed) != 1)} {verb}, {unchanged} left unchanged"
+    console.out(f"{plural(len(changed), 'file')} {verb}, {unchanged} left unchanged"
                 + (f", {len(failed)} with errors" if failed else ""))
     if failed or ((args.check or args.diff) and changed):
         return EXIT_INVALID

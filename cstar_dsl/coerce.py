@@ -100,6 +100,14 @@ def at_least(value: float, low: float, what: str, *, code: str = "out-of-range",
     return value
 
 
+def at_most(value: float, high: float, what: str, *, written: str = "") -> float:
+    """``value`` if it is at most ``high``: bounds that catch a typo before it allocates terabytes."""
+    if value > high:
+        fail("out-of-range", f"{what} must be at most {_fmt(high)}, got {clip(written, 24) or _fmt(value)}",
+             label=f"must be <= {_fmt(high)}", help="a bound against typos: no real run needs more")
+    return value
+
+
 def positive(value: float, what: str, *, code: str = "out-of-range", written: str = "") -> float:
     if value <= 0:
         fail(code, f"{what} must be greater than 0, got {written or _fmt(value)}", label="must be > 0")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import platform
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +30,7 @@ from .evaluation import Evaluation, evaluate
 from .latency import LatencyComparison, compare_latency
 from .optimize import TrainingDiverged, adversarial_epoch, make_optimizer, make_schedule, training_attack
 from .problems import SpecProblem
+from .runfolder import folder_problem
 from .spec import AdmmSpec, PhaseSpec, Spec
 
 REPORT_SCHEMA = "cstar.report/1"
@@ -54,6 +56,7 @@ class CompileOptions:
     device: str | None = None  # overrides the recipe's `train.device`
     spec_name: str = "spec.cstar"
     spec_text: str = ""  # the recipe as written, copied next to the model
+    warnings: tuple[str, ...] = ()  # what checking the recipe warned about, one line each, for the report
 
 
 class Progress:
@@ -149,11 +152,12 @@ def _compile(spec: Spec, options: CompileOptions, progress: Progress, world: dis
     started = time.perf_counter()
     progress.stage("loading data and building the model")
     data = datasets(spec)
+    _check_classes(spec, data)
     net = models.build_model(spec.model, seed=spec.train.seed, allow_import=options.allow_import)
     found = inventory.collect(net, spec.model.input, spec.model.leaf)
     dense = models.Normalized(net, data.mean, data.std)
     context = _Context(spec, options, device, data, found.layers, found.other_params, _phases(spec), world)
-    lock = checkpoint.make_lock(spec.model_dump_json(), dense, spec.train.seed, __version__)
+    lock = checkpoint.make_lock(spec_identity(spec, _recipe_folder(options)), dense, spec.train.seed, __version__)
     run = _prepare_out(context, lock, net)
     _train(context, run, progress)
     progress.stage("evaluating on the test set")
@@ -170,6 +174,31 @@ def _compile(spec: Spec, options: CompileOptions, progress: Progress, world: dis
         _write_artifacts(context, run, built, lock)
     distributed.barrier(world)
     return Compiled(options.out, built, run.model.cpu().eval())
+
+
+def spec_identity(spec: Spec, recipe_folder: Path) -> str:
+    """What the recipe means, as canonical JSON: its paths relative to ``recipe_folder``, as a
+    recipe writes them. The spec holds absolute paths; hashed as they are, a run folder moved or
+    copied with its recipe (another checkout, another machine) could not be resumed.
+    """
+    meaning = spec.model_dump(mode="json")
+    for block, key in (("model", "weights"), ("data", "root")):
+        if meaning[block].get(key) is not None:
+            meaning[block][key] = Path(os.path.relpath(meaning[block][key], recipe_folder)).as_posix()
+    return json.dumps(meaning, sort_keys=True, separators=(",", ":"))
+
+
+def _recipe_folder(options: CompileOptions) -> Path:
+    return Path(options.spec_name).resolve().parent
+
+
+def _check_classes(spec: Spec, data: Datasets) -> None:
+    """An image folder's class count is known only once it is read; `cstar check` knows the others."""
+    found = getattr(data.train, "classes", None)
+    if isinstance(found, list) and len(found) != spec.model.classes:
+        raise SpecProblem(("model", "classes"), "dataset-mismatch",
+                          f"`classes` is {spec.model.classes}, but the `{data.name}` folders hold {len(found)} classes",
+                          label=f"expected {len(found)}", help=f"write `classes = {len(found)}`")
 
 
 def _device(name: str) -> torch.device:
@@ -208,22 +237,18 @@ def _prepare_out(context: _Context, lock: dict[str, Any], net: nn.Module) -> _Ru
     """A fresh run, or the one in the checkpoint; refuses what would lose or mix up earlier work."""
     options = context.options
     out = options.out
-    lock_path, checkpoint_path = out / checkpoint.LOCK, out / checkpoint.CHECKPOINT
+    lock_path = out / checkpoint.LOCK
     if options.locked:
         differences = checkpoint.lock_differences(checkpoint.read_lock(lock_path), lock, environment=True)
         if differences:
             raise checkpoint.CheckpointError(
                 f"{lock_path} does not match this run: " + "; ".join(differences),
                 help="run without --locked to compile anyway (the lock is then rewritten)")
+    problem = folder_problem(out, resume=options.resume, force=options.force, locked=options.locked)
+    if problem:
+        raise checkpoint.CheckpointError(problem[0], help=problem[1])
     if options.resume:
         return _resume(context, lock, net)
-    if checkpoint_path.exists() and not options.force:
-        raise checkpoint.CheckpointError(
-            f"{out} holds an unfinished run ({checkpoint.CHECKPOINT})",
-            help="pass --resume to continue it, --force to start over, or choose another --out")
-    if (out / "model.safetensors").exists() and not (options.force or options.locked):
-        raise checkpoint.CheckpointError(f"{out} already holds a compiled model",
-                                         help="pass --force to overwrite it, or choose another --out")
     distributed.barrier(context.world)  # every rank has checked the folder before rank 0 changes it
     if context.world.is_main:
         if options.force:
@@ -236,9 +261,6 @@ def _prepare_out(context: _Context, lock: dict[str, Any], net: nn.Module) -> _Ru
 def _resume(context: _Context, lock: dict[str, Any], net: nn.Module) -> _Run:
     out = context.options.out
     checkpoint_path = out / checkpoint.CHECKPOINT
-    if not checkpoint_path.exists() and (out / "model.safetensors").exists():
-        raise checkpoint.CheckpointError(f"the run in {out} already finished; its model is {out / 'model.safetensors'}",
-                                         help="use --force to compile again from the start")
     old = checkpoint.read_lock(out / checkpoint.LOCK)
     differences = checkpoint.lock_differences(old, lock, environment=False)
     if differences:
@@ -576,7 +598,7 @@ def _report(context: _Context, run: _Run, result: Evaluation, seconds: float,
     return {
         "schema": REPORT_SCHEMA,
         "spec": context.options.spec_name,
-        "spec_sha256": checkpoint.sha256_text(spec.model_dump_json()),
+        "spec_sha256": checkpoint.sha256_text(spec_identity(spec, _recipe_folder(context.options))),
         "method": spec.compress.method,
         "compression": {"budget": run.plan.get("budget"), "metric": target.metric,
                         "target_ratio": getattr(target, "ratio", None),
@@ -598,7 +620,7 @@ def _report(context: _Context, run: _Run, result: Evaluation, seconds: float,
                     "threads": torch.get_num_threads(), "python": platform.python_version(),
                     "torch": torch.__version__, "cstar": __version__},
         "seed": spec.train.seed,
-        "warnings": run.plan.get("warnings", []),
+        "warnings": [*context.options.warnings, *run.plan.get("warnings", [])],
         "resolved": spec.model_dump(mode="json"),
     }
 
@@ -614,7 +636,8 @@ def _write_artifacts(context: _Context, run: _Run, built: dict[str, Any], lock: 
     files.write_text(out / "report.json", json.dumps(built, indent=2) + "\n")
     files.write_text(out / "report.md", report.markdown(built))
     # savefig picks the format from the name, so the temporary file keeps ".png".
-    files.replace(out / "curves.png", lambda path: report.plot_curves(built["history"], path), suffix=".png")
+    files.replace(out / "curves.png", lambda path: report.plot_curves(built["history"], path, test=built["accuracy"]),
+                  suffix=".png")
     files.replace(out / "ranks.png", lambda path: report.plot_ranks(built["layers"], path), suffix=".png")
     files.write_text(out / "spec.cstar", context.options.spec_text)
     files.write_text(out / checkpoint.LOCK, json.dumps(lock, indent=2) + "\n")

@@ -19,6 +19,17 @@ def si(amount: float) -> str:
     return f"{amount:.4g}"
 
 
+def plural(amount: float, noun: str) -> str:
+    """``amount`` and ``noun``, the noun plural unless the amount is exactly one: 1 epoch, 2 epochs,
+    0.5 points. Amounts print as ``%g`` does (``1``, not ``1.0``).
+
+    >>> plural(1, "epoch"), plural(1.0, "point"), plural(0.5, "point"), plural(3, "file")
+    ('1 epoch', '1 point', '0.5 points', '3 files')
+    """
+    shown = str(int(amount)) if float(amount).is_integer() else f"{amount:g}"
+    return f"{shown} {noun}{'' if amount == 1 else 's'}"
+
+
 def render(diagnostics: Sequence[Diagnostic], fmt: str = "full") -> str:
     """All diagnostics in one of ``FORMATS``, ending with a newline when there are any."""
     if fmt == "json":

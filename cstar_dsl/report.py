@@ -8,6 +8,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .render import plural, si
+
 if TYPE_CHECKING:  # matplotlib is imported inside the plot functions: importing this module stays cheap
     from matplotlib.axes import Axes
 
@@ -385,7 +387,8 @@ def _duration(value: Any) -> str:
 
 
 def _plural(value: Any, noun: str) -> str:
-    return f"{_text(value)} {noun}" + ("" if _num(value) == 1 else "s")
+    number = _num(value)
+    return plural(number, noun) if number is not None else f"{_text(value)} {noun}s"
 
 
 def _mapping(value: Any) -> Mapping[str, Any]:
@@ -401,8 +404,12 @@ def _records(value: Any) -> list[Mapping[str, Any]]:
 # ---------------------------------------------------------------------------------------------- plots
 
 
-def plot_curves(history: Sequence[Mapping[str, Any]], path: Path) -> None:
-    """Training curves as a PNG: train accuracies, loss, and ADMM residual when recorded; phases marked."""
+def plot_curves(history: Sequence[Mapping[str, Any]], path: Path, test: Mapping[str, Any] | None = None) -> None:
+    """Training curves as a PNG: train accuracies, loss, and ADMM residual when recorded; phases marked.
+
+    ``test`` is the report's ``accuracy`` (clean, and robust per attack): the test set is evaluated
+    once, at the end, so it is drawn as points after the last epoch, labelled as such, not as a curve.
+    """
     from matplotlib.figure import Figure
 
     rows = _records(history)
@@ -418,20 +425,51 @@ def plot_curves(history: Sequence[Mapping[str, Any]], path: Path) -> None:
     markers = len(rows) <= 60  # a one-epoch phase is a single point: invisible without a marker
 
     accuracy = axes[0]
-    for key, label in (("clean", "train clean"), ("robust", "train robust")):
+    for key, label in (("clean", "train clean"), ("robust", "train robust (PGD examples trained on)")):
         _line(accuracy, epochs, [_scaled(row.get(key), 100) for row in rows], label, markers)
+    _test_points(accuracy, len(rows), test)
     accuracy.set_ylim(-2, 102)
-    _decorate(accuracy, "Training accuracy", "accuracy (%)", spans, len(rows))
+    _decorate(accuracy, "Accuracy: training batches per epoch", "accuracy (%)", spans, len(rows))
 
     loss = axes[1]
     values = [_finite(row.get("loss")) for row in rows]
-    _line(loss, epochs, values, "loss", markers, colour="#D55E00")
+    admm = any(row.get("phase") == "admm" for row in rows)
+    label = ("adversarial loss; in admm epochs\nplus the penalty " + r"$\rho/2\,\|W-Z+U\|^2$") if admm else (
+        "adversarial loss")
+    _line(loss, epochs, values, label, markers, colour="#D55E00")
     _log_if_spread(loss, values)
-    _decorate(loss, "Training loss", "loss", spans, len(rows))
+    _decorate(loss, "Training loss (what the optimizer minimized)", "loss", spans, len(rows))
 
     if with_residual:
         _residual_panel(axes[2], rows, spans, markers)
     fig.savefig(path, dpi=DPI)
+
+
+def _test_points(ax: Axes, last: int, test: Mapping[str, Any] | None) -> None:
+    """The final test-set accuracies as labelled points just after the last epoch."""
+    accuracy = _mapping(test)
+    robust = [_finite(value) for value in _mapping(accuracy.get("robust")).values()]
+    points = [("test clean", _finite(accuracy.get("clean")), "#0072B2", "*"),
+              ("test robust (worst attack)", min((v for v in robust if v is not None), default=None), "#E69F00", "*")]
+    for label, value, colour, marker in points:
+        if value is not None:
+            ax.plot([last + 0.35], [value * 100], marker, color=colour, markersize=11, markeredgecolor="black",
+                    label=f"{label}, after training: {value:.1%}", linestyle="none", clip_on=False)
+
+
+def _plain_ticks(ax: Axes, shown: Any = None) -> None:
+    """Log-axis ticks as plain numbers (0.2, 1, 2; or 10k with ``shown=si``), not 2x10^-1: a reader
+    should not have to decode them. Minor ticks are labelled at 2 and 5 only, so they never crowd."""
+    from matplotlib.ticker import FuncFormatter
+
+    def label(value: float, minor: bool) -> str:
+        mantissa = round(value / 10 ** math.floor(math.log10(value)), 6) if value > 0 else 0
+        if minor and mantissa not in (2, 5):
+            return ""
+        return shown(value) if shown else f"{value:g}"
+
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: label(value, False)))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: label(value, True)))
 
 
 def _residual_panel(ax: Axes, rows: Sequence[Mapping[str, Any]], spans: list[tuple[str, int, int]],
@@ -446,9 +484,9 @@ def _residual_panel(ax: Axes, rows: Sequence[Mapping[str, Any]], spans: list[tup
     if any(rho is not None for rho in rhos):
         # rho grows by orders of magnitude under a geometric schedule: its own axis keeps both curves readable.
         twin = ax.twinx()
-        _line(twin, epochs, rhos, "rho", markers, colour="#CC79A7", style="--")
+        _line(twin, epochs, rhos, r"$\rho$ (penalty weight, right axis)", markers, colour="#CC79A7", style="--")
         _log_if_spread(twin, rhos, spread=1.0)
-        twin.set_ylabel("rho")
+        twin.set_ylabel(r"$\rho$")
         more_handles, more_labels = twin.get_legend_handles_labels()
         handles, labels = handles + more_handles, labels + more_labels
     ax.legend(handles, labels, fontsize=8, loc="best")
@@ -496,13 +534,14 @@ def _log_if_spread(ax: Axes, values: Sequence[float | None], spread: float = 50.
     # A log axis only when every value can sit on it and they span enough to need it.
     if positive and min(positive) > 0 and max(positive) / min(positive) > spread:
         ax.set_yscale("log")
+        _plain_ticks(ax)
 
 
 def plot_ranks(layers: Sequence[Mapping[str, Any]], path: Path) -> None:
     """Parameters before and after per layer as a PNG (log bars), with the energy kept on a twin axis."""
     from matplotlib.figure import Figure
 
-    rows = _records(layers)
+    rows = sorted(_records(layers), key=lambda row: _natural(_text(row.get("name"))))  # one order for every method
     if not rows:
         _save_message("no layers", path)
         return
@@ -516,11 +555,14 @@ def plot_ranks(layers: Sequence[Mapping[str, Any]], path: Path) -> None:
     methods = list(dict.fromkeys(_plot_text(row.get("method")) for row in rows))
     for colour_index, method in enumerate(methods):
         picked = [index for index, row in enumerate(rows) if _plot_text(row.get("method")) == method]
-        _bars(ax, [index + 0.2 for index in picked], [after[index] for index in picked], f"after: {method}",
+        _bars(ax, [index + 0.2 for index in picked], [after[index] for index in picked],
+              f"after: {method}" + (" (ranks on the bar)" if method in ("svd", "tucker2") else ""),
               PALETTE[colour_index % len(PALETTE)])
+    _rank_labels(ax, rows, after)
     counts = [value for value in before + after if value is not None]
     if counts:
         ax.set_yscale("log")  # a 1,000-parameter head next to a 2M-parameter conv: only a log axis shows both
+        _plain_ticks(ax, shown=si)
         ax.set_ylim(bottom=min(counts) / 3)  # else the smallest bar starts at the axis and all but vanishes
     ax.set_ylabel("parameters")
     ax.set_xlim(-0.7, count - 0.3)
@@ -542,6 +584,23 @@ def plot_ranks(layers: Sequence[Mapping[str, Any]], path: Path) -> None:
         fig.legend(handles, labels, fontsize=8, loc="outside upper center", ncols=min(len(handles), int(width // 1.5)),
                    frameon=False)
     fig.savefig(path, dpi=DPI)
+
+
+def _rank_labels(ax: Axes, rows: Sequence[Mapping[str, Any]], after: Sequence[float | None]) -> None:
+    """What each after-bar is, written on it: its ranks ("14x11"), "dense", or "pruned"."""
+    size = 7 if len(rows) <= 40 else 5
+    for index, (row, height) in enumerate(zip(rows, after, strict=True)):
+        ranks = row.get("ranks")
+        text = "x".join(map(str, ranks)) if isinstance(ranks, list) and ranks else _plot_text(row.get("method"))
+        if height is not None and len(rows) <= 100:
+            ax.text(index + 0.2, height * 1.15, text, rotation=90, ha="center", va="bottom", fontsize=size)
+
+
+def _natural(name: str) -> tuple[tuple[int, int | str], ...]:
+    """A sort key that puts `features.3` before `features.10`."""
+    import re
+
+    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name))
 
 
 def _bars(ax: Axes, x: Sequence[float], heights: Sequence[float | None], label: str, colour: str) -> None:

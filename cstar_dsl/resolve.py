@@ -124,6 +124,10 @@ def merge(base: Section, override: Section) -> Section:
     merged.keys.update(base.keys)
     for key, value in override.items():
         previous = base.get(key)
+        if is_drop(value) and isinstance(previous, Section):  # `admm = none`: the base's block goes
+            del merged[key]
+            merged.keys.pop(key, None)
+            continue
         if isinstance(value, Section) and isinstance(previous, Section):
             value = merge(previous, value)
         elif isinstance(value, SectionList) and isinstance(previous, SectionList):
@@ -131,6 +135,11 @@ def merge(base: Section, override: Section) -> Section:
         merged[key] = value
         merged.keys[key] = override.keys[key]
     return merged
+
+
+def is_drop(value: object) -> bool:
+    """Whether a value is the bare word ``none``, which removes a block an ``extend``ed base has."""
+    return isinstance(value, ast.Name) and value.value == "none"
 
 
 def _merge_entries(base: SectionList, override: SectionList) -> SectionList:

@@ -29,6 +29,7 @@ from .errors import CStarError, Diagnostic, did_you_mean
 from .evaluation import EVAL_BATCH, attack_for, attack_name, evaluate, test_batches
 from .lower import Section, lower
 from .parse import parse
+from .render import plural
 from .source import SourceFile, Span
 from .spec import EvaluateSpec, FgsmAttack, PgdAttack, Spec, ThreatSpec
 from .spec.base import Block, positive_number, typed
@@ -335,7 +336,7 @@ def _more_steps_check(baseline: Pgd, base_accuracy: float, measure: _Measure) ->
         "more steps do not help the model", strong_accuracy <= base_accuracy + tolerance,
         f"{attack_name(baseline)}: {measure.shown(base_accuracy)}; {attack_name(stronger)}: "
         f"{measure.shown(strong_accuracy)} ({(strong_accuracy - base_accuracy) * 100:+.1f} points); "
-        f"allowed rise {tolerance * 100:.2g} points (1 image or 0.5 points, whichever is larger)")
+        f"allowed rise {_points(tolerance)} (1 image or 0.5 points, whichever is larger)")
 
 
 def _unbounded_check(measure: _Measure) -> SanityCheck:
@@ -348,6 +349,10 @@ def _unbounded_check(measure: _Measure) -> SanityCheck:
         f"(1% or 2 images, whichever is larger)")
 
 
+def _points(share: float) -> str:
+    return plural(float(f"{share * 100:.2g}"), "point")
+
+
 def _single_step_check(baseline: Pgd, base_accuracy: float, measure: _Measure) -> SanityCheck:
     """The single-step attack at the same eps must not beat the iterative one, beyond noise."""
     single: Attack = Fgsm(baseline.eps) if baseline.norm == "linf" else Pgd(
@@ -357,7 +362,7 @@ def _single_step_check(baseline: Pgd, base_accuracy: float, measure: _Measure) -
     return SanityCheck(
         "iterative beats single-step", single_accuracy >= base_accuracy - tolerance,
         f"{attack_name(single)}: {measure.shown(single_accuracy)}; {attack_name(baseline)}: "
-        f"{measure.shown(base_accuracy)}; the single step may be lower by {tolerance * 100:.2g} points at most "
+        f"{measure.shown(base_accuracy)}; the single step may be lower by {_points(tolerance)} at most "
         f"(1 image or 0.5 points, whichever is larger)")
 
 

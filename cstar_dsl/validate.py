@@ -11,11 +11,13 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from . import limits
 from . import syntax as ast
 from .errors import CStarError, Diagnostic, closest, did_you_mean
 from .lower import Section, SectionList
 from .problems import SpecProblem
-from .resolve import load_sections
+from .render import plural
+from .resolve import is_drop, load_sections
 from .source import Span
 from .spec import Spec
 
@@ -303,7 +305,8 @@ def _phases_for_method(spec: SimpleNamespace, root: Section) -> list[Diagnostic]
         found.append(Diagnostic(
             "phase-ignored", f"method `{method}` has no ADMM phase; the `admm` block is not used",
             locate(root, ("train", "admm")), severity="warning", label="ignored",
-            help="move its epochs to `finetune` to give the method the same total epochs"))
+            help="drop it with `admm = none` in the train block; move its epochs to `finetune` to give "
+                 "the method the same total epochs"))
     if train.finetune is None:
         found.append(Diagnostic(
             "missing-phase", f"method `{method}` needs a `finetune` phase", locate(root, ("train",)),
@@ -361,10 +364,54 @@ def _normalization_channels(spec: SimpleNamespace, root: Section) -> list[Diagno
         if values is not None and len(values) != channels:
             found.append(Diagnostic(
                 "shape-mismatch",
-                f"`{key}` has {_count(len(values), 'value')} but the input has {_count(channels, 'channel')}",
-                locate(root, ("data", key)), label=f"expected {_count(channels, 'value')}",
+                f"`{key}` has {plural(len(values), 'value')} but the input has {plural(channels, 'channel')}",
+                locate(root, ("data", key)), label=f"expected {plural(channels, 'value')}",
                 help="give one value per input channel (model.input is [C, H, W])"))
     return found
+
+
+def _input_against_dataset(spec: SimpleNamespace, root: Section) -> list[Diagnostic]:
+    """The model's input and classes must be what the data set delivers, or the run crashes (or,
+    worse, plans and reports the MACs of images it never sees)."""
+    dataset, (channels, height, width) = spec.data.dataset, spec.model.input
+    fixed = limits.FIXED_SHAPES.get(dataset)
+    found = []
+    if fixed is not None and fixed[0] != spec.model.input:
+        expected = "x".join(map(str, fixed[0]))
+        found.append(Diagnostic(
+            "dataset-mismatch", f"`input` is {_shape(spec.model.input)}, but `{dataset}` images are {expected}",
+            locate(root, ("model", "input")), label=f"expected {_shape(fixed[0])}",
+            help=f"write `input = {_shape(fixed[0])}`, or choose the data set this model is for"))
+    if fixed is None and channels != limits.FOLDER_CHANNELS:
+        found.append(Diagnostic(
+            "dataset-mismatch", f"`input` has {plural(channels, 'channel')}, but `{dataset}` images are RGB",
+            locate(root, ("model", "input")), label=f"expected {limits.FOLDER_CHANNELS} channels",
+            help=f"write `input = [3, {height}, {width}]`"))
+    if fixed is None and min(height, width) < limits.MIN_FOLDER_SIDE:
+        found.append(Diagnostic(
+            "dataset-mismatch", f"`input` is {height}x{width} pixels, too small for `{dataset}` crops",
+            locate(root, ("model", "input")), label=f"at least {limits.MIN_FOLDER_SIDE}x{limits.MIN_FOLDER_SIDE}",
+            help="the usual ImageNet input is `input = [3, 224, 224]`"))
+    if fixed is not None and fixed[1] != spec.model.classes:
+        found.append(Diagnostic(
+            "dataset-mismatch", f"`classes` is {spec.model.classes}, but `{dataset}` has {fixed[1]} classes",
+            locate(root, ("model", "classes")), label=f"expected {fixed[1]}",
+            help=f"write `classes = {fixed[1]}`: the model needs one output per class of the data set"))
+    return found
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(map(str, shape)) + "]"
+
+
+def _drops_without_a_block(spec: SimpleNamespace, root: Section) -> list[Diagnostic]:
+    """`PHASE = none` that found no block to drop: the recipe says something that changes nothing."""
+    train = root.get("train")
+    return [Diagnostic(
+        "nothing-to-drop", f"`{key} = none` drops nothing: there is no `{key}` block here or in a base",
+        locate(root, ("train", key)), severity="warning", label="nothing to drop",
+        help=f"remove this line: `{key} = none` removes the `{key}` block of an `extend`ed recipe")
+        for key, value in (train.items() if isinstance(train, Section) else ()) if is_drop(value)]
 
 
 _CHECKS = (
@@ -375,8 +422,8 @@ _CHECKS = (
     (("data",), _data_root),
     (("data",), _split_for_dataset),
     (("model", "data"), _normalization_channels),
+    (("model", "data"), _input_against_dataset),
+    (("train",), _drops_without_a_block),
 )
 
 
-def _count(number: int, noun: str) -> str:
-    return f"{number} {noun}{'s' * (number != 1)}"

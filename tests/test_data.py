@@ -22,6 +22,8 @@ def _recipe(tmp_path: Path, data_block: str, seed: int = 0) -> Path:
     end = DIGITS.index("\n}\n", start) + 3
     text = DIGITS[:start] + data_block + DIGITS[end:]
     text = text.replace("seed = 0", f"seed = {seed}")
+    if "dataset = mnist" in data_block:  # the model's input must be what the data set delivers
+        text = text.replace("input = [1, 8, 8]", "input = [1, 28, 28]")
     path = tmp_path / "r.cstar"
     path.write_text(text)
     return path

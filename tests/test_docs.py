@@ -16,9 +16,11 @@ Examples are written into a temporary folder holding a copy of specs/*.cstar, as
 (or the name given with ``file: NAME``), and checked from that folder, so ``extend "digits.cstar"``
 works and paths print as users see them.
 
-Marker keys: ``fragment: BLOCK``, ``error: CODE``, ``warning: CODE``, ``file: NAME`` (also makes
-the example available to other examples of the same page), ``encoding: CODEC`` (how the example
-is written to disk), ``format: full|concise|json`` (the `--format` of the rendered output).
+Marker keys: ``fragment: BLOCK``, ``base: NAME`` (the spec in specs/ whose block a fragment
+replaces, instead of digits.cstar: a model block for CIFAR images needs CIFAR data), ``error: CODE``,
+``warning: CODE``, ``file: NAME`` (also makes the example available to other examples of the same
+page), ``encoding: CODEC`` (how the example is written to disk), ``format: full|concise|json`` (the
+`--format` of the rendered output).
 
 After a deliberate change to a message, regenerate the rendered outputs of docs/errors.md with
 ``.venv/bin/python tests/test_docs.py --update`` and review the diff.
@@ -59,7 +61,7 @@ BASE = "digits.cstar"
 FENCE = re.compile(r"^```(?P<info>[^\n`]*)\n(?P<body>.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 MARKER = re.compile(r"<!--(?P<text>.*?)-->\s*\Z", re.DOTALL)
 MARKER_ITEM = re.compile(r"(?P<key>[a-z]+):\s*(?P<value>[^\s:]+)(?=\s|$)")
-MARKER_KEYS = {"fragment", "error", "warning", "file", "encoding", "format"}
+MARKER_KEYS = {"fragment", "base", "error", "warning", "file", "encoding", "format"}
 SECTION = re.compile(r"^## (?P<code>[a-z]+(?:-[a-z]+)+)[ \t]*$", re.MULTILINE)
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -169,7 +171,8 @@ def splice(base: str, fragment: str, block: str) -> str:
 def recipe_text(example: Example) -> str:
     """The whole recipe an example stands for."""
     if "fragment" in example.marker:
-        return splice((SPECS / BASE).read_text("utf-8"), example.body, example.marker["fragment"])
+        base = SPECS / example.marker.get("base", BASE)
+        return splice(base.read_text("utf-8"), example.body, example.marker["fragment"])
     return example.body
 
 

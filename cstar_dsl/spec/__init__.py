@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import BeforeValidator, Field, ValidationInfo, field_validator
 
 from .. import coerce as c
-from .. import registry
+from .. import limits, registry
 from .. import syntax as ast
 from .base import Block, int_at_least, names, normalize_module_name, path, positive_number, typed
 from .compress import (
@@ -73,6 +73,10 @@ def _input_shape(value: object) -> tuple[int, int, int]:
     if len(dims) != 3:
         c.fail("wrong-type", f"`input` is channels, height, width: expected 3 sizes, got {len(dims)}",
                label="expected [C, H, W]", help="for example: input = [3, 32, 32]")
+    problem = limits.input_problem(dims)
+    if problem:
+        c.fail("out-of-range", f"`input` is too large: {problem}", label="too large",
+               help=f"each side at most {limits.MAX_INPUT_SIDE}; for example: input = [3, 224, 224]")
     return dims  # type: ignore[return-value]
 
 
@@ -83,7 +87,7 @@ class ModelSpec(Block):
     """``model { ... }``: which network, its classes and input shape, optional starting weights."""
 
     arch: Annotated[str, BeforeValidator(_arch)]
-    classes: Annotated[int, int_at_least(2, "`classes`")]
+    classes: Annotated[int, int_at_least(2, "`classes`", limits.MAX_CLASSES)]
     input: Annotated[tuple[int, int, int], typed(_input_shape)]
     stem: Annotated[Literal["standard", "cifar"], typed(c.choice, options=_STEMS, what="stem")] = "standard"
     weights: Annotated[Path | None, typed(path)] = None
@@ -107,11 +111,11 @@ class DataSpec(Block):
 
     dataset: Annotated[str, typed(c.choice, options=registry.DATASETS, what="data set", code="unknown-dataset")]
     root: Annotated[Path | None, typed(path)] = None
-    batch_size: Annotated[int, int_at_least(1, "`batch_size`")] = 128
+    batch_size: Annotated[int, int_at_least(1, "`batch_size`", limits.MAX_BATCH_SIZE)] = 128
     split: Annotated[float | Literal["official"] | None, typed(_split)] = None  # None: the data set's default
     augment: Annotated[str, typed(c.choice, options=("standard", "none"), what="augmentation")] = "standard"
     download: Annotated[bool, typed(c.boolean)] = False
-    workers: Annotated[int, int_at_least(0, "`workers`")] = 0
+    workers: Annotated[int, int_at_least(0, "`workers`", limits.MAX_WORKERS)] = 0
     mean: Annotated[tuple[float, ...] | None, typed(c.sequence, convert=c.number, what="numbers")] = None
     std: Annotated[tuple[float, ...] | None, typed(
         c.sequence, convert=lambda v: c.positive(c.number(v), "every std"), what="numbers")] = None
@@ -126,9 +130,9 @@ class ThreatSpec(Block):
     norm: Annotated[str, typed(c.choice, options=("linf", "l2"), what="norm")]
     eps: Annotated[float, positive_number("`eps`", "eps-not-positive")]
     step: Annotated[float, positive_number("`step`")]
-    steps: Annotated[int, int_at_least(1, "`steps`")] = 10
+    steps: Annotated[int, int_at_least(1, "`steps`", limits.MAX_ATTACK_STEPS)] = 10
     random_start: Annotated[bool, typed(c.boolean)] = True
-    restarts: Annotated[int, int_at_least(1, "`restarts`")] = 1
+    restarts: Annotated[int, int_at_least(1, "`restarts`", limits.MAX_RESTARTS)] = 1
 
     @field_validator("step")
     @classmethod
@@ -148,8 +152,8 @@ class PgdAttack(Block):
     """Projected gradient descent; ``eps`` and ``step`` default to the threat block's."""
 
     kind: Literal["pgd"] = "pgd"
-    steps: Annotated[int, int_at_least(1, "`steps`")] = 20
-    restarts: Annotated[int, int_at_least(1, "`restarts`")] = 1
+    steps: Annotated[int, int_at_least(1, "`steps`", limits.MAX_ATTACK_STEPS)] = 20
+    restarts: Annotated[int, int_at_least(1, "`restarts`", limits.MAX_RESTARTS)] = 1
     eps: Annotated[float | None, positive_number("`eps`", "eps-not-positive")] = None
     step: Annotated[float | None, positive_number("`step`")] = None
 

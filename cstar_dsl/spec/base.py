@@ -24,8 +24,12 @@ def typed(function: Any, /, **options: Any) -> BeforeValidator:
     return BeforeValidator(lambda value: None if value is None else convert(value))
 
 
-def int_at_least(low: int, what: str) -> BeforeValidator:
-    return typed(lambda v: int(c.at_least(c.integer(v), low, what, written=c.shown(v))))
+def int_at_least(low: int, what: str, high: int | None = None) -> BeforeValidator:
+    """A whole number of at least ``low`` (and at most ``high``, when given)."""
+    def convert(value: object) -> int:
+        number = int(c.at_least(c.integer(value), low, what, written=c.shown(value)))
+        return number if high is None else int(c.at_most(number, high, what, written=c.shown(value)))
+    return typed(convert)
 
 
 def positive_number(what: str, code: str = "out-of-range") -> BeforeValidator:

@@ -9,7 +9,7 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 from .. import coerce as c
-from .. import registry
+from .. import limits, registry
 from .. import syntax as ast
 from .base import Block, int_at_least, names, normalize_module_name, typed
 
@@ -133,12 +133,17 @@ def _selector(value: object) -> object:
 
 def _rank(value: object) -> int | tuple[int, int]:
     if isinstance(value, ast.List) or isinstance(value, (list, tuple)):
-        ranks = c.sequence(value, lambda v: int(c.at_least(c.integer(v), 1, "a rank")), what="ranks")
+        ranks = c.sequence(value, _one_rank, what="ranks")
         if len(ranks) != 2:
             c.fail("wrong-type", f"a Tucker-2 rank pair has 2 entries (output, input), got {len(ranks)}",
                    label="expected [r_out, r_in]")
         return ranks  # type: ignore[return-value]
-    return int(c.at_least(c.integer(value, example="8"), 1, "a rank"))
+    return _one_rank(value)
+
+
+def _one_rank(value: object) -> int:
+    rank = int(c.at_least(c.integer(value, example="8"), 1, "a rank", written=c.shown(value)))
+    return int(c.at_most(rank, limits.MAX_RANK, "a rank", written=c.shown(value)))
 
 
 class LayerRule(Block):
@@ -147,8 +152,8 @@ class LayerRule(Block):
     selector: Annotated[Selector, typed(_selector)]
     ratio: Annotated[float | None, typed(c.ratio, what="a layer's ratio")] = None
     rank: Annotated[int | tuple[int, int] | None, typed(_rank)] = None
-    min_rank: Annotated[int | None, int_at_least(1, "`min_rank`")] = None
-    max_rank: Annotated[int | None, int_at_least(1, "`max_rank`")] = None
+    min_rank: Annotated[int | None, int_at_least(1, "`min_rank`", limits.MAX_RANK)] = None
+    max_rank: Annotated[int | None, int_at_least(1, "`max_rank`", limits.MAX_RANK)] = None
     dense: Annotated[bool, typed(c.boolean)] = False
 
     @field_validator("rank")
@@ -195,7 +200,7 @@ class CompressSpec(Block):
         GlobalPolicy()
     )
     keep: Annotated[tuple[str, ...], typed(names, what="module names")] = ()
-    min_rank: Annotated[int | None, int_at_least(1, "`min_rank`")] = None
+    min_rank: Annotated[int | None, int_at_least(1, "`min_rank`", limits.MAX_RANK)] = None
     hooi_sweeps: Annotated[int, int_at_least(0, "`hooi_sweeps`")] = 0
     # channel-prune only: the same share of every layer's channels, or one ranking of all channels.
     allocation: Annotated[str, typed(c.choice, options=("uniform", "global"), what="channel allocation")] = "uniform"

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, Field, field_validator
 
 from .. import coerce as c
+from .. import limits
 from .. import syntax as ast
 from .base import Block, int_at_least, number_at_least, positive_number, typed
 
@@ -95,7 +96,7 @@ def _interval(value: object) -> object:
 class PhaseSpec(Block):
     """A training phase: ``pretrain``, ``finetune`` (and, with more keys, ``admm``)."""
 
-    epochs: Annotated[int, int_at_least(0, "`epochs`")]
+    epochs: Annotated[int, int_at_least(0, "`epochs`", limits.MAX_EPOCHS)]
     lr: Annotated[float, positive_number("`lr`")]
     optimizer: Annotated[Optimizer, typed(c.variant, family=_OPTIMIZERS, what="optimizer")] = Sgd()
     schedule: Annotated[LrSchedule, typed(c.variant, family=_SCHEDULES, what="learning-rate schedule")] = (
@@ -113,6 +114,14 @@ class AdmmSpec(PhaseSpec):
     interval: Annotated[Interval, typed(_interval)] = Interval(every=1, unit="epoch")
 
 
+def _phase_or_none(value: object) -> object:
+    # `admm = none` drops a base's phase (see resolve.merge); left over, it means no phase
+    return None if isinstance(value, ast.Name) and value.value == "none" else value
+
+
+PhaseOrNone = Annotated[PhaseSpec | None, BeforeValidator(_phase_or_none)]
+
+
 class TrainSpec(Block):
     """``train { ... }``: the seed, the device and the phases."""
 
@@ -121,6 +130,6 @@ class TrainSpec(Block):
     # bf16: the training forward passes and the attacks that make training examples run under
     # autocast; the final evaluation is always float32.
     precision: Annotated[str, typed(c.choice, options=("fp32", "bf16"), what="precision")] = "fp32"
-    pretrain: PhaseSpec | None = None
-    admm: AdmmSpec | None = None
-    finetune: PhaseSpec | None = None
+    pretrain: PhaseOrNone = None
+    admm: Annotated[AdmmSpec | None, BeforeValidator(_phase_or_none)] = None
+    finetune: PhaseOrNone = None
