@@ -33,15 +33,20 @@ import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import torch
+
+if TYPE_CHECKING:
+    from cstar_dsl.attacks import Pgd
+    from cstar_dsl.spec import Spec
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 GPU_TESTS = ["tests/test_gpu.py", "tests/test_robustness.py::test_the_attacks_run_on_the_gpu_when_asked"]
-MNIST_METHODS = ("dense", "svd-finetune", "cstar", "channel-prune", "channel-prune-global")
+MNIST_METHODS = ("dense", "svd-finetune", "cstar", "channel-prune", "channel-prune-global", "channel-prune-taylor",
+                 "channel-prune-global-taylor")
 STRUCTURES = ("dense", "factorized", "pruned")
 
 
@@ -114,7 +119,7 @@ def cifar_recipe(folder: Path, data_root: Path, device: str) -> Path:
     return path
 
 
-def structures(spec, net: torch.nn.Module) -> dict[str, torch.nn.Module]:  # type: ignore[no-untyped-def]
+def structures(spec: Spec, net: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """The dense ResNet-18, and the factorized and the channel-pruned models at the recipe's 16x budget."""
     from cstar_dsl import factorize, make_plan
     from cstar_dsl.prune import channel_prune
@@ -125,8 +130,8 @@ def structures(spec, net: torch.nn.Module) -> dict[str, torch.nn.Module]:  # typ
     return {"dense": net, "factorized": factorize(net, plan, spec), "pruned": pruned}
 
 
-def images_per_second(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], attack,  # type: ignore[no-untyped-def]
-                      *, warmup: int, precision: torch.dtype | None) -> float:
+def images_per_second(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], attack: Pgd, *,
+                      warmup: int, precision: torch.dtype | None) -> float:
     from cstar_dsl.optimize import adversarial_epoch
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)

@@ -32,8 +32,10 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 DENSE = RESULTS / "mnist-dense.safetensors"
 DATA = ROOT.parent / "shared" / "data" / "mnist-10k"
-# channel-prune-global is `method = channel-prune` with `allocation = global`: the peer's other allocation.
-METHODS = ("cstar", "svd-finetune", "channel-prune", "channel-prune-global")
+# channel-prune-global is `method = channel-prune` with `allocation = global`, the peer's other allocation;
+# -taylor adds `importance = taylor`: channels scored on the adversarial loss instead of by their L1 norm.
+METHODS = ("cstar", "svd-finetune", "channel-prune", "channel-prune-global", "channel-prune-taylor",
+           "channel-prune-global-taylor")
 
 
 @dataclass(frozen=True)
@@ -158,7 +160,9 @@ def variant(method: str, ratio: int, setting: Setting = DEFAULT, folder: Path | 
     weights = "" if setting.random_start else f'\n  weights = "{path(bench.dense)}"'
     cut = f'\n\n  layer "fc" {{  # the budget may cut the classifier too\n    min_rank = {setting.floor(ratio)}\n  }}' \
         if setting.cuts_classifier(method, ratio) else ""
-    allocation = "\n  allocation = global" if method == "channel-prune-global" else ""
+    pruning = "".join(f"\n  {key} = {value}" for part, key, value in (("-global", "allocation", "global"),
+                                                                      ("-taylor", "importance", "taylor"))
+                      if part in method)
     return f"""# benchmarks/mnist.py: {method} at {ratio}x from {start}
 model {{
   arch = "cstar:{bench.arch}"
@@ -181,7 +185,7 @@ threat {{
 }}
 
 compress {{
-  method = {method.removesuffix("-global")}{allocation}
+  method = {method.removesuffix("-taylor").removesuffix("-global")}{pruning}
   budget = {ratio}x params
   policy = {setting.policy}
   min_rank = {setting.floor(ratio)}  # 2, or 1 at 256x: with a floor of 2 the largest reachable ratio is 178x{cut}

@@ -70,6 +70,9 @@ def measure_latency(spec: Spec, model: nn.Module, plan: Plan, *, threads: int = 
         from .prune import channel_prune
 
         kept = set(spec.compress.keep) | {layer.name for layer in plan.layers if layer.rule.startswith("keep")}
+        # Latency depends on the kept widths, not on which channels. With a uniform share the widths
+        # are the same whatever the scores; with global Taylor scores (they need the adversarial
+        # loss's gradients, which `cstar compile` computes) the L1 widths are an estimate.
         compressed = channel_prune(model, example, plan.params_after, keep=sorted(kept),
                                    allocation=spec.compress.allocation).model
     else:

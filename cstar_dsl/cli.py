@@ -232,7 +232,8 @@ def _plan(args: argparse.Namespace, console: Console) -> int:
     pruning = checked.spec.compress.method == "channel-prune"
     console.print(_plan_table(plan, f"{args.files[0]}: {checked.spec.model.arch}", console.width, pruning=pruning))
     summary = [] if pruning else [_plan_summary(plan, seconds)]
-    for line in [*_plan_notes(plan, console.width, pruning=pruning), *summary]:
+    notes = _plan_notes(plan, console.width, pruning=pruning, allocation=checked.spec.compress.allocation)
+    for line in [*notes, *summary]:
         console.out(_wrapped(line, console.width))
     if latency is not None:
         console.out(_latency_line(latency, plan, time.perf_counter() - started - seconds))
@@ -290,13 +291,16 @@ def _treatment(layer: LayerPlan, wide: bool, pruning: bool) -> str:
     return f"{layer.method} {'x'.join(map(str, layer.ranks))}"
 
 
-def _plan_notes(plan: Plan, width: int, *, pruning: bool = False) -> list[str]:
+def _plan_notes(plan: Plan, width: int, *, pruning: bool = False, allocation: str = "uniform") -> list[str]:
     """What a narrow table leaves out, said once under it: why each dense layer is dense, and which
     rule chose the ranks of the others."""
     if pruning:
         pruned = sum(not _prune_keeps(layer) for layer in plan.layers)
-        return [f"channel-prune: `cstar compile` removes one share of the output channels of each of the "
-                f"{plural(pruned, 'pruned layer')} (smallest L1 norm first), until the conv and linear weights are "
+        layers = plural(pruned, "pruned layer")
+        how = (f"removes one share of the output channels of each of the {layers} (smallest L1 norm first)"
+               if allocation == "uniform" else f"ranks the output channels of the {layers} together by L1 norm "
+               "(each layer's divided by its mean) and removes the smallest")
+        return [f"channel-prune: `cstar compile` {how}, until the conv and linear weights are "
                 f"at most {si(plan.params_after)} ({plan.params_before / max(1, plan.params_after):.2f}x fewer); "
                 "no ranks apply, and the MACs are known after compiling"]
     lines = []

@@ -9,6 +9,7 @@ same weights as one that was never interrupted.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
@@ -548,16 +550,37 @@ def _pruned_reason(before: Any, after: Any, pruning_ratio: float, allocation: st
     return f"{kept} of {before.shape[0]} outputs kept ({pruning_ratio:.1%} of all channels removed, ranked globally)"
 
 
+# Enough adversarial batches for stable Taylor scores; a few seconds even on two cores.
+TAYLOR_BATCHES = 8
+
+
+def _adversarial_gradients(context: _Context, net: nn.Module) -> None:
+    """The gradient of the adversarial loss over the first TAYLOR_BATCHES training batches, left on ``net``'s weights
+    (then on the CPU): Taylor importance scores each channel by |weight x gradient| of the loss robustness needs."""
+    model = models.Normalized(net, context.data.mean, context.data.std).to(context.device).eval()
+    seed = context.spec.train.seed
+    attack, generator = training_attack(context.spec.threat), torch.Generator(device=context.device).manual_seed(seed)
+    net.zero_grad(set_to_none=True)
+    for x, y in itertools.islice(_batches(context, torch.Generator().manual_seed(seed)), TAYLOR_BATCHES):
+        F.cross_entropy(model(attack(model, x, y, generator)), y).backward()
+    # Each rank saw its own share of the batches; all must prune the same channels, so rank 0's scores count.
+    distributed.broadcast([p.grad for p in net.parameters() if p.grad is not None], context.world)
+    net.cpu()
+
+
 def _prune(context: _Context, net: nn.Module, plan: dict[str, Any] | None) -> tuple[nn.Module, dict[str, Any]]:
-    """Torch-Pruning L1 filter pruning to the parameter count the factorized model would have."""
+    """Torch-Pruning filter pruning (L1 or Taylor scores) to the parameter count the factorized model would have."""
     from .prune import channel_prune
 
     assert plan is not None
     spec = context.spec
     kept = set(spec.compress.keep) | {layer["name"] for layer in plan["layers"] if layer["rule"].startswith("keep")}
     example = torch.zeros(1, *spec.model.input)
-    allocation = spec.compress.allocation
-    pruned = channel_prune(net, example, plan["totals"]["params_after"], keep=sorted(kept), allocation=allocation)
+    allocation, importance = spec.compress.allocation, spec.compress.importance
+    if importance == "taylor":
+        _adversarial_gradients(context, net)
+    pruned = channel_prune(net, example, plan["totals"]["params_after"], keep=sorted(kept), allocation=allocation,
+                           importance=importance)
     after = {layer.name: layer for layer in inventory.collect(pruned.model, spec.model.input, spec.model.leaf).layers}
     layers = []
     for layer in context.layers:
@@ -566,7 +589,8 @@ def _prune(context: _Context, net: nn.Module, plan: dict[str, Any] | None) -> tu
         layers.append({"name": layer.name, "type": layer.type_name,
                        "method": "dense" if new and new.params == layer.params else "pruned",
                        "shape": list(layer.shape), "shape_after": list(new.shape) if new else None,
-                       "rule": f"channel-prune (L1, {allocation})", "ranks": None,
+                       "rule": f"channel-prune ({'L1' if importance == 'l1' else 'Taylor'}, {allocation})",
+                       "ranks": None,
                        "params_before": layer.params, "params_after": params_after,
                        "macs_before": layer.macs, "macs_after": new.macs if new else 0, "energy_kept": None,
                        "reason": _pruned_reason(layer, new, pruned.pruning_ratio, allocation)})

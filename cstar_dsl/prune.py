@@ -1,4 +1,4 @@
-"""Optimize stage, channel-prune baseline: L1 filter pruning with Torch-Pruning at a matched parameter budget."""
+"""Optimize stage, channel-prune baseline: L1 or Taylor filter pruning (Torch-Pruning) at a matched parameter budget."""
 
 from __future__ import annotations
 
@@ -34,20 +34,28 @@ def weight_params(model: nn.Module) -> int:
 
 
 def channel_prune(model: nn.Module, example_input: torch.Tensor, target_params: int, *,
-                  keep: Iterable[str] = (), allocation: str = "uniform") -> Pruned:
+                  keep: Iterable[str] = (), allocation: str = "uniform", importance: str = "l1") -> Pruned:
     """The largest pruned model with weight_params(pruned) <= target_params, by bisection on the pruning ratio.
 
     ``uniform`` removes the same share of every layer's channels (Li et al.); ``global`` ranks the channels of all
-    layers together by their mean-normalized L1 norm (Torch-Pruning's global pruning), so layers lose different shares.
+    layers together by their mean-normalized scores (Torch-Pruning's global pruning), so layers lose different shares.
+    A channel's score is its filters' L1 norm (``l1``), or the first-order Taylor estimate |weight x gradient| of the
+    loss change on removing it (``taylor``, Molchanov et al.): the caller leaves that loss's gradients on ``model``.
     """
     template = copy.deepcopy(model)
     if weight_params(template) <= target_params:
         return Pruned(template, 0.0, weight_params(template))
     protected = [_classifier(template, example_input), *(_module(template, name) for name in keep)]
+    if importance == "taylor":
+        if any(p.grad is None for p in model.parameters() if p.requires_grad):
+            raise ValueError("Taylor importance needs the loss's gradients on the model's parameters")
+        for copied, original in zip(template.parameters(), model.parameters(), strict=True):
+            copied.grad = original.grad.detach().clone() if original.grad is not None else None
     if allocation == "global":
-        return _global_prune(_Trials(template, example_input, protected, global_pruning=True), target_params)
+        return _global_prune(_Trials(template, example_input, protected, global_pruning=True, importance=importance),
+                             target_params)
     shares = _kept_shares(template, protected)
-    trial = _Trials(template, example_input, protected)
+    trial = _Trials(template, example_input, protected, importance=importance)
     smallest = trial(shares[0]) if shares else Pruned(template, 0.0, weight_params(template))
     if smallest.params > target_params:
         raise _infeasible(smallest, target_params)
@@ -125,21 +133,26 @@ class _Trials:
     """One-shot pruning of a fresh deep copy per kept share: Torch-Pruning cannot undo or redo a pruning step."""
 
     def __init__(self, template: nn.Module, example_input: torch.Tensor, protected: list[nn.Module], *,
-                 global_pruning: bool = False) -> None:
+                 global_pruning: bool = False, importance: str = "l1") -> None:
         self.template, self.example_input = template, example_input
         self.protected_names = [_name(template, m) for m in protected]
-        self.global_pruning = global_pruning
+        self.global_pruning, self.importance = global_pruning, importance
 
     def __call__(self, share: Fraction) -> Pruned:
         model = copy.deepcopy(self.template)
+        for copied, original in zip(model.parameters(), self.template.parameters(), strict=True):
+            # deepcopy drops gradients; Taylor scores read them (a copy each: the pruner slices them with the weights).
+            copied.grad = None if original.grad is None else original.grad.clone()
         ignored = [model.get_submodule(name) for name in self.protected_names]
         ratio = max(0.0, 1.0 - float(share) - _NUDGE)
         # Li et al. rank filters by L1 norm within each layer; a uniform per-layer ratio (no global ranking) is their
         # setting and never empties a layer. Torch-Pruning's group mean also scores channels that residual additions
         # couple by every layer they touch, not by one arbitrary root layer.
         # Across layers the scores must be comparable, so global ranking divides each layer's by its mean.
-        importance = tp.importance.MagnitudeImportance(p=1, group_reduction="mean",
-                                                       normalizer="mean" if self.global_pruning else None)
+        normalizer = "mean" if self.global_pruning else None
+        importance = (tp.importance.TaylorImportance(group_reduction="mean", normalizer=normalizer)
+                      if self.importance == "taylor" else
+                      tp.importance.MagnitudeImportance(p=1, group_reduction="mean", normalizer=normalizer))
         # The dependency graph is traced with autograd, so it needs grad even if the caller runs under no_grad.
         with torch.enable_grad(), warnings.catch_warnings():
             # Torch-Pruning warns about cases it then handles itself (unwrapped parameters it prunes along their last

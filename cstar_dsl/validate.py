@@ -314,14 +314,19 @@ def _phases_for_method(spec: SimpleNamespace, root: Section) -> list[Diagnostic]
     return found
 
 
-def _allocation_for_method(spec: SimpleNamespace, root: Section) -> list[Diagnostic]:
+_PRUNING_SETTINGS = {"allocation": ("uniform", "spreads the removed channels"),
+                     "importance": ("l1", "scores the channels")}
+
+
+def _pruning_settings_for_method(spec: SimpleNamespace, root: Section) -> list[Diagnostic]:
     compress = spec.compress
-    if compress.method == "channel-prune" or compress.allocation == "uniform":
+    if compress.method == "channel-prune":
         return []
     return [Diagnostic(
-        "setting-ignored", f"method `{compress.method}` removes no channels; `allocation` is not used",
-        locate(root, ("compress", "allocation")), severity="warning", label="ignored",
-        help="`allocation` chooses how `channel-prune` spreads the removed channels; drop it for this method")]
+        "setting-ignored", f"method `{compress.method}` removes no channels; `{key}` is not used",
+        locate(root, ("compress", key)), severity="warning", label="ignored",
+        help=f"`{key}` chooses how `channel-prune` {what}; drop it for this method")
+        for key, (default, what) in _PRUNING_SETTINGS.items() if getattr(compress, key) != default]
 
 
 def _fixed_policy_ranks(spec: SimpleNamespace, root: Section) -> list[Diagnostic]:
@@ -418,7 +423,7 @@ _CHECKS = (
     (("compress",), _rules_against_keep),
     (("compress", "train"), _phases_for_method),
     (("compress",), _fixed_policy_ranks),
-    (("compress",), _allocation_for_method),
+    (("compress",), _pruning_settings_for_method),
     (("data",), _data_root),
     (("data",), _split_for_dataset),
     (("model", "data"), _normalization_channels),

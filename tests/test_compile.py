@@ -190,6 +190,18 @@ def test_baselines_compile_and_load(tmp_path, method):
     assert model(torch.rand(3, 1, 8, 8)).shape == (3, 10)
 
 
+def test_channel_prune_ranks_channels_globally_by_their_taylor_scores_on_the_adversarial_loss(tmp_path):
+    write_spec(tmp_path, method="channel-prune", finetune=1)
+    variant = tmp_path / "taylor.cstar"
+    variant.write_text('extend "tiny.cstar"\n\ncompress {\n  allocation = global\n  importance = taylor\n}\n')
+    assert compile_cli(variant, "--out", tmp_path / "run") == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["compression"]["params_compressed"] <= report["compression"]["params_dense"] / 4
+    rules = {layer["rule"] for layer in report["layers"] if layer["method"] == "pruned"}
+    assert rules == {"channel-prune (Taylor, global)"}
+    assert load(tmp_path / "run")(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+
+
 def test_unmet_requirement_exits_3_and_still_writes_the_report(tmp_path, capsys):
     spec = write_spec(tmp_path, pretrain=0, admm=1, finetune=0, requirements="  require robust >= 99.9%")
     assert compile_cli(spec, "--out", tmp_path / "run") == 3

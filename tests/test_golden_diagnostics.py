@@ -51,7 +51,7 @@ EXPECTED_CODES = frozenset({
     "import-not-allowed",
     # semantic checks
     "rule-contradicts-keep", "missing-phase", "fixed-needs-rank", "shape-mismatch", "phase-ignored",
-    "dataset-mismatch", "nothing-to-drop",
+    "dataset-mismatch", "nothing-to-drop", "setting-ignored",
 })
 # Codes about the file itself, with no position; a fixture cannot produce them (test_file_level_errors).
 FILE_LEVEL_CODES = frozenset({"file-not-found", "unreadable-file", "unwritable-file"})

@@ -281,7 +281,7 @@ def resnet_plan():
     return make_plan(spec, build_model(spec))
 
 
-def _plan_text(plan, width: int, pruning: bool = False) -> list[str]:
+def _plan_text(plan, width: int, pruning: bool = False, allocation: str = "uniform") -> list[str]:
     from io import StringIO
 
     from rich.console import Console
@@ -291,7 +291,7 @@ def _plan_text(plan, width: int, pruning: bool = False) -> list[str]:
     stream = StringIO()
     console = Console(file=stream, width=width, highlight=False)
     console.print(_plan_table(plan, "resnet18.cstar: torchvision:resnet18", console.width, pruning=pruning))
-    for line in _plan_notes(plan, console.width, pruning=pruning):
+    for line in _plan_notes(plan, console.width, pruning=pruning, allocation=allocation):
         console.out(_wrapped(line, console.width))
     return stream.getvalue().splitlines()
 
@@ -332,6 +332,9 @@ def test_a_channel_prune_plan_shows_no_ranks(resnet_plan):
                                                                                                           "layer1.0"))}
         assert "dense" in rows["conv1"] and "pruned" in rows["layer1.0.conv1"]
         assert "no ranks apply" in text and max(len(line) for line in lines) <= width
+        assert "one share of the output channels" in text
+    ranked = " ".join(_plan_text(resnet_plan, 160, pruning=True, allocation="global"))
+    assert "ranks the output channels" in ranked and "one share" not in ranked
 
 
 # ------------------------------------------------------------------- 8. dropping a block

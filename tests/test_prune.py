@@ -209,3 +209,32 @@ def test_global_allocation_meets_the_budget_with_uneven_shares():
     assert pruned.model.fc.out_features == 10 and uniform.model.fc.out_features == 10
     with torch.no_grad():
         assert pruned.model(CNN_INPUT).shape == (1, 10)
+
+
+def _adversarial_like_gradients(model: nn.Module) -> None:
+    generator = torch.Generator().manual_seed(3)
+    images, labels = torch.rand(16, 1, 28, 28, generator=generator), torch.randint(0, 10, (16,), generator=generator)
+    model.zero_grad()
+    nn.functional.cross_entropy(model.train()(images), labels).backward()
+    model.eval()
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_taylor_importance_keeps_other_channels_than_l1_and_meets_the_budget(allocation):
+    model = small_cnn()
+    _adversarial_like_gradients(model)
+    target = weight_params(model) // 8
+    taylor = channel_prune(model, CNN_INPUT, target, allocation=allocation, importance="taylor")
+    l1 = channel_prune(model, CNN_INPUT, target, allocation=allocation)
+    assert taylor.params <= target and l1.params <= target
+    assert all(p.grad is not None for p in model.parameters())  # the caller's gradients are left as they were
+    first = convs(model)[0].weight
+    kept = {name: {tuple(row) for row in convs(pruned.model)[0].weight.detach().flatten(1).tolist()}
+            for name, pruned in (("taylor", taylor), ("l1", l1))}
+    assert all(row in {tuple(r) for r in first.detach().flatten(1).tolist()} for row in kept["taylor"])
+    assert kept["taylor"] != kept["l1"]  # scored by |weight x gradient|, not by the weights alone
+
+
+def test_taylor_importance_needs_gradients():
+    with pytest.raises(ValueError, match="gradients"):
+        channel_prune(small_cnn(), CNN_INPUT, 10_000, importance="taylor")

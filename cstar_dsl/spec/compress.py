@@ -204,6 +204,8 @@ class CompressSpec(Block):
     hooi_sweeps: Annotated[int, int_at_least(0, "`hooi_sweeps`")] = 0
     # channel-prune only: the same share of every layer's channels, or one ranking of all channels.
     allocation: Annotated[str, typed(c.choice, options=("uniform", "global"), what="channel allocation")] = "uniform"
+    # channel-prune only: a channel's score, its L1 norm or the Taylor estimate on the adversarial loss.
+    importance: Annotated[str, typed(c.choice, options=("l1", "taylor"), what="channel importance")] = "l1"
     layers: tuple[LayerRule, ...] = ()
 
     @field_validator("keep", mode="after")
