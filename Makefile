@@ -23,7 +23,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 lint: setup
-	$(BIN)/ruff check cstar_dsl tests
+	$(BIN)/ruff check cstar_dsl tests benchmarks
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
