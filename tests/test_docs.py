@@ -44,10 +44,11 @@ from pathlib import Path
 
 import pytest
 
-from cstar_dsl import cli, registry
-from cstar_dsl.errors import CStarError
-from cstar_dsl.fmt import format_text
-from cstar_dsl.validate import check_file
+from cstar_dsl.cli import commands as cli
+from cstar_dsl.lang import registry
+from cstar_dsl.lang.errors import CStarError
+from cstar_dsl.lang.fmt import format_text
+from cstar_dsl.lang.validate import check_file
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -384,7 +385,7 @@ def test_unreadable_file(tmp_path: Path) -> None:
 
 def test_architecture_names_existing_modules() -> None:
     text = ARCHITECTURE.read_text("utf-8")
-    for name in re.findall(r"`cstar_dsl/([a-z_]+\.py)`", text):
+    for name in re.findall(r"`cstar_dsl/([a-z_/]+\.py)`", text):
         assert (PACKAGE / name).is_file(), f"architecture.md names a missing module: {name}"
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import load_failure
-from .files import FileProblem, require_file
-from .problems import SpecProblem
-from .registry import normalize_module_name
-from .spec import ModelSpec
+from ..files import FileProblem, require_file
+from ..lang.problems import SpecProblem
+from ..lang.registry import normalize_module_name
+from ..lang.spec import ModelSpec
+from ..train.checkpoint import load_failure
 
 _RESNETS = ("resnet", "resnext", "wide_resnet")
 

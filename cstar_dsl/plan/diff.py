@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .plan import LayerPlan, Plan
-from .render import si
-from .spec import Spec
+from ..lang.render import si
+from ..lang.spec import Spec
+from .allocate import LayerPlan, Plan
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from . import files
+from .. import files
 from . import syntax as ast
 from .errors import CStarError, Diagnostic
 from .lower import Section, SectionList, identity, lower

@@ -13,12 +13,12 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
-from .errors import closest
+from ..lang.errors import closest
+from ..lang.problems import SpecProblem
+from ..lang.registry import normalize_module_name
+from ..lang.render import si
+from ..lang.spec import CompressSpec, LayerRule, Spec
 from .layers import LayerInfo
-from .problems import SpecProblem
-from .registry import normalize_module_name
-from .render import si
-from .spec import CompressSpec, LayerRule, Spec
 
 DEFAULT_MIN_RANK = 2  # a rank-1 factor rarely trains well
 OUTPUT_RULE = "model output"  # what decides the model's output layer, when no name or glob rule does

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import files
+from .. import files
 
 CHECKPOINT = "checkpoint.pt"
 LOCK = "lock.json"

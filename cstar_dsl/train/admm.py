@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .decompose import project
+from ..model.decompose import project
 
 Ranks = tuple[int, ...]
 

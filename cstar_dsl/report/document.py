@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .render import plural, si
+from ..lang.render import plural, si
 
 if TYPE_CHECKING:  # matplotlib is imported inside the plot functions: importing this module stays cheap
     from matplotlib.axes import Axes

@@ -24,16 +24,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from . import __version__, admm, checkpoint, distributed, files, inventory, models, report, rewrite
-from . import plan as planning
-from .artifacts import build_structure, model_description, save_model
-from .data import Datasets, augment, datasets, loader_batches
-from .evaluation import Evaluation, evaluate
-from .latency import LatencyComparison, compare_latency
-from .optimize import TrainingDiverged, adversarial_epoch, make_optimizer, make_schedule, training_attack
-from .problems import SpecProblem
+from .. import __version__, files
+from ..deploy.artifacts import build_structure, model_description, save_model
+from ..deploy.latency import LatencyComparison, compare_latency
+from ..eval.evaluation import Evaluation, evaluate
+from ..lang.problems import SpecProblem
+from ..lang.spec import AdmmSpec, PhaseSpec, Spec
+from ..model import inventory, rewrite
+from ..model import zoo as models
+from ..plan import allocate as planning
+from ..report import document as report
+from ..train import admm, checkpoint, distributed
+from ..train.data import Datasets, augment, datasets, loader_batches
+from ..train.optimize import TrainingDiverged, adversarial_epoch, make_optimizer, make_schedule, training_attack
 from .runfolder import folder_problem
-from .spec import AdmmSpec, PhaseSpec, Spec
 
 REPORT_SCHEMA = "cstar.report/1"
 OUTPUTS = ("model.safetensors", "model.json", "report.json", "report.md", "curves.png", "ranks.png", "spec.cstar",
@@ -528,7 +532,7 @@ def _energy_of_weights(context: _Context, run: _Run, ranks: dict[str, tuple[int,
 
 def _export(context: _Context) -> list[dict[str, Any]]:
     """The recipe's `export` formats, each checked against PyTorch (see ``cstar_dsl.export``)."""
-    from .export import ExportError, export
+    from ..deploy.export import ExportError, export
 
     written = []
     for fmt in context.spec.export.formats:
@@ -570,7 +574,7 @@ def _adversarial_gradients(context: _Context, net: nn.Module) -> None:
 
 def _prune(context: _Context, net: nn.Module, plan: dict[str, Any] | None) -> tuple[nn.Module, dict[str, Any]]:
     """Torch-Pruning filter pruning (L1 or Taylor scores) to the parameter count the factorized model would have."""
-    from .prune import channel_prune
+    from ..model.prune import channel_prune
 
     assert plan is not None
     spec = context.spec

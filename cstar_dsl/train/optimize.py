@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..lang.spec import PhaseSpec, ThreatSpec
 from .attacks import Pgd
-from .spec import PhaseSpec, ThreatSpec
 
 
 class TrainingDiverged(Exception):

@@ -44,7 +44,7 @@ from torch import fx, nn
 from torch.nn.modules.utils import _pair
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .inventory import trace
+from ..model.inventory import trace
 
 # Strided convs with at most this many output channels run channels-last (see _channels_last_conv).
 # Wider ones are dominated by their matrix product, which is as fast or faster in NCHW (ResNet-18's

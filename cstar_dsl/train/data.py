@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from .problems import SpecProblem
-from .spec import DataSpec, Spec
+from ..lang.problems import SpecProblem
+from ..lang.spec import DataSpec, Spec
 
 if TYPE_CHECKING:
     from torchvision.datasets import ImageFolder

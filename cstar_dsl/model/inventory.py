@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
+from ..lang.problems import SpecProblem
+from ..plan.layers import LayerInfo
 from .decompose import spectra
-from .layers import LayerInfo
-from .problems import SpecProblem
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from . import artifacts, files
+from .. import files
+from . import artifacts
 
 if TYPE_CHECKING:
     import onnx

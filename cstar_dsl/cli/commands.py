@@ -20,15 +20,15 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from . import __version__, files
-from .errors import CStarError, Diagnostic
-from .render import FORMATS, plural, render, render_concise, si, to_dict
+from .. import __version__, files
+from ..lang.errors import CStarError, Diagnostic
+from ..lang.render import FORMATS, plural, render, render_concise, si, to_dict
 
 if TYPE_CHECKING:
-    from .diff import Change, LayerChange
-    from .latency import LatencyComparison
-    from .plan import LayerPlan, Plan
-    from .spec import Spec
+    from ..deploy.latency import LatencyComparison
+    from ..lang.spec import Spec
+    from ..plan.allocate import LayerPlan, Plan
+    from ..plan.diff import Change, LayerChange
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_UNMET, EXIT_FAILED = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED = 130  # the shell's code for a run stopped by Ctrl-C
@@ -155,7 +155,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check(args: argparse.Namespace, console: Console) -> int:
-    from .validate import check_file
+    from ..lang.validate import check_file
 
     diagnostics: list[Diagnostic] = []
     summaries: list[str] = []
@@ -205,9 +205,9 @@ def _pixels(eps: float) -> str:
 def _plan(args: argparse.Namespace, console: Console) -> int:
     import time
 
-    from .api import build_model, make_plan, measure_latency
-    from .problems import SpecProblem
-    from .validate import check_file
+    from ..api import build_model, make_plan, measure_latency
+    from ..lang.problems import SpecProblem
+    from ..lang.validate import check_file
 
     started = time.perf_counter()
     diagnostic_format = {"table": "full", "concise": "concise", "json": "json"}[args.format]
@@ -322,7 +322,7 @@ def _plan_notes(plan: Plan, width: int, *, pruning: bool = False, allocation: st
 
 
 def _prune_keeps(layer: LayerPlan) -> bool:
-    from .plan import OUTPUT_RULE
+    from ..plan.allocate import OUTPUT_RULE
 
     return layer.rule.startswith("keep") or layer.rule == OUTPUT_RULE
 
@@ -348,10 +348,10 @@ def _latency_line(latency: LatencyComparison, plan: Plan, seconds: float) -> str
 
 
 def _diff(args: argparse.Namespace, console: Console) -> int:
-    from .api import build_model, make_plan
-    from .diff import plan_changes, spec_changes
-    from .problems import SpecProblem
-    from .validate import check_file
+    from ..api import build_model, make_plan
+    from ..lang.problems import SpecProblem
+    from ..lang.validate import check_file
+    from ..plan.diff import plan_changes, spec_changes
 
     diagnostics_format = "json" if args.format == "json" else "full"
     sides = [_diff_side(name, other) for name, other in zip(args.files, reversed(args.files), strict=True)]
@@ -451,8 +451,8 @@ def _diff_json(settings: list[Change], layers: list[LayerChange], plans: list[Pl
 
 
 def _compile(args: argparse.Namespace, console: Console) -> int:
-    from .runfolder import folder_problem
-    from .validate import check_file
+    from ..driver.runfolder import folder_problem
+    from ..lang.validate import check_file
 
     # The recipe and the out folder are checked, and the first line said, before torch is imported
     # and the data loaded: a mistake there is reported in a second, not after a minute.
@@ -475,11 +475,11 @@ def _compile(args: argparse.Namespace, console: Console) -> int:
         _print_diagnostics(console, list(checked.warnings), "full")
         console.out(f"-- {'resuming' if args.resume else 'compiling'} {path} into {out}/")
 
-    from . import distributed
-    from .checkpoint import CheckpointError
-    from .files import FileProblem
-    from .pipeline import CompileError, CompileOptions, Progress, compile_spec
-    from .problems import SpecProblem
+    from ..driver.pipeline import CompileError, CompileOptions, Progress, compile_spec
+    from ..files import FileProblem
+    from ..lang.problems import SpecProblem
+    from ..train import distributed
+    from ..train.checkpoint import CheckpointError
 
     world = distributed.from_environment()
     if launching:
@@ -634,8 +634,8 @@ class _RichProgress(_LogProgress):
 
 
 def _export(args: argparse.Namespace, console: Console) -> int:
-    from .artifacts import ArtifactError
-    from .export import ExportError, export
+    from ..deploy.artifacts import ArtifactError
+    from ..deploy.export import ExportError, export
 
     try:
         exported = export(Path(args.folders[0]), args.format, out=args.out, opset=args.opset)
@@ -650,9 +650,9 @@ def _export(args: argparse.Namespace, console: Console) -> int:
 
 
 def _eval(args: argparse.Namespace, console: Console) -> int:
-    from .artifacts import ArtifactError
-    from .problems import SpecProblem
-    from .robustness import MissingExtra, parse_attack, reevaluate
+    from ..deploy.artifacts import ArtifactError
+    from ..eval.robustness import MissingExtra, parse_attack, reevaluate
+    from ..lang.problems import SpecProblem
 
     folder = Path(args.folders[0])
     diagnostics_format = "json" if args.format == "json" else "full"
@@ -706,7 +706,7 @@ def _wrapped(line: str, width: int = 100) -> str:
 
 
 def _fmt(args: argparse.Namespace, console: Console) -> int:
-    from .fmt import format_text
+    from ..lang.fmt import format_text
 
     changed, failed = [], []
     diagnostics: list[Diagnostic] = []

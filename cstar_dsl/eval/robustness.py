@@ -19,21 +19,21 @@ from pydantic import ValidationError
 from pydantic_core import PydanticCustomError
 from torch import Tensor, nn
 
-from . import __version__, files
-from . import coerce as c
-from . import syntax as ast
-from .artifacts import ArtifactError, load
-from .attacks import Attack, Fgsm, Pgd, accuracy, evaluating
-from .data import datasets
-from .errors import CStarError, Diagnostic, did_you_mean
+from .. import __version__, files
+from ..deploy.artifacts import ArtifactError, load
+from ..lang import coerce as c
+from ..lang import syntax as ast
+from ..lang.errors import CStarError, Diagnostic, did_you_mean
+from ..lang.lower import Section, lower
+from ..lang.parse import parse
+from ..lang.render import plural
+from ..lang.source import SourceFile, Span
+from ..lang.spec import EvaluateSpec, FgsmAttack, PgdAttack, Spec, ThreatSpec
+from ..lang.spec.base import Block, positive_number, typed
+from ..lang.validate import check_sections
+from ..train.attacks import Attack, Fgsm, Pgd, accuracy, evaluating
+from ..train.data import datasets
 from .evaluation import EVAL_BATCH, attack_for, attack_name, evaluate, test_batches
-from .lower import Section, lower
-from .parse import parse
-from .render import plural
-from .source import SourceFile, Span
-from .spec import EvaluateSpec, FgsmAttack, PgdAttack, Spec, ThreatSpec
-from .spec.base import Block, positive_number, typed
-from .validate import check_sections
 
 AUTOATTACK_VERSIONS = ("standard", "plus", "rand")
 ATTACK_KINDS = ("pgd", "fgsm", "autoattack")
@@ -43,6 +43,7 @@ ORIGIN = "--attack"  # the file name diagnostics of an attack given on the comma
 _BEFORE, _AFTER = "evaluate {\n  attacks = [\n", "\n  ]\n}\n"
 _AUTOATTACK_NORMS = {"linf": "Linf", "l2": "L2"}
 _UNBOUNDED = Pgd(eps=1.0, step=0.1, steps=50, norm="linf", random_start=True)
+# The label of our own attacks in reports: kept as written when the code moved to cstar_dsl.train.attacks.
 _OWN = f"cstar_dsl.attacks {__version__}"
 
 

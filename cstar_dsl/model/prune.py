@@ -12,7 +12,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from .problems import SpecProblem
+from ..lang.problems import SpecProblem
 
 _WEIGHTED = (nn.Conv2d, nn.Linear)
 # Torch-Pruning keeps int(C * (1 - ratio)) channels; nudging the kept share up by far less than 1/C makes an exact

@@ -46,7 +46,7 @@ def grammar_text() -> str:
     packaged = resources.files("cstar_dsl").joinpath("grammar").joinpath("cstar.lark")
     if packaged.is_file():
         return packaged.read_text(encoding="utf-8")
-    return (Path(__file__).resolve().parent.parent / "grammar" / "cstar.lark").read_text("utf-8")
+    return (Path(__file__).resolve().parents[2] / "grammar" / "cstar.lark").read_text("utf-8")
 
 
 class _NestingTooDeep(LarkError):

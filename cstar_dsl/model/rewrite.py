@@ -11,9 +11,9 @@ from collections.abc import Iterable, Mapping
 
 from torch import fx, nn
 
+from ..plan.allocate import Plan, Ranks
 from .factorized import LowRankLinear, Tucker2Conv2d
 from .inventory import trace
-from .plan import Plan, Ranks
 
 
 def factorize(model: nn.Module, plan: Plan, *, leaves: Iterable[str] = (), sweeps: int = 0) -> fx.GraphModule:

@@ -10,9 +10,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, TensorDataset
 
-from .attacks import Attack, Fgsm, Pgd, accuracy
-from .data import loader_batches
-from .spec import EvaluateSpec, FgsmAttack, PgdAttack, ThreatSpec
+from ..lang.spec import EvaluateSpec, FgsmAttack, PgdAttack, ThreatSpec
+from ..train.attacks import Attack, Fgsm, Pgd, accuracy
+from ..train.data import loader_batches
 
 EVAL_BATCH = 500
 

@@ -16,10 +16,13 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from . import files, limits, models, rewrite
-from .problems import SpecProblem
-from .prune import resize_to
-from .spec import ModelSpec
+from .. import files
+from ..lang import limits
+from ..lang.problems import SpecProblem
+from ..lang.spec import ModelSpec
+from ..model import rewrite
+from ..model import zoo as models
+from ..model.prune import resize_to
 
 SCHEMA = "cstar.model/1"
 WEIGHTS, DESCRIPTION = "model.safetensors", "model.json"

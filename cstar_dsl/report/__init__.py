@@ -1,0 +1,1 @@
+"""The report: the compile report as Markdown and its plots (``document``)."""
