@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 
 from .errors import Diagnostic
@@ -11,12 +12,30 @@ MAX_LINE = 120
 FORMATS = ("full", "concise", "json")
 
 
-def si(amount: float) -> str:
-    """A count with an SI suffix, as recipes write it: 80M, 697.7k, 512."""
-    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(amount) >= scale:
-            return f"{amount / scale:.4g}{suffix}"
-    return f"{amount:.4g}"
+SI_PREFIXES = ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"))
+
+
+def si(amount: float, decimals: int | None = None) -> str:
+    """A count with an SI suffix. By default as recipes write it, four significant digits: 80M, 697.7k, 512.
+    With ``decimals``, as the report shows it: that many digits after the point (59.8k, 5.0M), whole
+    numbers below a thousand exact, the suffix chosen after rounding (999,960 reads 1.0M, not 1000.0k).
+
+    >>> si(697_700), si(80e6), si(512), si(59_760, 1), si(999_960, 1), si(12, 1)
+    ('697.7k', '80M', '512', '59.8k', '1.0M', '12')
+    """
+    if decimals is None:
+        for scale, suffix in SI_PREFIXES[1:]:
+            if abs(amount) >= scale:
+                return f"{amount / scale:.4g}{suffix}"
+        return f"{amount:.4g}"
+    if not math.isfinite(amount):
+        return str(amount)
+    if abs(amount) < 1000:
+        return f"{amount:.0f}" if amount == int(amount) else f"{amount:.{decimals}f}"
+    for scale, suffix in SI_PREFIXES:
+        if round(abs(amount) / scale, decimals) >= 1:
+            return f"{amount / scale:.{decimals}f}{suffix}"
+    return f"{amount:.0f}"  # unreachable: |amount| >= 1000 matches "k"
 
 
 def plural(amount: float, noun: str) -> str:

@@ -1,5 +1,4 @@
-"""Report stage: the shared constants and the lenient readers and formatters of report values (a missing
-or malformed value renders as a dash, never raises)."""
+"""Report stage: lenient readers and formats of report values (a missing or malformed one reads as a dash)."""
 
 from __future__ import annotations
 
@@ -8,7 +7,7 @@ import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from ..lang.render import plural
+from ..lang.render import plural, si
 
 DASH = "–"  # what every missing or null value renders as
 ARROW = "→"
@@ -74,17 +73,7 @@ def _grouped(value: Any) -> str:
 def _count(value: Any) -> str:
     """A parameter or MAC count with an SI suffix and one decimal (59.8k, 5.0M); exact below a thousand."""
     number = _num(value)
-    if number is None:
-        return DASH
-    if not math.isfinite(number):
-        return str(number)
-    if abs(number) < 1000:
-        return f"{number:.0f}" if number == int(number) else f"{number:.1f}"
-    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        # Compare after rounding, so 999,960 reads 1.0M rather than 1000.0k.
-        if round(abs(number) / scale, 1) >= 1:
-            return f"{number / scale:.1f}{suffix}"
-    return f"{number:.0f}"  # unreachable: |number| >= 1000 matches "k"
+    return DASH if number is None else si(number, decimals=1)
 
 
 def _ratio(value: Any) -> str:
