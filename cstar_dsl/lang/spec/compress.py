@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field, ValidationInfo, field_validator
 from .. import coerce as c
 from .. import limits, registry
 from .. import syntax as ast
+from ..render import si
 from .base import Block, int_at_least, names, normalize_module_name, typed
 
 
@@ -21,6 +22,10 @@ class RatioBudget(Block):
     metric: Literal["params", "macs"]
     ratio: float
 
+    def text(self) -> str:
+        """The budget as a recipe writes it: ``16x params``."""
+        return f"{self.ratio:g}x {self.metric}"
+
 
 class LimitBudget(Block):
     """``params <= 700k`` or ``macs <= 0.5G``: an absolute ceiling."""
@@ -28,6 +33,10 @@ class LimitBudget(Block):
     kind: Literal["limit"] = "limit"
     metric: Literal["params", "macs"]
     limit: float
+
+    def text(self) -> str:
+        """The budget as a recipe writes it: ``params <= 700k``."""
+        return f"{self.metric} <= {si(self.limit)}"
 
 
 Budget = Annotated[RatioBudget | LimitBudget, Field(discriminator="kind")]
