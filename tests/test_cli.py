@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cstar_dsl.cli.commands import main
+from cstar_dsl.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"

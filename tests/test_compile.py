@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from cstar_dsl import files
-from cstar_dsl.cli.commands import main
+from cstar_dsl.cli import main
 from cstar_dsl.deploy.artifacts import load
 from cstar_dsl.files import FileProblem
 from cstar_dsl.lang.validate import load_spec

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cstar_dsl.cli.commands import main
+from cstar_dsl.cli import main
 from cstar_dsl.lang.validate import load_spec
 from cstar_dsl.plan.diff import Change, spec_changes
 

@@ -24,7 +24,7 @@ from test_compile import compile_cli, write_spec
 from test_export import _save
 
 from cstar_dsl import files
-from cstar_dsl.cli.commands import main
+from cstar_dsl.cli import main
 from cstar_dsl.deploy import export as export_module
 from cstar_dsl.deploy.export import ExportError
 

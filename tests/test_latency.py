@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import cstar_dsl
-from cstar_dsl.cli.commands import main
+from cstar_dsl.cli import main
 from cstar_dsl.deploy import latency
 
 ROOT = Path(__file__).resolve().parent.parent

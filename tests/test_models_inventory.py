@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from cstar_dsl import api
-from cstar_dsl.cli.commands import main
+from cstar_dsl.cli import main
 from cstar_dsl.lang.problems import SpecProblem
 from cstar_dsl.lang.spec import ModelSpec
 from cstar_dsl.lang.validate import check_file, load_spec

@@ -141,7 +141,7 @@ def test_plural_says_one_epoch_and_two_points():
 
 
 def test_compile_and_export_help_say_what_they_do(capsys):
-    from cstar_dsl.cli import commands as cli
+    from cstar_dsl import cli
 
     for command in ("compile", "export"):
         with pytest.raises(SystemExit):
@@ -156,15 +156,15 @@ def test_the_log_says_1_epoch_of_1_step():
 
     from rich.console import Console
 
-    from cstar_dsl.cli.commands import _LogProgress
+    from cstar_dsl.cli.progress import LogProgress
 
     stream = StringIO()
-    _LogProgress(Console(file=stream, width=100)).phase_started("finetune", 1, 0, 1)
+    LogProgress(Console(file=stream, width=100)).phase_started("finetune", 1, 0, 1)
     assert stream.getvalue() == "-- finetune: 1 epoch of 1 step\n"
 
 
 def test_the_final_table_has_a_header_for_every_column():
-    from cstar_dsl.cli.commands import _report_table
+    from cstar_dsl.cli.compile import _report_table
 
     report = {"spec": "r.cstar", "method": "cstar", "accuracy": {"clean": 0.9, "robust": {"pgd": 0.5}},
               "compression": {"params_dense": 100, "params_compressed": 25, "ratio": 4.0, "macs_dense": 10,
@@ -175,13 +175,13 @@ def test_the_final_table_has_a_header_for_every_column():
 
 
 def test_sanity_lines_wrap_at_100_columns():
-    from cstar_dsl.cli.commands import _wrapped
+    from cstar_dsl.cli.output import wrapped
 
     detail = ("pgd(linf, eps=0.1, step=0.025, steps=20, restarts=1): 89.4% (321/359); pgd(linf, eps=0.1, "
               "step=0.025, steps=100, restarts=3): 89.1% (320/359) (-0.3 points); allowed rise 0.56 points "
               "(1 image or 0.5 points, whichever is larger)")
     line = f"ok   more steps do not help the model: {detail}"
-    lines = _wrapped(line).splitlines()
+    lines = wrapped(line).splitlines()
     assert len(line) > 200 and len(lines) == 3 and all(len(part) <= 100 for part in lines)
     assert " ".join(" ".join(lines).split()) == " ".join(line.split())  # every word kept, in order
     assert lines[1].startswith("     ") and "pgd(linf" in lines[0]
@@ -230,7 +230,7 @@ def test_a_taken_out_folder_is_refused_before_torch_is_imported(warned_run, tmp_
 
 
 def test_the_first_line_comes_before_the_data(tmp_path, capsys, monkeypatch):
-    from cstar_dsl.cli import commands as cli
+    from cstar_dsl import cli
     from cstar_dsl.driver import pipeline
 
     spec = _recipe(tmp_path, DIGITS)
@@ -288,13 +288,14 @@ def _plan_text(plan, width: int, pruning: bool = False, allocation: str = "unifo
 
     from rich.console import Console
 
-    from cstar_dsl.cli.commands import _plan_notes, _plan_table, _wrapped
+    from cstar_dsl.cli.output import wrapped
+    from cstar_dsl.cli.plan import _plan_notes, _plan_table
 
     stream = StringIO()
     console = Console(file=stream, width=width, highlight=False)
     console.print(_plan_table(plan, "resnet18.cstar: torchvision:resnet18", console.width, pruning=pruning))
     for line in _plan_notes(plan, console.width, pruning=pruning, allocation=allocation):
-        console.out(_wrapped(line, console.width))
+        console.out(wrapped(line, console.width))
     return stream.getvalue().splitlines()
 
 

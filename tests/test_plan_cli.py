@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cstar_dsl.cli.commands import main
+from cstar_dsl.cli import main
 from cstar_dsl.plan.allocate import LayerPlan
 
 ROOT = Path(__file__).resolve().parent.parent

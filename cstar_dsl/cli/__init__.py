@@ -1,5 +1,6 @@
-"""The `cstar` command line (``commands``): the only code that prints."""
+"""The `cstar` command line: the only code that prints. ``entry`` parses and dispatches; one module a command
+(check, fmt, plan, diff, compile, export, eval); ``progress`` and ``output`` are shared."""
 
-from .commands import main, run
+from .entry import main, run
 
 __all__ = ["main", "run"]
