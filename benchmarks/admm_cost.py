@@ -21,10 +21,12 @@ from pathlib import Path
 
 import torch
 
-from cstar_dsl import admm, build_model, datasets, inventory, load_spec, rewrite
-from cstar_dsl import plan as planning
-from cstar_dsl.models import Normalized
-from cstar_dsl.optimize import adversarial_epoch, make_optimizer, training_attack
+from cstar_dsl import build_model, datasets, load_spec
+from cstar_dsl.model import inventory, rewrite
+from cstar_dsl.model.zoo import Normalized
+from cstar_dsl.plan import allocate as planning
+from cstar_dsl.train import admm
+from cstar_dsl.train.optimize import adversarial_epoch, make_optimizer, training_attack
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING, BinaryIO
 import torch
 
 if TYPE_CHECKING:
-    from cstar_dsl.attacks import Pgd
-    from cstar_dsl.spec import Spec
+    from cstar_dsl.lang.spec import Spec
+    from cstar_dsl.train.attacks import Pgd
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
@@ -122,7 +122,7 @@ def cifar_recipe(folder: Path, data_root: Path, device: str) -> Path:
 def structures(spec: Spec, net: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """The dense ResNet-18, and the factorized and the channel-pruned models at the recipe's 16x budget."""
     from cstar_dsl import factorize, make_plan
-    from cstar_dsl.prune import channel_prune
+    from cstar_dsl.model.prune import channel_prune
 
     plan = make_plan(spec, net)
     example = torch.zeros(1, *spec.model.input)
@@ -132,7 +132,7 @@ def structures(spec: Spec, net: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 def images_per_second(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], attack: Pgd, *,
                       warmup: int, precision: torch.dtype | None) -> float:
-    from cstar_dsl.optimize import adversarial_epoch
+    from cstar_dsl.train.optimize import adversarial_epoch
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     device = batches[0][0].device
@@ -156,10 +156,10 @@ def run_throughput(device: torch.device, sizes: Sizes, scratch: Path) -> list[di
     import copy
 
     from cstar_dsl import build_model, datasets
-    from cstar_dsl.models import Normalized
-    from cstar_dsl.optimize import training_attack
-    from cstar_dsl.prune import weight_params
-    from cstar_dsl.validate import load_spec
+    from cstar_dsl.lang.validate import load_spec
+    from cstar_dsl.model.prune import weight_params
+    from cstar_dsl.model.zoo import Normalized
+    from cstar_dsl.train.optimize import training_attack
 
     fake_cifar10(scratch / "cifar10", sizes.cifar_images)
     spec = load_spec(cifar_recipe(scratch, scratch / "cifar10", device.type))

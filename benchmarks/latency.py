@@ -19,9 +19,9 @@ a load change on the machine hits both alike:
 
 Four modes are timed per case, each applied to the dense and the factorized model alike:
 ``eager`` (the model as built and as ``cstar_dsl.factorize`` returns it), ``inference`` (passed
-through ``cstar_dsl.inference.optimize_for_inference``: batch norms folded, redundant 1x1 convs
+through ``cstar_dsl.deploy.inference.optimize_for_inference``: batch norms folded, redundant 1x1 convs
 merged, module calls lowered to function calls), ``torchscript`` (that, traced and frozen by
-``cstar_dsl.inference.to_torchscript``: no Python between ops) and ``onnxruntime`` (the model as
+``cstar_dsl.deploy.inference.to_torchscript``: no Python between ops) and ``onnxruntime`` (the model as
 ``cstar export`` writes it, run by ONNX Runtime, which fuses conv + batch norm + ReLU and has far
 less per-op overhead than PyTorch at batch 1). The target: from 8x on, the
 speedup must be at least half the MAC reduction of the plan.
@@ -60,10 +60,10 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import cstar_dsl  # noqa: E402
-from cstar_dsl.inference import optimize_for_inference, to_torchscript  # noqa: E402
-from cstar_dsl.latency import BLOCK, Timing, cpu_name, measure  # noqa: E402
-from cstar_dsl.spec import Spec  # noqa: E402
-from cstar_dsl.spec.compress import RatioBudget  # noqa: E402
+from cstar_dsl.deploy.inference import optimize_for_inference, to_torchscript  # noqa: E402
+from cstar_dsl.deploy.latency import BLOCK, Timing, cpu_name, measure  # noqa: E402
+from cstar_dsl.lang.spec import Spec  # noqa: E402
+from cstar_dsl.lang.spec.compress import RatioBudget  # noqa: E402
 
 MODELS = {"resnet18": ROOT / "specs" / "resnet18.cstar", "vgg16": ROOT / "specs" / "vgg16.cstar",
           "digits": ROOT / "specs" / "digits.cstar"}
@@ -315,7 +315,7 @@ class StrideFirst(nn.Module):
     stride lands on, so the output is the same, and ``compress`` does stride**2 times fewer MACs.
     (Striding ``compress`` itself would do the same math, but aten sends a strided conv with a
     large batch-1 input to oneDNN's slow NCHW path.) Here as a wrapper, in place of editing
-    cstar_dsl/factorized.py."""
+    cstar_dsl/model/factorized.py."""
 
     def __init__(self, tucker: nn.Module) -> None:
         super().__init__()
@@ -328,7 +328,7 @@ class StrideFirst(nn.Module):
 
 def stride_first(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every Tucker-2 form of a strided 1x1 conv wrapped in ``StrideFirst``."""
-    from cstar_dsl.factorized import Tucker2Conv2d
+    from cstar_dsl.model.factorized import Tucker2Conv2d
 
     model = copy.deepcopy(model)
     for name, module in list(model.named_modules()):
@@ -439,7 +439,7 @@ def layer_breakdown(name: str, ratio: float, *, repeats: int, warmup: int, threa
                     log: Callable[[str], None] = print) -> list[dict[str, object]]:
     """Each factorized conv layer timed alone on its real input: the dense conv against the
     Tucker-2 form's three convs, each with its MACs, to show where the time goes."""
-    from cstar_dsl.factorized import Tucker2Conv2d
+    from cstar_dsl.model.factorized import Tucker2Conv2d
 
     torch.set_num_threads(threads)
     spec, model = load(name)

@@ -208,8 +208,8 @@ def cell_name(method: str, ratio: int, setting: Setting = DEFAULT) -> str:
 
 
 def run_cell(method: str, ratio: int, setting: Setting = DEFAULT, bench: Bench = BENCH) -> dict[str, object]:
-    from cstar_dsl.pipeline import CompileOptions, compile_spec
-    from cstar_dsl.validate import check_file
+    from cstar_dsl.driver.pipeline import CompileOptions, compile_spec
+    from cstar_dsl.lang.validate import check_file
 
     folder = bench.cells / cell_name(method, ratio, setting)
     folder.mkdir(parents=True, exist_ok=True)
@@ -252,10 +252,10 @@ def schedule(method: str, setting: Setting = DEFAULT) -> str:
 def run_dense(bench: Bench = BENCH) -> dict[str, object]:
     """Dense PGD-AT for the same epochs as the other methods, from the same start."""
     from cstar_dsl import build_model, datasets, load_spec
-    from cstar_dsl.evaluation import evaluate
-    from cstar_dsl.models import Normalized
-    from cstar_dsl.optimize import adversarial_epoch, make_optimizer, make_schedule, training_attack
-    from cstar_dsl.prune import weight_params
+    from cstar_dsl.eval.evaluation import evaluate
+    from cstar_dsl.model.prune import weight_params
+    from cstar_dsl.model.zoo import Normalized
+    from cstar_dsl.train.optimize import adversarial_epoch, make_optimizer, make_schedule, training_attack
 
     folder = bench.cells / "dense"
     folder.mkdir(parents=True, exist_ok=True)

@@ -20,9 +20,9 @@ import torch
 from safetensors.torch import save_file
 
 from cstar_dsl import build_model, datasets, load_spec
-from cstar_dsl.attacks import Pgd, accuracy
-from cstar_dsl.models import Normalized
-from cstar_dsl.optimize import adversarial_epoch, make_optimizer, make_schedule, training_attack
+from cstar_dsl.model.zoo import Normalized
+from cstar_dsl.train.attacks import Pgd, accuracy
+from cstar_dsl.train.optimize import adversarial_epoch, make_optimizer, make_schedule, training_attack
 
 SPEC = Path(__file__).resolve().parent.parent / "specs" / "mnist.cstar"
 sys.path.insert(0, str(SPEC.parent.parent / "benchmarks"))

@@ -11,28 +11,29 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-# Bound eagerly: these functions share their names with their modules, and importing a
-# submodule binds the module on the package, which would hide a lazily exported function.
-from .parse import parse
-from .render import render
+# Bound eagerly (neither imports torch), as before the stage packages: `cstar_dsl.parse` and
+# `cstar_dsl.render` are these functions. No stage package may share a name with an export:
+# importing a submodule binds it on the package, which would hide a lazily exported function.
+from .lang.parse import parse
+from .lang.render import render
 
 _EXPORTS = {
-    "format_text": "fmt",
-    "load_spec": "validate",
-    "check_file": "validate",
-    "Spec": "spec",
-    "CStarError": "errors",
-    "Diagnostic": "errors",
+    "format_text": "lang.fmt",
+    "load_spec": "lang.validate",
+    "check_file": "lang.validate",
+    "Spec": "lang.spec",
+    "CStarError": "lang.errors",
+    "Diagnostic": "lang.errors",
     "build_model": "api",
     "make_plan": "api",
     "factorize": "api",
     "measure_latency": "api",
-    "Plan": "plan",
-    "datasets": "data",
+    "Plan": "plan.allocate",
+    "datasets": "train.data",
     "compile": "api",
     "evaluate": "api",
-    "load": "artifacts",
-    "Compiled": "pipeline",
+    "load": "deploy.artifacts",
+    "Compiled": "driver.pipeline",
 }
 
 __all__ = ["__version__", "parse", "render", *_EXPORTS]

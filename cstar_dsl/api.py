@@ -21,15 +21,16 @@ from typing import TYPE_CHECKING
 
 from torch import fx, nn
 
-from . import inventory, models, rewrite
-from . import plan as planning
-from .plan import Plan
-from .spec import Spec
+from .lang.spec import Spec
+from .model import inventory, rewrite
+from .model import zoo as models
+from .plan import allocate as planning
+from .plan.allocate import Plan
 
 if TYPE_CHECKING:
-    from .latency import LatencyComparison
-    from .pipeline import Compiled, Progress
-    from .robustness import Reevaluation
+    from .deploy.latency import LatencyComparison
+    from .driver.pipeline import Compiled, Progress
+    from .eval.robustness import Reevaluation
 
 
 def build_model(spec: Spec, *, allow_import: bool = False) -> nn.Module:
@@ -63,11 +64,11 @@ def measure_latency(spec: Spec, model: nn.Module, plan: Plan, *, threads: int = 
     form, timed in turns on this machine with ``threads`` threads. Weights do not change the time."""
     import torch
 
-    from .latency import compare_latency
+    from .deploy.latency import compare_latency
 
     example = torch.randn(1, *spec.model.input, generator=torch.Generator().manual_seed(0))
     if spec.compress.method == "channel-prune":
-        from .prune import channel_prune
+        from .model.prune import channel_prune
 
         kept = set(spec.compress.keep) | {layer.name for layer in plan.layers if layer.rule.startswith("keep")}
         # Latency depends on the kept widths, not on which channels. With a uniform share the widths
@@ -88,8 +89,8 @@ def compile(spec: Spec | str | Path, out: str | Path, *, resume: bool = False, f
     ``spec`` is a validated ``Spec`` or the path of a recipe. Returns the report (as in
     ``report.json``) and the compressed model; ``Compiled.unmet`` lists requirements not met.
     """
-    from .pipeline import CompileOptions, compile_spec
-    from .validate import load_spec
+    from .driver.pipeline import CompileOptions, compile_spec
+    from .lang.validate import load_spec
 
     text = ""
     name = "spec.cstar"
@@ -109,7 +110,7 @@ def evaluate(folder: str | Path, attacks: Sequence[str] = (), *, samples: int | 
     ``attacks`` are written as in a recipe (``"pgd(steps = 50, restarts = 5)"``, ``"fgsm"``,
     ``"autoattack"``); none means the recipe's own. ``sanity`` adds the gradient-masking checks.
     """
-    from .robustness import parse_attack, reevaluate
+    from .eval.robustness import parse_attack, reevaluate
 
     return reevaluate(folder, [parse_attack(text) for text in attacks], samples=samples, sanity=sanity, seed=seed,
                       device=device, allow_import=allow_import)

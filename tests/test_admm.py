@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from cstar_dsl.admm import admm_start, penalty, residuals, u_step, z_step
-from cstar_dsl.decompose import unfold
+from cstar_dsl.model.decompose import unfold
+from cstar_dsl.train.admm import admm_start, penalty, residuals, u_step, z_step
 
 
 def _weights() -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from cstar_dsl.attacks import Fgsm, Pgd, accuracy, pgd
+from cstar_dsl.train.attacks import Fgsm, Pgd, accuracy, pgd
 
 
 def _toy_model() -> nn.Module:

@@ -79,7 +79,7 @@ def mnist_benchmark():
 @pytest.mark.parametrize("method", ["cstar", "svd-finetune", "channel-prune"])
 @pytest.mark.parametrize("ratio", [16, 64, 256])
 def test_every_mnist_benchmark_cell_is_a_valid_recipe_with_the_same_epochs(mnist_benchmark, tmp_path, method, ratio):
-    from cstar_dsl.validate import check_file
+    from cstar_dsl.lang.validate import check_file
 
     path = tmp_path / "cell.cstar"
     path.write_text(mnist_benchmark.variant(method, ratio))
@@ -94,7 +94,7 @@ def test_every_mnist_benchmark_cell_is_a_valid_recipe_with_the_same_epochs(mnist
 
 @pytest.mark.parametrize("method", ["cstar", "svd-finetune"])
 def test_mnist_benchmark_settings_change_only_what_they_name(mnist_benchmark, tmp_path, method):
-    from cstar_dsl.validate import check_file
+    from cstar_dsl.lang.validate import check_file
 
     setting = mnist_benchmark.Setting(rho=0.05, rho_max=0.4, interval="16 steps", policy="uniform", min_rank=4)
     spec = check_file(_written(tmp_path / "cell.cstar", mnist_benchmark.variant(method, 64, setting))).spec
@@ -117,7 +117,7 @@ def _written(path: Path, text: str) -> Path:
 
 
 def test_mnist_benchmark_random_start_drops_only_the_weights(mnist_benchmark, tmp_path):
-    from cstar_dsl.validate import check_file
+    from cstar_dsl.lang.validate import check_file
 
     setting = mnist_benchmark.Setting(random_start=True)
     random = check_file(_written(tmp_path / "random.cstar", mnist_benchmark.variant("svd-finetune", 16, setting))).spec
@@ -130,7 +130,7 @@ def test_mnist_benchmark_random_start_drops_only_the_weights(mnist_benchmark, tm
 @pytest.mark.parametrize(("method", "ratio", "cut"), [("cstar", 16, False), ("svd-finetune", 64, False),
                                                       ("cstar", 256, True), ("channel-prune", 256, False)])
 def test_mnist_benchmark_keeps_the_classifier_where_the_budget_allows(mnist_benchmark, tmp_path, method, ratio, cut):
-    from cstar_dsl.validate import check_file
+    from cstar_dsl.lang.validate import check_file
 
     def cuts_classifier(spec) -> bool:
         return any(rule.selector.pattern == "fc" for rule in spec.compress.layers)
@@ -143,7 +143,7 @@ def test_mnist_benchmark_keeps_the_classifier_where_the_budget_allows(mnist_benc
 
 
 def test_a_cell_recipe_written_in_its_folder_uses_relative_paths(mnist_benchmark, tmp_path):
-    from cstar_dsl.validate import check_file
+    from cstar_dsl.lang.validate import check_file
 
     folder = tmp_path / "cell"
     folder.mkdir()

@@ -65,7 +65,7 @@ def test_eval_of_a_folder_without_a_model_fails_clearly(tmp_path, capsys):
 
 
 def test_nproc_is_dropped_from_the_command_each_rank_runs():
-    from cstar_dsl.cli import _without_nproc
+    from cstar_dsl.cli.compile import _without_nproc
 
     assert _without_nproc(["compile", "a.cstar", "--nproc", "2", "--quiet"]) == ["compile", "a.cstar", "--quiet"]
     assert _without_nproc(["compile", "a.cstar", "--nproc=4"]) == ["compile", "a.cstar"]

@@ -16,12 +16,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cstar_dsl import checkpoint, files
-from cstar_dsl.artifacts import load
+from cstar_dsl import files
 from cstar_dsl.cli import main
-from cstar_dsl.data import datasets
+from cstar_dsl.deploy.artifacts import load
 from cstar_dsl.files import FileProblem
-from cstar_dsl.validate import load_spec
+from cstar_dsl.lang.validate import load_spec
+from cstar_dsl.train import checkpoint
+from cstar_dsl.train.data import datasets
 
 TINY = """
 model {{

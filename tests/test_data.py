@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cstar_dsl.data import datasets
-from cstar_dsl.problems import SpecProblem
-from cstar_dsl.validate import check_file, load_spec
+from cstar_dsl.lang.problems import SpecProblem
+from cstar_dsl.lang.validate import check_file, load_spec
+from cstar_dsl.train.data import datasets
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = (ROOT / "specs" / "digits.cstar").read_text()
@@ -94,7 +94,8 @@ def test_malformed_idx_file_is_a_clear_error(tmp_path):
 
 
 def test_every_registry_data_set_has_a_loader():
-    from cstar_dsl import data, registry
+    from cstar_dsl.lang import registry
+    from cstar_dsl.train import data
 
     assert set(data._LOADERS) == set(registry.DATASETS)
 

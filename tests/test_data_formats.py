@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, TensorDataset
 
-from cstar_dsl.data import STATISTICS, augment, datasets, loader_batches
-from cstar_dsl.problems import SpecProblem
-from cstar_dsl.validate import check_file, load_spec
+from cstar_dsl.lang.problems import SpecProblem
+from cstar_dsl.lang.validate import check_file, load_spec
+from cstar_dsl.train.data import STATISTICS, augment, datasets, loader_batches
 
 ROOT = Path(__file__).resolve().parent.parent
 RESNET18 = (ROOT / "specs" / "resnet18.cstar").read_text()

@@ -1,4 +1,4 @@
-"""Decomposition math (cstar_dsl/decompose.py): truncated SVD, Tucker-2 (HOSVD/HOOI), projection, spectra.
+"""Decomposition math (cstar_dsl/model/decompose.py): truncated SVD, Tucker-2 (HOSVD/HOOI), projection, spectra.
 
 Everything here is exact linear algebra, so the tests are too: full ranks reconstruct the weight,
 a projection is idempotent, errors fall as ranks grow and as HOOI sweeps are added, and the spectra
@@ -10,14 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cstar_dsl.decompose import (
-    project,
-    spectra,
-    truncated_svd,
-    tucker2,
-    tucker2_to_dense,
-    unfold,
-)
+from cstar_dsl.model.decompose import project, spectra, truncated_svd, tucker2, tucker2_to_dense, unfold
 
 MATRIX_SHAPES = [(6, 6), (5, 9), (12, 4), (1, 7), (32, 20)]
 CONV_SHAPES = [(8, 6, 3, 3), (4, 10, 1, 1), (16, 3, 3, 3), (5, 7, 3, 1), (12, 12, 5, 5)]

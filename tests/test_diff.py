@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from cstar_dsl.cli import main
-from cstar_dsl.diff import Change, spec_changes
-from cstar_dsl.validate import load_spec
+from cstar_dsl.lang.validate import load_spec
+from cstar_dsl.plan.diff import Change, spec_changes
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from cstar_dsl import checkpoint
-from cstar_dsl.distributed import World, from_environment, share
+from cstar_dsl.train import checkpoint
+from cstar_dsl.train.distributed import World, from_environment, share
 
 # PGD without a random start and no augmentation: with one process or two, every example and every
 # step is the same, so only the order of floating-point sums differs (DDP averages two half-batch

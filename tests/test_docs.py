@@ -44,10 +44,12 @@ from pathlib import Path
 
 import pytest
 
-from cstar_dsl import cli, registry
-from cstar_dsl.errors import CStarError
-from cstar_dsl.fmt import format_text
-from cstar_dsl.validate import check_file
+from cstar_dsl import cli
+from cstar_dsl.cli.output import EXIT_INVALID, EXIT_OK
+from cstar_dsl.lang import registry
+from cstar_dsl.lang.errors import CStarError
+from cstar_dsl.lang.fmt import format_text
+from cstar_dsl.lang.validate import check_file
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -349,7 +351,7 @@ def test_error_example_gives_its_code(example: Example, tmp_path: Path) -> None:
 def test_error_example_output_is_what_cstar_check_prints(example: Example, tmp_path: Path) -> None:
     assert example.output is not None, f"{example.id}: add the rendered output in a plain ``` block"
     exit_code, printed = run_cli(example, tmp_path, ERROR_EXAMPLES)
-    assert exit_code == (cli.EXIT_INVALID if "error" in example.marker else cli.EXIT_OK)
+    assert exit_code == (EXIT_INVALID if "error" in example.marker else EXIT_OK)
     assert printed == example.output.body, (
         f"{example.id}: the rendered output is out of date; run `.venv/bin/python tests/test_docs.py --update`")
 
@@ -384,7 +386,7 @@ def test_unreadable_file(tmp_path: Path) -> None:
 
 def test_architecture_names_existing_modules() -> None:
     text = ARCHITECTURE.read_text("utf-8")
-    for name in re.findall(r"`cstar_dsl/([a-z_]+\.py)`", text):
+    for name in re.findall(r"`cstar_dsl/([a-z_/]+\.py)`", text):
         assert (PACKAGE / name).is_file(), f"architecture.md names a missing module: {name}"
 
 

@@ -9,14 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from cstar_dsl import inventory, models
-from cstar_dsl.artifacts import ArtifactError, load, model_description, save_model
-from cstar_dsl.attacks import Fgsm, Pgd
-from cstar_dsl.data import augment
-from cstar_dsl.evaluation import attack_for, attack_name, evaluate
-from cstar_dsl.factorized import LowRankLinear
-from cstar_dsl.rewrite import factorize_ranks
-from cstar_dsl.spec import EvaluateSpec, FgsmAttack, ModelSpec, PgdAttack, ThreatSpec
+from cstar_dsl.deploy.artifacts import ArtifactError, load, model_description, save_model
+from cstar_dsl.eval.evaluation import attack_for, attack_name, evaluate
+from cstar_dsl.lang.spec import EvaluateSpec, FgsmAttack, ModelSpec, PgdAttack, ThreatSpec
+from cstar_dsl.model import inventory
+from cstar_dsl.model import zoo as models
+from cstar_dsl.model.factorized import LowRankLinear
+from cstar_dsl.model.rewrite import factorize_ranks
+from cstar_dsl.train.attacks import Fgsm, Pgd
+from cstar_dsl.train.data import augment
 
 THREAT = ThreatSpec(norm="linf", eps=0.3, step=0.1, steps=7)
 

@@ -13,12 +13,12 @@ import pytest
 import torch
 from torch import nn
 
-from cstar_dsl import export as export_module
-from cstar_dsl.artifacts import ArtifactError, load, model_description, save_model
-from cstar_dsl.export import FORMATS, TOLERANCE, Exported, ExportError, export
-from cstar_dsl.models import Normalized, build_model
-from cstar_dsl.rewrite import factorize_ranks
-from cstar_dsl.spec import ModelSpec
+from cstar_dsl.deploy import export as export_module
+from cstar_dsl.deploy.artifacts import ArtifactError, load, model_description, save_model
+from cstar_dsl.deploy.export import FORMATS, TOLERANCE, Exported, ExportError, export
+from cstar_dsl.lang.spec import ModelSpec
+from cstar_dsl.model.rewrite import factorize_ranks
+from cstar_dsl.model.zoo import Normalized, build_model
 
 SPEC = ModelSpec(arch="cstar:digits-cnn", classes=10, input=(1, 8, 8))
 RANKS = {"features.3": (8, 8), "features.7": (8, 16), "fc": (4,)}

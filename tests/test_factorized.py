@@ -1,4 +1,4 @@
-"""Factorized layers (cstar_dsl/factorized.py): LowRankLinear (SVD) and Tucker2Conv2d.
+"""Factorized layers (cstar_dsl/model/factorized.py): LowRankLinear (SVD) and Tucker2Conv2d.
 
 At full rank a factorized layer computes exactly what the dense layer does, for every stride,
 padding and dilation, with and without bias; ``to_dense`` gives that dense layer back; the
@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from cstar_dsl.factorized import LowRankLinear, Tucker2Conv2d
-from cstar_dsl.layers import LayerInfo
-from cstar_dsl.plan import factorized_params, full_ranks
+from cstar_dsl.model.factorized import LowRankLinear, Tucker2Conv2d
+from cstar_dsl.plan.allocate import factorized_params, full_ranks
+from cstar_dsl.plan.layers import LayerInfo
 
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
 

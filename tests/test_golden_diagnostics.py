@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from cstar_dsl.errors import CStarError, Diagnostic
-from cstar_dsl.render import render
-from cstar_dsl.validate import check_file
+from cstar_dsl.lang.errors import CStarError, Diagnostic
+from cstar_dsl.lang.render import render
+from cstar_dsl.lang.validate import check_file
 
 FIXTURES = Path(__file__).parent / "fixtures" / "invalid"
 SOURCE = Path(__file__).parent.parent / "cstar_dsl"

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from cstar_dsl.attacks import Pgd
-from cstar_dsl.factorized import Tucker2Conv2d
-from cstar_dsl.models import SmallCnn
-from cstar_dsl.optimize import adversarial_epoch
-from cstar_dsl.prune import channel_prune, weight_params
+from cstar_dsl.model.factorized import Tucker2Conv2d
+from cstar_dsl.model.prune import channel_prune, weight_params
+from cstar_dsl.model.zoo import SmallCnn
+from cstar_dsl.train.attacks import Pgd
+from cstar_dsl.train.optimize import adversarial_epoch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 

@@ -23,10 +23,10 @@ import torch
 from test_compile import compile_cli, write_spec
 from test_export import _save
 
-from cstar_dsl import export as export_module
 from cstar_dsl import files
 from cstar_dsl.cli import main
-from cstar_dsl.export import ExportError
+from cstar_dsl.deploy import export as export_module
+from cstar_dsl.deploy.export import ExportError
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "SECRET-LINE-MUST-NOT-LEAK"
@@ -432,7 +432,7 @@ def test_a_hostile_model_json_is_an_error_not_a_traceback(model_folder: Path, tm
 
 
 def test_eval_of_a_run_whose_data_folder_is_gone(model_folder: Path, tmp_path: Path):
-    from cstar_dsl.validate import check_file
+    from cstar_dsl.lang.validate import check_file
 
     run = tmp_path / "run"
     shutil.copytree(model_folder, run)
@@ -451,7 +451,7 @@ def test_eval_of_a_run_whose_data_folder_is_gone(model_folder: Path, tmp_path: P
 
 
 def test_ctrl_c_during_eval_sanity_exits_130(model_folder: Path, monkeypatch, capsys: pytest.CaptureFixture[str]):
-    from cstar_dsl import robustness
+    from cstar_dsl.eval import robustness
 
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
@@ -519,7 +519,7 @@ def test_weights_that_are_not_weights_get_a_real_message(tmp_path: Path, content
 
 
 def test_a_damaged_checkpoint_hint_names_the_right_flag(tmp_path: Path):
-    from cstar_dsl import checkpoint
+    from cstar_dsl.train import checkpoint
 
     path = tmp_path / "checkpoint.pt"
     path.write_text("not a checkpoint")

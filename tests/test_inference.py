@@ -1,4 +1,4 @@
-"""cstar_dsl.inference: optimize_for_inference keeps the function (max abs diff <= 1e-4) while it
+"""cstar_dsl.deploy.inference: optimize_for_inference keeps the function (max abs diff <= 1e-4) while it
 folds batch norms, merges redundant 1x1 convs and lowers module calls to function calls."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import torch
 from torch import fx, nn
 
 import cstar_dsl
-from cstar_dsl import inference
-from cstar_dsl.factorized import LowRankLinear, Tucker2Conv2d
-from cstar_dsl.inference import InferenceReport, optimize_for_inference, to_torchscript
+from cstar_dsl.deploy import inference
+from cstar_dsl.deploy.inference import InferenceReport, optimize_for_inference, to_torchscript
+from cstar_dsl.model.factorized import LowRankLinear, Tucker2Conv2d
 
 TOLERANCE = 1e-4
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""cstar_dsl.latency and `cstar plan --latency`: the timing protocol (warm-up, blocks, cold mode),
+"""cstar_dsl.deploy.latency and `cstar plan --latency`: the timing protocol (warm-up, blocks, cold mode),
 the comparison of a dense and a compressed model, and what the command prints. No timing value is
 asserted: this machine's load is not the code's."""
 
@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 import cstar_dsl
-from cstar_dsl import latency
 from cstar_dsl.cli import main
+from cstar_dsl.deploy import latency
 
 ROOT = Path(__file__).resolve().parent.parent
 LATENCY_KEYS = {"dense_ms", "compressed_ms", "speedup", "threads", "batch", "cpu", "cores", "form"}

@@ -1,4 +1,4 @@
-"""Model building (cstar_dsl/models.py) and the layer inventory (cstar_dsl/inventory.py).
+"""Model building (cstar_dsl/model/zoo.py) and the layer inventory (cstar_dsl/model/inventory.py).
 
 The registry builds torchvision classifiers (with their CIFAR variants) and our own small CNNs;
 weights load from safetensors or a torch.save state dict, and every way a weights file can be
@@ -18,12 +18,14 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from cstar_dsl import api, inventory, models
+from cstar_dsl import api
 from cstar_dsl.cli import main
-from cstar_dsl.decompose import spectra
-from cstar_dsl.problems import SpecProblem
-from cstar_dsl.spec import ModelSpec
-from cstar_dsl.validate import check_file, load_spec
+from cstar_dsl.lang.problems import SpecProblem
+from cstar_dsl.lang.spec import ModelSpec
+from cstar_dsl.lang.validate import check_file, load_spec
+from cstar_dsl.model import inventory
+from cstar_dsl.model import zoo as models
+from cstar_dsl.model.decompose import spectra
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = (ROOT / "specs" / "digits.cstar").read_text()

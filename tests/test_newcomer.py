@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from cstar_dsl import limits, models
-from cstar_dsl.artifacts import ArtifactError, load, model_description, save_model, size_problem
-from cstar_dsl.errors import CStarError
-from cstar_dsl.spec import ModelSpec
-from cstar_dsl.validate import check_file
+from cstar_dsl.deploy.artifacts import ArtifactError, load, model_description, save_model, size_problem
+from cstar_dsl.lang import limits
+from cstar_dsl.lang.errors import CStarError
+from cstar_dsl.lang.spec import ModelSpec
+from cstar_dsl.lang.validate import check_file
+from cstar_dsl.model import zoo as models
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 DIGITS = (SPECS / "digits.cstar").read_text(encoding="utf-8")
@@ -133,7 +134,7 @@ def test_a_sane_model_json_has_no_size_problem(tmp_path):
 
 
 def test_plural_says_one_epoch_and_two_points():
-    from cstar_dsl.render import plural
+    from cstar_dsl.lang.render import plural
 
     assert [plural(1, "epoch"), plural(2, "epoch"), plural(0, "file"), plural(1.0, "point"), plural(0.5, "point"),
             plural(1_000_000, "step")] == ["1 epoch", "2 epochs", "0 files", "1 point", "0.5 points", "1000000 steps"]
@@ -155,15 +156,15 @@ def test_the_log_says_1_epoch_of_1_step():
 
     from rich.console import Console
 
-    from cstar_dsl.cli import _LogProgress
+    from cstar_dsl.cli.progress import LogProgress
 
     stream = StringIO()
-    _LogProgress(Console(file=stream, width=100)).phase_started("finetune", 1, 0, 1)
+    LogProgress(Console(file=stream, width=100)).phase_started("finetune", 1, 0, 1)
     assert stream.getvalue() == "-- finetune: 1 epoch of 1 step\n"
 
 
 def test_the_final_table_has_a_header_for_every_column():
-    from cstar_dsl.cli import _report_table
+    from cstar_dsl.cli.compile import _report_table
 
     report = {"spec": "r.cstar", "method": "cstar", "accuracy": {"clean": 0.9, "robust": {"pgd": 0.5}},
               "compression": {"params_dense": 100, "params_compressed": 25, "ratio": 4.0, "macs_dense": 10,
@@ -174,13 +175,13 @@ def test_the_final_table_has_a_header_for_every_column():
 
 
 def test_sanity_lines_wrap_at_100_columns():
-    from cstar_dsl.cli import _wrapped
+    from cstar_dsl.cli.output import wrapped
 
     detail = ("pgd(linf, eps=0.1, step=0.025, steps=20, restarts=1): 89.4% (321/359); pgd(linf, eps=0.1, "
               "step=0.025, steps=100, restarts=3): 89.1% (320/359) (-0.3 points); allowed rise 0.56 points "
               "(1 image or 0.5 points, whichever is larger)")
     line = f"ok   more steps do not help the model: {detail}"
-    lines = _wrapped(line).splitlines()
+    lines = wrapped(line).splitlines()
     assert len(line) > 200 and len(lines) == 3 and all(len(part) <= 100 for part in lines)
     assert " ".join(" ".join(lines).split()) == " ".join(line.split())  # every word kept, in order
     assert lines[1].startswith("     ") and "pgd(linf" in lines[0]
@@ -229,7 +230,8 @@ def test_a_taken_out_folder_is_refused_before_torch_is_imported(warned_run, tmp_
 
 
 def test_the_first_line_comes_before_the_data(tmp_path, capsys, monkeypatch):
-    from cstar_dsl import cli, pipeline
+    from cstar_dsl import cli
+    from cstar_dsl.driver import pipeline
 
     spec = _recipe(tmp_path, DIGITS)
     seen = []
@@ -240,7 +242,7 @@ def test_the_first_line_comes_before_the_data(tmp_path, capsys, monkeypatch):
 
 
 def test_the_spec_hash_does_not_depend_on_where_the_checkout_sits(tmp_path):
-    from cstar_dsl.pipeline import spec_identity
+    from cstar_dsl.driver.pipeline import spec_identity
 
     text = DIGITS.replace("dataset = digits", 'dataset = mnist\n  root = "../data/mnist"').replace(
         "split = 80%", "").replace("[1, 8, 8]", "[1, 28, 28]").replace(
@@ -286,13 +288,14 @@ def _plan_text(plan, width: int, pruning: bool = False, allocation: str = "unifo
 
     from rich.console import Console
 
-    from cstar_dsl.cli import _plan_notes, _plan_table, _wrapped
+    from cstar_dsl.cli.output import wrapped
+    from cstar_dsl.cli.plan import _plan_notes, _plan_table
 
     stream = StringIO()
     console = Console(file=stream, width=width, highlight=False)
     console.print(_plan_table(plan, "resnet18.cstar: torchvision:resnet18", console.width, pruning=pruning))
     for line in _plan_notes(plan, console.width, pruning=pruning, allocation=allocation):
-        console.out(_wrapped(line, console.width))
+        console.out(wrapped(line, console.width))
     return stream.getvalue().splitlines()
 
 
@@ -387,7 +390,7 @@ def _figure_of(monkeypatch, draw):
 
 
 def test_curves_say_what_they_show(monkeypatch, tmp_path):
-    from cstar_dsl.report import plot_curves
+    from cstar_dsl.report.document import plot_curves
 
     test = {"clean": 0.992, "robust": {"pgd": 0.894, "fgsm": 0.922}}
     figure = _figure_of(monkeypatch, lambda: plot_curves(HISTORY, tmp_path / "c.png", test=test))
@@ -406,7 +409,7 @@ def test_curves_say_what_they_show(monkeypatch, tmp_path):
 
 
 def test_ranks_plot_writes_the_ranks_and_keeps_one_layer_order(monkeypatch, tmp_path):
-    from cstar_dsl.report import plot_ranks
+    from cstar_dsl.report.document import plot_ranks
 
     figure = _figure_of(monkeypatch, lambda: plot_ranks(LAYERS, tmp_path / "r.png"))
     ax = figure.axes[0]

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from cstar_dsl.api import build_model
-from cstar_dsl.data import datasets
-from cstar_dsl.optimize import TrainingDiverged, adversarial_epoch, make_optimizer, make_schedule, training_attack
-from cstar_dsl.validate import load_spec
+from cstar_dsl.lang.validate import load_spec
+from cstar_dsl.train.data import datasets
+from cstar_dsl.train.optimize import TrainingDiverged, adversarial_epoch, make_optimizer, make_schedule, training_attack
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -23,9 +23,9 @@ def test_wheel_ships_and_loads_the_grammar(tmp_path):
 
     # Run from the unpacked wheel alone: the repository's grammar/ folder is out of reach.
     code = (
-        "import importlib, pathlib; p = importlib.import_module('cstar_dsl.parse'); "
+        "import importlib, pathlib; p = importlib.import_module('cstar_dsl.lang.parse'); "
         "assert 'site' in p.__file__, p.__file__; "
-        "assert not (pathlib.Path(p.__file__).parent.parent / 'grammar').exists(); "
+        "assert not (pathlib.Path(p.__file__).parents[2] / 'grammar').exists(); "
         "print(p.parse('threat {\\n  eps = 8/255\\n}\\n').items[0].kind.value)"
     )
     result = subprocess.run(

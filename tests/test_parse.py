@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from lark import Lark
 
-from cstar_dsl import syntax as ast
-from cstar_dsl.errors import CStarError
-from cstar_dsl.parse import MAX_DEPTH, _Layout, grammar_text, parse
+from cstar_dsl.lang import syntax as ast
+from cstar_dsl.lang.errors import CStarError
+from cstar_dsl.lang.parse import MAX_DEPTH, _Layout, grammar_text, parse
 
 
 def _value(text: str) -> ast.Value:

@@ -1,4 +1,4 @@
-"""Planning (cstar_dsl/plan.py): property tests on synthetic layer inventories, and real models.
+"""Planning (cstar_dsl/plan/allocate.py): property tests on synthetic layer inventories, and real models.
 
 Planning is pure: a Spec (here validated from specs/digits.cstar with its `compress` block swapped)
 and a list of LayerInfo give a Plan. The properties checked, and exactly what they claim:
@@ -43,13 +43,13 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from cstar_dsl import plan as planning
-from cstar_dsl.layers import LayerInfo
-from cstar_dsl.plan import factorized_macs, factorized_params, full_ranks
-from cstar_dsl.problems import SpecProblem
-from cstar_dsl.render import si
-from cstar_dsl.spec import LayerRule, Selector, Spec
-from cstar_dsl.validate import check_file, load_spec
+from cstar_dsl.lang.problems import SpecProblem
+from cstar_dsl.lang.render import si
+from cstar_dsl.lang.spec import LayerRule, Selector, Spec
+from cstar_dsl.lang.validate import check_file, load_spec
+from cstar_dsl.plan import allocate as planning
+from cstar_dsl.plan.allocate import factorized_macs, factorized_params, full_ranks
+from cstar_dsl.plan.layers import LayerInfo
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = (ROOT / "specs" / "digits.cstar").read_text()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cstar_dsl.cli import main
-from cstar_dsl.plan import LayerPlan
+from cstar_dsl.plan.allocate import LayerPlan
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"

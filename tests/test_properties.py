@@ -22,10 +22,10 @@ import pytest
 from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 
-from cstar_dsl.errors import CStarError
-from cstar_dsl.fmt import format_document, format_text
-from cstar_dsl.parse import MAX_DEPTH, parse
-from cstar_dsl.validate import Checked, check_file
+from cstar_dsl.lang.errors import CStarError
+from cstar_dsl.lang.fmt import format_document, format_text
+from cstar_dsl.lang.parse import MAX_DEPTH, parse
+from cstar_dsl.lang.validate import Checked, check_file
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 # read once: strategies must not see a spec change halfway through a run

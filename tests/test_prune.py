@@ -10,9 +10,9 @@ import torch
 import torchvision
 from torch import nn
 
-from cstar_dsl.models import SmallCnn
-from cstar_dsl.problems import SpecProblem
-from cstar_dsl.prune import Pruned, channel_prune, resize_to, weight_params
+from cstar_dsl.lang.problems import SpecProblem
+from cstar_dsl.model.prune import Pruned, channel_prune, resize_to, weight_params
+from cstar_dsl.model.zoo import SmallCnn
 
 WIDTHS = (32, 32, "M", 64, 64, "M", 128, 128, "M", 256)
 

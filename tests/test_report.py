@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from cstar_dsl.report import markdown, plot_curves, plot_ranks
+from cstar_dsl.report.document import markdown, plot_curves, plot_ranks
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PGD = "pgd(linf, eps=0.1, step=0.025, steps=20, restarts=1)"
@@ -267,6 +267,6 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 
 def test_importing_the_report_module_does_not_import_matplotlib():
-    code = "import sys, cstar_dsl.report; print('matplotlib' in sys.modules)"
+    code = "import sys, cstar_dsl.report.document; print('matplotlib' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"

@@ -1,4 +1,4 @@
-"""Rewrite (cstar_dsl/rewrite.py, api.factorize): differential tests on real torchvision models.
+"""Rewrite (cstar_dsl/model/rewrite.py, api.factorize): differential tests on real torchvision models.
 
 At full rank a factorized layer computes exactly what the dense one does, so a model rewritten
 from a plan whose every layer carries its full ranks must compute the original function. The
@@ -17,10 +17,10 @@ import torch
 from torch import fx, nn
 
 from cstar_dsl import api
-from cstar_dsl.factorized import LowRankLinear, Tucker2Conv2d
-from cstar_dsl.layers import LayerInfo
-from cstar_dsl.plan import LayerPlan, Plan, factorized_params, full_ranks
-from cstar_dsl.validate import load_spec
+from cstar_dsl.lang.validate import load_spec
+from cstar_dsl.model.factorized import LowRankLinear, Tucker2Conv2d
+from cstar_dsl.plan.allocate import LayerPlan, Plan, factorized_params, full_ranks
+from cstar_dsl.plan.layers import LayerInfo
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"
@@ -225,8 +225,8 @@ class _Net(nn.Module):
 
 
 def test_leaf_modules_are_kept_whole_and_the_rest_factorized(tmp_path):
-    from cstar_dsl import inventory
-    from cstar_dsl import plan as planning
+    from cstar_dsl.model import inventory
+    from cstar_dsl.plan import allocate as planning
 
     text = (SPECS / "digits.cstar").read_text().replace('input = [1, 8, 8]', 'input = [1, 8, 8]\n  leaf = ["gate"]')
     text = _swap_block(text, "compress", "compress {\n  method = cstar\n  budget = 1.1x params\n  hooi_sweeps = 2\n}\n")

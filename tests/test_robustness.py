@@ -12,11 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from cstar_dsl import models
-from cstar_dsl.artifacts import ArtifactError, load, model_description, save_model
-from cstar_dsl.data import datasets
-from cstar_dsl.errors import CStarError
-from cstar_dsl.robustness import (
+from cstar_dsl.deploy.artifacts import ArtifactError, load, model_description, save_model
+from cstar_dsl.eval.robustness import (
     AutoAttackSetting,
     MissingExtra,
     parse_attack,
@@ -24,8 +21,11 @@ from cstar_dsl.robustness import (
     reevaluate_model,
     resolved_spec,
 )
-from cstar_dsl.spec import FgsmAttack, ModelSpec, PgdAttack, Spec
-from cstar_dsl.validate import check_file, load_spec
+from cstar_dsl.lang.errors import CStarError
+from cstar_dsl.lang.spec import FgsmAttack, ModelSpec, PgdAttack, Spec
+from cstar_dsl.lang.validate import check_file, load_spec
+from cstar_dsl.model import zoo as models
+from cstar_dsl.train.data import datasets
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 MEAN, STD = (0.3,), (0.37,)

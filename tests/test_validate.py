@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from cstar_dsl.errors import CStarError
-from cstar_dsl.spec import EnergyPolicy, LimitBudget, PgdAttack, RatioBudget, Spec
-from cstar_dsl.validate import check_file, load_spec
+from cstar_dsl.lang.errors import CStarError
+from cstar_dsl.lang.spec import EnergyPolicy, LimitBudget, PgdAttack, RatioBudget, Spec
+from cstar_dsl.lang.validate import check_file, load_spec
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 DIGITS = (SPECS / "digits.cstar").read_text()

@@ -1,0 +1,161 @@
+"""Command line, `cstar plan`: the plan table in the columns that fit, its notes and summary, the latency line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import TYPE_CHECKING
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from ..lang.errors import CStarError
+from ..lang.render import plural, si
+from .output import EXIT_INVALID, EXIT_OK, print_diagnostics, wrapped
+
+if TYPE_CHECKING:
+    from ..deploy.latency import LatencyComparison
+    from ..plan.allocate import LayerPlan, Plan
+
+
+def run_plan(args: argparse.Namespace, console: Console) -> int:
+    import time
+
+    from ..api import build_model, make_plan, measure_latency
+    from ..lang.problems import SpecProblem
+    from ..lang.validate import check_file
+
+    started = time.perf_counter()
+    diagnostic_format = {"table": "full", "concise": "concise", "json": "json"}[args.format]
+    try:
+        checked = check_file(args.files[0], allow_import=args.allow_import)
+        model = build_model(checked.spec, allow_import=args.allow_import)
+        plan = make_plan(checked.spec, model)
+        seconds = time.perf_counter() - started
+        latency = measure_latency(checked.spec, model, plan, threads=args.threads) if args.latency else None
+    except CStarError as error:
+        print_diagnostics(console, list(error.diagnostics), diagnostic_format)
+        return EXIT_INVALID
+    except SpecProblem as problem:
+        print_diagnostics(console, [checked.diagnostic(problem)], diagnostic_format)
+        return EXIT_INVALID
+    if args.format == "json":
+        extra = {} if latency is None else {"latency": latency.to_dict()}
+        console.out(json.dumps({"spec": args.files[0], "model": checked.spec.model.arch, "seconds": seconds,
+                                **plan.to_dict(), **extra}, indent=2))
+        return EXIT_OK
+    print_diagnostics(console, list(checked.warnings), diagnostic_format)
+    pruning = checked.spec.compress.method == "channel-prune"
+    console.print(_plan_table(plan, f"{args.files[0]}: {checked.spec.model.arch}", console.width, pruning=pruning))
+    summary = [] if pruning else [_plan_summary(plan, seconds)]
+    notes = _plan_notes(plan, console.width, pruning=pruning, allocation=checked.spec.compress.allocation)
+    for line in [*notes, *summary]:
+        console.out(wrapped(line, console.width))
+    if latency is not None:
+        console.out(_latency_line(latency, plan, time.perf_counter() - started - seconds))
+    for warning in [] if pruning else plan.warnings:  # they speak of ranks
+        console.out(wrapped(f"note: {warning}.", console.width))
+    return EXIT_OK
+
+
+# The columns a plan table has at a console width of at least this many columns: at 80, one line
+# a layer (the rule and each dense layer's reason follow the table); wider, more of the story.
+_PLAN_LAYOUTS = (
+    (130, ("layer", "kind", "shape", "rule", "ranks", "params", "MACs", "energy")),
+    (110, ("layer", "shape", "rule", "ranks", "params", "MACs", "energy")),
+    (90, ("layer", "shape", "ranks", "params", "MACs", "energy")),
+    (0, ("layer", "shape", "ranks", "params", "MACs")),
+)
+_NUMERIC = ("params", "MACs", "energy")
+
+
+def _plan_columns(width: int) -> tuple[str, ...]:
+    return next(columns for least, columns in _PLAN_LAYOUTS if width >= least)
+
+
+def _plan_table(plan: Plan, title: str, width: int = 200, *, pruning: bool = False) -> Table:
+    """The plan, one row a layer, in the columns that fit ``width``. A channel-prune plan has no
+    ranks: its channels are chosen when compiling, so it shows what stays dense and the target."""
+    columns = tuple(c for c in _plan_columns(width) if not (pruning and c == "energy"))
+    wide = "kind" in columns
+    arrow = " -> " if wide else "→"
+    padding = (0, 1) if wide else (0, 1, 0, 0)
+    table = Table(title=title, title_justify="left", show_footer=True, box=box.SIMPLE_HEAD, padding=padding,
+                  pad_edge=wide, show_edge=wide)
+    footer = {"layer": "total", "params": f"{si(plan.params_before)}{arrow}{si(plan.params_after)}",
+              "MACs": "" if pruning else f"{si(plan.macs_before)}{arrow}{si(plan.macs_after)}"}
+    for column in columns:
+        table.add_column("channels" if pruning and column == "ranks" else column, footer=footer.get(column, ""),
+                         justify="right" if column in _NUMERIC else "left",
+                         no_wrap=column in ("layer", "shape", "params", "MACs"), overflow="fold")
+    for layer in plan.layers:
+        cells = {"layer": layer.name, "kind": layer.type_name, "shape": "x".join(map(str, layer.shape)),
+                 "rule": layer.rule, "ranks": _treatment(layer, wide, pruning),
+                 "params": si(layer.params_before) if pruning else (
+                     f"{si(layer.params_before)}{arrow}{si(layer.params_after)}"),
+                 "MACs": si(layer.macs_before) if pruning else f"{si(layer.macs_before)}{arrow}{si(layer.macs_after)}",
+                 "energy": "" if layer.energy_kept is None or pruning else f"{layer.energy_kept:.1%}"}
+        table.add_row(*(cells[column] for column in columns))
+    return table
+
+
+def _treatment(layer: LayerPlan, wide: bool, pruning: bool) -> str:
+    if pruning:  # Torch-Pruning leaves only `keep` and the output layer whole
+        return "dense" if _prune_keeps(layer) else "pruned"
+    if layer.ranks is None:
+        return f"dense: {layer.reason}" if wide else "dense"
+    return f"{layer.method} {'x'.join(map(str, layer.ranks))}"
+
+
+def _plan_notes(plan: Plan, width: int, *, pruning: bool = False, allocation: str = "uniform") -> list[str]:
+    """What a narrow table leaves out, said once under it: why each dense layer is dense, and which
+    rule chose the ranks of the others."""
+    if pruning:
+        pruned = sum(not _prune_keeps(layer) for layer in plan.layers)
+        layers = plural(pruned, "pruned layer")
+        how = (f"removes one share of the output channels of each of the {layers} (smallest L1 norm first)"
+               if allocation == "uniform" else f"ranks the output channels of the {layers} together by L1 norm "
+               "(each layer's divided by its mean) and removes the smallest")
+        return [f"channel-prune: `cstar compile` {how}, until the conv and linear weights are "
+                f"at most {si(plan.params_after)} ({plan.params_before / max(1, plan.params_after):.2f}x fewer); "
+                "no ranks apply, and the MACs are known after compiling"]
+    lines = []
+    columns = _plan_columns(width)
+    if "kind" in columns:
+        return lines
+    dense: dict[str, list[str]] = {}
+    for layer in plan.layers:
+        if layer.ranks is None:
+            dense.setdefault(layer.reason, []).append(layer.name)
+    lines += [f"dense ({reason}): {', '.join(names)}" for reason, names in dense.items()]
+    if "rule" not in columns:
+        rules: dict[str, int] = {}
+        for layer in plan.layers:
+            if layer.ranks is not None:
+                rules[layer.rule] = rules.get(layer.rule, 0) + 1
+        lines += [f"ranks by {rule}: {plural(count, 'layer')}" for rule, count in rules.items()]
+    return lines
+
+
+def _prune_keeps(layer: LayerPlan) -> bool:
+    from ..plan.allocate import OUTPUT_RULE
+
+    return layer.rule.startswith("keep") or layer.rule == OUTPUT_RULE
+
+
+def _plan_summary(plan: Plan, seconds: float) -> str:
+    params = plan.params_before / max(1, plan.params_after)
+    macs = plan.macs_before / max(1, plan.macs_after)
+    factorized = sum(layer.ranks is not None for layer in plan.layers)
+    return (f"budget {plan.budget}, policy {plan.policy}: {factorized} of {len(plan.layers)} layers factorized; "
+            f"params {params:.2f}x, MACs {macs:.2f}x (conv + linear weights; "
+            f"{si(plan.other_params)} other parameters unchanged); planned in {seconds:.1f} s")
+
+
+def _latency_line(latency: LatencyComparison, plan: Plan, seconds: float) -> str:
+    dense, compressed = latency.dense, latency.compressed
+    threads = plural(latency.threads, "thread")
+    return (f"latency: {dense.median:.2f} ms -> {compressed.median:.2f} ms, {latency.speedup:.2f}x faster "
+            f"(MACs {plan.macs_before / max(1, plan.macs_after):.2f}x); batch 1, {threads}, {latency.cpu}; "
+            f"medians of {compressed.repeats} calls after optimize_for_inference; measured in {seconds:.1f} s")

@@ -1,0 +1,254 @@
+"""Optimize stage, channel-prune baseline: L1 or Taylor filter pruning (Torch-Pruning) at a matched parameter budget."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from ..lang.problems import SpecProblem
+
+_WEIGHTED = (nn.Conv2d, nn.Linear)
+# Torch-Pruning keeps int(C * (1 - ratio)) channels; nudging the kept share up by far less than 1/C makes an exact
+# k/C share floor to k instead of k - 1 through rounding error.
+_NUDGE = 1e-9
+
+
+@dataclass(frozen=True)
+class Pruned:
+    model: nn.Module  # a pruned deep copy; the caller's model is left untouched
+    pruning_ratio: float  # the per-layer share of channels removed
+    params: int  # weight_params(model) after pruning
+
+
+def weight_params(model: nn.Module) -> int:
+    """Weights of every Conv2d and Linear (biases left out, as in cstar's compression ratio), groups-aware."""
+    # weight.numel() already divides the input channels by the conv's groups.
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, _WEIGHTED))
+
+
+def channel_prune(model: nn.Module, example_input: torch.Tensor, target_params: int, *,
+                  keep: Iterable[str] = (), allocation: str = "uniform", importance: str = "l1") -> Pruned:
+    """The largest pruned model with weight_params(pruned) <= target_params, by bisection on the pruning ratio.
+
+    ``uniform`` removes the same share of every layer's channels (Li et al.); ``global`` ranks the channels of all
+    layers together by their mean-normalized scores (Torch-Pruning's global pruning), so layers lose different shares.
+    A channel's score is its filters' L1 norm (``l1``), or the first-order Taylor estimate |weight x gradient| of the
+    loss change on removing it (``taylor``, Molchanov et al.): the caller leaves that loss's gradients on ``model``.
+    """
+    template = copy.deepcopy(model)
+    if weight_params(template) <= target_params:
+        return Pruned(template, 0.0, weight_params(template))
+    protected = [_classifier(template, example_input), *(_module(template, name) for name in keep)]
+    if importance == "taylor":
+        if any(p.grad is None for p in model.parameters() if p.requires_grad):
+            raise ValueError("Taylor importance needs the loss's gradients on the model's parameters")
+        for copied, original in zip(template.parameters(), model.parameters(), strict=True):
+            copied.grad = original.grad.detach().clone() if original.grad is not None else None
+    if allocation == "global":
+        return _global_prune(_Trials(template, example_input, protected, global_pruning=True, importance=importance),
+                             target_params)
+    shares = _kept_shares(template, protected)
+    trial = _Trials(template, example_input, protected, importance=importance)
+    smallest = trial(shares[0]) if shares else Pruned(template, 0.0, weight_params(template))
+    if smallest.params > target_params:
+        raise _infeasible(smallest, target_params)
+    # Invariant: shares[low] fits the budget, shares[high] does not (index len(shares) is the unpruned model). Each
+    # share is a breakpoint where some layer's kept channel count changes, so bisecting over them finds the smallest
+    # pruning ratio that fits in about log2(len(shares)) trials (9 for resnet18), and every trial is a distinct model.
+    low, high, best = 0, len(shares), smallest
+    while high - low > 1:
+        mid = (low + high) // 2
+        pruned = trial(shares[mid])
+        if pruned.params <= target_params:
+            low, best = mid, pruned
+        else:
+            high = mid
+    return best
+
+
+# A scan in steps of this share finds where the budget is met; bisection then refines it.
+_GLOBAL_SCAN_STEP = Fraction(1, 20)
+_GLOBAL_BISECTIONS = 16
+
+
+def _global_prune(trial: _Trials, target_params: int) -> Pruned:
+    """The smallest global pruning ratio (the share of all prunable channels removed) that meets the budget.
+
+    Params fall as the ratio grows only until the threshold would empty a layer: Torch-Pruning then skips that layer
+    whole, and the model grows again. So a forward scan stops at the first ratio that fits (or where params stop
+    falling), and bisection refines the last step, inside the region where params are monotone."""
+    low, smallest = Fraction(0), None
+    while (high := low + _GLOBAL_SCAN_STEP) < 1:
+        pruned = trial(1 - high)
+        if smallest is not None and pruned.params >= smallest.params:
+            break  # past the monotone region
+        smallest = pruned
+        if pruned.params <= target_params:
+            break
+        low = high
+    if smallest is None or smallest.params > target_params:
+        raise _infeasible(smallest or trial(1 - _GLOBAL_SCAN_STEP), target_params)
+    best = smallest
+    for _ in range(_GLOBAL_BISECTIONS):
+        mid = (low + high) / 2
+        pruned = trial(1 - mid)
+        if pruned.params <= target_params:
+            high, best = mid, pruned
+        else:
+            low = mid
+    return best
+
+
+def _infeasible(smallest: Pruned, target_params: int) -> SpecProblem:
+    return SpecProblem(
+        ("compress", "budget"), "infeasible-budget",
+        f"channel pruning reaches no fewer than {smallest.params:,} weight parameters (removing "
+        f"{smallest.pruning_ratio:.1%} of the channels), above the budget of {target_params:,}",
+        help=f"raise the budget to at least {smallest.params:,} parameters, or keep fewer layers unpruned",
+    )
+
+
+def resize_to(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """In place: replace Conv2d, Linear and BatchNorm2d modules whose shapes differ from `state`'s tensors (keys are
+    state_dict keys like `features.0.weight`) with fresh modules of the state's shapes, same hyperparameters (kernel,
+    stride, padding, dilation, bias presence, groups scaled for depthwise, eps, momentum, affine), so that
+    `model.load_state_dict(state)` then works. Used to rebuild a pruned model from a checkpoint or artifact without
+    re-running the pruner. Returns model."""
+    for name, module in list(model.named_modules()):
+        fresh = _resized(module, name, state)
+        if fresh is not None:
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, fresh)
+    return model
+
+
+class _Trials:
+    """One-shot pruning of a fresh deep copy per kept share: Torch-Pruning cannot undo or redo a pruning step."""
+
+    def __init__(self, template: nn.Module, example_input: torch.Tensor, protected: list[nn.Module], *,
+                 global_pruning: bool = False, importance: str = "l1") -> None:
+        self.template, self.example_input = template, example_input
+        self.protected_names = [_name(template, m) for m in protected]
+        self.global_pruning, self.importance = global_pruning, importance
+
+    def __call__(self, share: Fraction) -> Pruned:
+        model = copy.deepcopy(self.template)
+        for copied, original in zip(model.parameters(), self.template.parameters(), strict=True):
+            # deepcopy drops gradients; Taylor scores read them (a copy each: the pruner slices them with the weights).
+            copied.grad = None if original.grad is None else original.grad.clone()
+        ignored = [model.get_submodule(name) for name in self.protected_names]
+        ratio = max(0.0, 1.0 - float(share) - _NUDGE)
+        # Li et al. rank filters by L1 norm within each layer; a uniform per-layer ratio (no global ranking) is their
+        # setting and never empties a layer. Torch-Pruning's group mean also scores channels that residual additions
+        # couple by every layer they touch, not by one arbitrary root layer.
+        # Across layers the scores must be comparable, so global ranking divides each layer's by its mean.
+        normalizer = "mean" if self.global_pruning else None
+        importance = (tp.importance.TaylorImportance(group_reduction="mean", normalizer=normalizer)
+                      if self.importance == "taylor" else
+                      tp.importance.MagnitudeImportance(p=1, group_reduction="mean", normalizer=normalizer))
+        # The dependency graph is traced with autograd, so it needs grad even if the caller runs under no_grad.
+        with torch.enable_grad(), warnings.catch_warnings():
+            # Torch-Pruning warns about cases it then handles itself (unwrapped parameters it prunes along their last
+            # dimension, a recursion cap in shape inference); those are notes for its own users, and warnings are
+            # errors in cstar's tests. Only its own warnings are silenced: torch's still surface.
+            warnings.filterwarnings("ignore", module=r"torch_pruning\.")
+            # MetaPruner (an alias of BasePruner in 1.6) is the name every torch-pruning release >= 1.4 has.
+            pruner = tp.pruner.MetaPruner(model, self.example_input, importance=importance,
+                                          global_pruning=self.global_pruning, pruning_ratio=ratio,
+                                          ignored_layers=ignored)
+            pruner.step()
+        # Tracing leaves the model in eval mode; give back the mode the caller's model was in.
+        model.train(self.template.training)
+        return Pruned(model, float(1 - share), weight_params(model))
+
+
+def _kept_shares(model: nn.Module, protected: list[nn.Module]) -> list[Fraction]:
+    """Every kept share k/C below 1 at which a prunable layer's channel count changes, keeping >= 1 channel each."""
+    skip = {id(sub) for m in protected for sub in m.modules()}
+    # A single-channel layer is never pruned by Torch-Pruning, so it does not bound the share from below.
+    widths = {_out_channels(m) for m in model.modules() if isinstance(m, _WEIGHTED) and id(m) not in skip} - {1}
+    if not widths:
+        return []
+    floor = Fraction(1, min(widths))
+    return sorted({share for c in widths for k in range(1, c) if (share := Fraction(k, c)) >= floor})
+
+
+def _out_channels(module: nn.Module) -> int:
+    return module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
+
+
+def _classifier(model: nn.Module, example_input: torch.Tensor) -> nn.Module:
+    """The last Conv2d or Linear to run: its outputs are the model's classes, so they must never be pruned."""
+    order: list[nn.Module] = []
+    hooks = [m.register_forward_hook(lambda m, _i, _o: order.append(m)) for m in model.modules()
+             if isinstance(m, _WEIGHTED)]
+    training = model.training
+    try:
+        # eval and no_grad: a probe forward must not move BatchNorm running statistics.
+        with torch.no_grad():
+            model.eval()(example_input)
+    finally:
+        model.train(training)
+        for hook in hooks:
+            hook.remove()
+    if not order:
+        raise ValueError("channel pruning needs a model with at least one Conv2d or Linear layer")
+    return order[-1]
+
+
+def _module(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"no module named {name!r} to keep unpruned") from None
+
+
+def _name(model: nn.Module, module: nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
+
+
+def _resized(module: nn.Module, name: str, state: Mapping[str, torch.Tensor]) -> nn.Module | None:
+    prefix = f"{name}." if name else ""
+    if isinstance(module, nn.Conv2d):
+        return _conv(module, state[prefix + "weight"]) if prefix + "weight" in state else None
+    if isinstance(module, nn.Linear):
+        return _linear(module, state[prefix + "weight"]) if prefix + "weight" in state else None
+    if isinstance(module, nn.BatchNorm2d):
+        # running_mean carries the width even for affine=False layers, which have no weight.
+        key = next((prefix + k for k in ("weight", "running_mean") if prefix + k in state), None)
+        return _batchnorm(module, state[key].shape[0]) if key is not None else None
+    return None
+
+
+def _conv(conv: nn.Conv2d, weight: torch.Tensor) -> nn.Conv2d | None:
+    if weight.shape == conv.weight.shape:
+        return None
+    out_channels = weight.shape[0]
+    # Pruning a depthwise conv removes whole groups (one per channel); other grouped convs keep their group count.
+    depthwise = conv.groups > 1 and conv.groups == conv.in_channels
+    groups = out_channels // (conv.out_channels // conv.groups) if depthwise else conv.groups
+    return nn.Conv2d(weight.shape[1] * groups, out_channels, conv.kernel_size, conv.stride, conv.padding,
+                     conv.dilation, groups, conv.bias is not None, conv.padding_mode,
+                     device=conv.weight.device, dtype=conv.weight.dtype)
+
+
+def _linear(linear: nn.Linear, weight: torch.Tensor) -> nn.Linear | None:
+    if weight.shape == linear.weight.shape:
+        return None
+    return nn.Linear(weight.shape[1], weight.shape[0], linear.bias is not None,
+                     device=linear.weight.device, dtype=linear.weight.dtype)
+
+
+def _batchnorm(norm: nn.BatchNorm2d, features: int) -> nn.BatchNorm2d | None:
+    if features == norm.num_features:
+        return None
+    reference = norm.running_mean if norm.running_mean is not None else norm.weight
+    factory = {"device": reference.device, "dtype": reference.dtype} if reference is not None else {}
+    return nn.BatchNorm2d(features, norm.eps, norm.momentum, norm.affine, norm.track_running_stats, **factory)

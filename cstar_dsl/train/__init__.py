@@ -1,0 +1,1 @@
+"""Training (torch): data sets, attacks, the adversarial epoch, ADMM, checkpoints, multi-process runs."""
