@@ -122,11 +122,10 @@ def cifar_recipe(folder: Path, data_root: Path, device: str) -> Path:
 def structures(spec: Spec, net: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """The dense ResNet-18, and the factorized and the channel-pruned models at the recipe's 16x budget."""
     from cstar_dsl import factorize, make_plan
-    from cstar_dsl.model.prune import channel_prune
+    from cstar_dsl.model.prune import prune_to_plan
 
     plan = make_plan(spec, net)
-    example = torch.zeros(1, *spec.model.input)
-    pruned = channel_prune(net, example, plan.params_after, keep=list(spec.compress.keep)).model
+    pruned = prune_to_plan(net, spec, plan, torch.zeros(1, *spec.model.input)).model
     return {"dense": net, "factorized": factorize(net, plan, spec), "pruned": pruned}
 
 

@@ -329,14 +329,14 @@ class StrideFirst(nn.Module):
 def stride_first(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every Tucker-2 form of a strided 1x1 conv wrapped in ``StrideFirst``."""
     from cstar_dsl.model.factorized import Tucker2Conv2d
+    from cstar_dsl.model.inventory import replace_module
 
     model = copy.deepcopy(model)
     for name, module in list(model.named_modules()):
         core = getattr(module, "core", None)
         if isinstance(module, Tucker2Conv2d) and core.kernel_size == (1, 1) and core.padding == (0, 0) \
                 and core.stride != (1, 1):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, StrideFirst(module))
+            replace_module(model, name, StrideFirst(module))
     return model
 
 

@@ -25,7 +25,7 @@ from .lang.spec import Spec
 from .model import inventory, rewrite
 from .model import zoo as models
 from .plan import allocate as planning
-from .plan.allocate import Plan
+from .plan.plans import Plan
 
 if TYPE_CHECKING:
     from .deploy.latency import LatencyComparison
@@ -68,14 +68,12 @@ def measure_latency(spec: Spec, model: nn.Module, plan: Plan, *, threads: int = 
 
     example = torch.randn(1, *spec.model.input, generator=torch.Generator().manual_seed(0))
     if spec.compress.method == "channel-prune":
-        from .model.prune import channel_prune
+        from .model.prune import prune_to_plan
 
-        kept = set(spec.compress.keep) | {layer.name for layer in plan.layers if layer.rule.startswith("keep")}
         # Latency depends on the kept widths, not on which channels. With a uniform share the widths
         # are the same whatever the scores; with global Taylor scores (they need the adversarial
         # loss's gradients, which `cstar compile` computes) the L1 widths are an estimate.
-        compressed = channel_prune(model, example, plan.params_after, keep=sorted(kept),
-                                   allocation=spec.compress.allocation).model
+        compressed = prune_to_plan(model, spec, plan, example).model
     else:
         compressed = factorize(model, plan, spec)
     return compare_latency(model, compressed, example, threads=threads, repeats=repeats, leaves=spec.model.leaf)

@@ -44,7 +44,7 @@ from torch import fx, nn
 from torch.nn.modules.utils import _pair
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from ..model.inventory import trace
+from ..model.inventory import replace_module, trace
 
 # Strided convs with at most this many output channels run channels-last (see _channels_last_conv).
 # Wider ones are dominated by their matrix product, which is as fast or faster in NCHW (ResNet-18's
@@ -112,11 +112,6 @@ def _module(graph: fx.GraphModule, node: object) -> nn.Module | None:
     return None
 
 
-def _replace(graph: fx.GraphModule, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(graph.get_submodule(parent_name) if parent_name else graph, child, module)
-
-
 def _plain_conv(module: nn.Module | None) -> bool:
     """An ungrouped, zero-padded Conv2d with numeric padding: what the passes know how to rewrite."""
     return (type(module) is nn.Conv2d and module.groups == 1 and module.padding_mode == "zeros"  # type: ignore[union-attr]
@@ -146,7 +141,7 @@ def _fold_batch_norms(graph: fx.GraphModule) -> int:
         conv = _module(graph, source)
         if type(conv) is not nn.Conv2d or len(source.users) != 1:  # type: ignore[union-attr]
             continue
-        _replace(graph, source.target, fuse_conv_bn_eval(conv, bn))  # type: ignore[union-attr,arg-type]
+        replace_module(graph, source.target, fuse_conv_bn_eval(conv, bn))  # type: ignore[union-attr,arg-type]
         node.replace_all_uses_with(source)  # type: ignore[arg-type]
         graph.graph.erase_node(node)
         folded += 1
@@ -167,7 +162,7 @@ def _merge_pointwise(graph: fx.GraphModule) -> int:
         a = _module(graph, first)
         if not _plain_conv(a) or len(first.users) != 1 or not _worth_merging(a, b):  # type: ignore[arg-type]
             continue
-        _replace(graph, second.target, _merged_conv(a, b))  # type: ignore[arg-type]
+        replace_module(graph, second.target, _merged_conv(a, b))  # type: ignore[arg-type]
         second.replace_input_with(first, first.args[0])
         graph.graph.erase_node(first)
         merged += 1

@@ -187,3 +187,9 @@ def _normalized(singular_values: torch.Tensor) -> tuple[float, ...]:
     if total == 0:
         return tuple(1.0 / len(energy) for _ in range(len(energy)))
     return tuple(float(e) / total for e in energy)
+
+
+def replace_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    """In place: the submodule of ``root`` at the qualified ``name`` (``features.0``) becomes ``module``."""
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)

@@ -13,6 +13,9 @@ import torch_pruning as tp
 from torch import nn
 
 from ..lang.problems import SpecProblem
+from ..lang.spec import Spec
+from ..plan.plans import Plan
+from .inventory import replace_module
 
 _WEIGHTED = (nn.Conv2d, nn.Linear)
 # Torch-Pruning keeps int(C * (1 - ratio)) channels; nudging the kept share up by far less than 1/C makes an exact
@@ -73,6 +76,15 @@ def channel_prune(model: nn.Module, example_input: torch.Tensor, target_params: 
     return best
 
 
+def prune_to_plan(model: nn.Module, spec: Spec, plan: Plan, example_input: torch.Tensor, *,
+                  importance: str = "l1") -> Pruned:
+    """``model`` channel-pruned to the parameters ``plan`` leaves, with the recipe's allocation: the layers the
+    recipe's `compress.keep` names, and those a `keep` rule leaves dense, stay whole."""
+    kept = set(spec.compress.keep) | {layer.name for layer in plan.layers if layer.rule.startswith("keep")}
+    return channel_prune(model, example_input, plan.params_after, keep=sorted(kept),
+                         allocation=spec.compress.allocation, importance=importance)
+
+
 # A scan in steps of this share finds where the budget is met; bisection then refines it.
 _GLOBAL_SCAN_STEP = Fraction(1, 20)
 _GLOBAL_BISECTIONS = 16
@@ -124,8 +136,7 @@ def resize_to(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
     for name, module in list(model.named_modules()):
         fresh = _resized(module, name, state)
         if fresh is not None:
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, fresh)
+            replace_module(model, name, fresh)
     return model
 
 

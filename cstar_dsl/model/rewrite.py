@@ -11,9 +11,9 @@ from collections.abc import Iterable, Mapping
 
 from torch import fx, nn
 
-from ..plan.allocate import Plan, Ranks
+from ..plan.plans import Plan, Ranks
 from .factorized import LowRankLinear, Tucker2Conv2d
-from .inventory import trace
+from .inventory import replace_module, trace
 
 
 def factorize(model: nn.Module, plan: Plan, *, leaves: Iterable[str] = (), sweeps: int = 0) -> fx.GraphModule:
@@ -32,7 +32,7 @@ def factorize_ranks(model: nn.Module, ranks: Mapping[str, Ranks], *, leaves: Ite
     are left uninitialized: the structure only, for loading saved weights into."""
     graph = trace(copy.deepcopy(model), leaves)
     for name, layer_ranks in ranks.items():
-        _swap(graph, name, _factorized(graph.get_submodule(name), name, layer_ranks, sweeps, decompose))
+        replace_module(graph, name, _factorized(graph.get_submodule(name), name, layer_ranks, sweeps, decompose))
     graph.graph.lint()
     graph.recompile()
     return graph
@@ -50,8 +50,3 @@ def _factorized(module: nn.Module, name: str, ranks: Ranks, sweeps: int, decompo
                              device=weight.device, dtype=weight.dtype)
     raise TypeError(f"planned layer {name} is a {type(module).__name__}, not a Linear or Conv2d")
 
-
-def _swap(graph: fx.GraphModule, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = graph.get_submodule(parent_name) if parent_name else graph
-    setattr(parent, child, module)

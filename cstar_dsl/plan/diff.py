@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from ..lang.render import si
 from ..lang.spec import Spec
-from .allocate import LayerPlan, Plan
+from .plans import LayerPlan, Plan
 
 
 @dataclass(frozen=True)

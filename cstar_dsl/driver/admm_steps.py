@@ -1,0 +1,93 @@
+"""Compile driver, ADMM: the start, the Z- and U-steps with ranks re-planned each time, the rho schedule, the hooks."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..lang.spec import AdmmSpec, PhaseSpec
+from ..model import inventory, rewrite
+from ..plan import allocate as planning
+from ..plan.plans import Plan
+from ..train import admm, distributed
+from .state import Context, Run
+
+
+def admm_weights(run: Run, names: Iterable[str]) -> dict[str, Tensor]:
+    """The weights of the named layers of the run's network (the live parameters)."""
+    assert run.net is not None
+    return {name: run.net.get_submodule(name).weight for name in names}
+
+
+def replan(context: Context, weights: dict[str, Tensor]) -> Plan:
+    """The recipe's plan on the spectra of ``weights`` rather than of the starting weights."""
+    layers = inventory.with_weights(context.layers, {k: v.detach().cpu() for k, v in weights.items()})
+    return planning.make_plan(context.spec, layers, context.other_params)
+
+
+def choose_ranks(context: Context, weights: dict[str, Tensor]) -> tuple[dict[str, tuple[int, ...]], dict[str, Any]]:
+    """The plan's policy on the spectra of ``weights``: the Z-step's ranks, re-chosen every time, and the plan."""
+    plan = replan(context, weights)
+    return rewrite.planned_ranks(plan), plan.to_dict()
+
+
+def start_admm(context: Context, run: Run, phase: AdmmSpec) -> None:
+    assert run.net is not None
+    ranks, run.plan = choose_ranks(context, admm_weights(run, context.layer_names))
+    run.admm = admm.admm_start(admm_weights(run, ranks), ranks, context.spec.compress.hooi_sweeps)
+    run.rho = phase.rho
+
+
+def admm_update(context: Context, run: Run, phase: AdmmSpec) -> float:
+    """Z-step (ranks re-chosen on W + U), U-step, then the rho schedule; returns its seconds."""
+    started = time.perf_counter()
+    assert run.admm is not None
+    weights = admm_weights(run, context.layer_names)
+    shifted = {name: w.detach() + run.admm.u[name] if name in run.admm.u else w.detach() for name, w in weights.items()}
+    ranks, run.plan = choose_ranks(context, shifted)
+    chosen = {name: weights[name] for name in ranks}
+    # A layer the new plan starts to factorize joins with U = 0; one it leaves dense drops out.
+    u = {name: run.admm.u.get(name, torch.zeros_like(w)) for name, w in chosen.items()}
+    state = admm.z_step(chosen, admm.AdmmState(run.admm.z, u, run.admm.ranks), ranks, context.spec.compress.hooi_sweeps)
+    run.admm = admm.u_step(chosen, state)
+    # Every rank computed these from the same weights; rank 0's copy makes them bit-identical anyway.
+    distributed.broadcast([*run.admm.z.values(), *run.admm.u.values()], context.world)
+    schedule = phase.rho_schedule
+    if schedule.kind == "geometric":
+        rho = min(run.rho * schedule.factor, schedule.max or float("inf"))  # type: ignore[union-attr]
+        # U is the dual scaled by 1/rho: when rho changes, U must be rescaled to stay the same dual (Boyd et al. 3.4.1)
+        run.admm = admm.AdmmState(run.admm.z, {k: v * (run.rho / rho) for k, v in run.admm.u.items()}, run.admm.ranks)
+        run.rho = rho
+    return time.perf_counter() - started
+
+
+def admm_hooks(context: Context, run: Run, phase: PhaseSpec,
+               epoch: int) -> tuple[Callable[[], Tensor], Callable[[int], None] | None]:
+    """The ADMM penalty added to each step's loss, and the Z/U update after every ``interval`` steps."""
+    assert isinstance(phase, AdmmSpec)
+    steps = context.steps
+
+    def extra_loss() -> Tensor:
+        assert run.admm is not None
+        return admm.penalty(admm_weights(run, run.admm.ranks), run.admm, run.rho)
+
+    def after_step(step: int) -> None:
+        if (epoch * steps + step + 1) % phase.interval.every == 0:
+            admm_update(context, run, phase)
+
+    return extra_loss, after_step if phase.interval.unit == "step" else None
+
+
+def epoch_end(context: Context, run: Run, phase: PhaseSpec, epoch: int) -> dict[str, Any]:
+    """The Z/U update when the interval counts epochs, and the ADMM columns of the epoch's history row."""
+    zstep_seconds = 0.0
+    if isinstance(phase, AdmmSpec) and phase.interval.unit == "epoch" and (epoch + 1) % phase.interval.every == 0:
+        zstep_seconds = admm_update(context, run, phase)
+    assert run.admm is not None
+    residuals = admm.residuals(admm_weights(run, run.admm.ranks), run.admm)
+    return {"rho": run.rho, "residual": sum(residuals.values()) / max(1, len(residuals)),
+            "zstep_seconds": zstep_seconds, "params": run.plan["totals"]["params_after"] if run.plan else None}
