@@ -10,7 +10,6 @@ import math
 from collections.abc import Callable, Sequence
 
 from ..lang.problems import SpecProblem
-from ..lang.render import si
 from ..lang.spec import CompressSpec, Spec
 from .costs import Cost, cost_function, energy_kept, factorized_macs, factorized_params, full_ranks, weighted_loss
 from .layers import LayerInfo
@@ -46,7 +45,7 @@ def make_plan(spec: Spec, layers: Sequence[LayerInfo], other_params: int = 0) ->
             if policy == "energy":
                 _energy_ranks(slot, compress.policy.threshold)  # type: ignore[union-attr]
         _require_met(slots, cost, target, compress)
-    return Plan(policy=_policy_text(compress), budget=_budget_text(compress), metric=metric, target=target,
+    return Plan(policy=_policy_text(compress), budget=compress.budget.text(), metric=metric, target=target,
                 layers=tuple(_layer_plan(s) for s in slots), other_params=other_params)
 
 
@@ -74,7 +73,7 @@ def _infeasible(slots: Sequence[Slot], cost: Cost, compress: CompressSpec) -> Sp
     outputs = [s.layer.name for s in slots if s.rule == OUTPUT_RULE]
     return SpecProblem(
         ("compress", "budget"), "infeasible-budget",
-        f"the budget {_budget_text(compress)} cannot be met: the largest reachable ratio is {reachable:.2f}x",
+        f"the budget {compress.budget.text()} cannot be met: the largest reachable ratio is {reachable:.2f}x",
         label=f"at most {reachable:.2f}x here",
         help="lower the budget, lower `min_rank`, or leave fewer layers dense (`keep`, `dense`, fixed ranks)",
         notes=tuple(f'the output layer `{name}` stays dense; a rule `layer "{name}" {{ min_rank = 1 }}` lets the '
@@ -88,7 +87,7 @@ def _require_met(slots: Sequence[Slot], cost: Cost, target: float, compress: Com
         raise SpecProblem(
             ("compress", "policy"), "budget-not-met",
             f"policy {_policy_text(compress)} reaches {dense / max(1, total):.2f}x, short of the budget "
-            f"{_budget_text(compress)}", label="ranks too large for the budget",
+            f"{compress.budget.text()}", label="ranks too large for the budget",
             help="use `policy = global` to choose ranks under the budget, or lower the budget")
 
 
@@ -227,13 +226,6 @@ def _layer_plan(slot: Slot) -> LayerPlan:
         params_after=layer.params if ranks is None else factorized_params(layer, ranks),
         macs_before=layer.macs, macs_after=layer.macs if ranks is None else factorized_macs(layer, ranks),
         energy_kept=energy)
-
-
-def _budget_text(compress: CompressSpec) -> str:
-    budget = compress.budget
-    if budget.kind == "ratio":
-        return f"{budget.ratio:g}x {budget.metric}"
-    return f"{budget.metric} <= {si(budget.limit)}"
 
 
 def _policy_text(compress: CompressSpec) -> str:

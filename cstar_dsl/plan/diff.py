@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..lang.render import si
 from ..lang.spec import Spec
 from .plans import LayerPlan, Plan
 
@@ -58,16 +57,10 @@ def _keyed(spec: Spec) -> dict[str, object]:
     """The spec as plain data, its rule and requirement lists keyed like `extend` merges them."""
     data = spec.model_dump(mode="json")
     compress, evaluate = data["compress"], data["evaluate"]
-    compress["budget"] = _budget(compress["budget"])
+    compress["budget"] = spec.compress.budget.text()
     compress["layers"] = {_selector(rule.pop("selector")): _settings(rule) for rule in compress["layers"]}
     evaluate["requirements"] = {req["metric"]: f"{req['op']} {req['value']:.0%}" for req in evaluate["requirements"]}
     return data
-
-
-def _budget(budget: dict[str, object]) -> str:
-    if budget["kind"] == "ratio":
-        return f"{budget['ratio']:g}x {budget['metric']}"
-    return f"{budget['metric']} <= {si(float(budget['limit']))}"  # type: ignore[arg-type]
 
 
 def _settings(rule: dict[str, object]) -> str:
