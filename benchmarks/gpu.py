@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
+from mnist import Bench  # noqa: E402  (the MNIST benchmark beside this file)
+
 GPU_TESTS = ["tests/test_gpu.py", "tests/test_robustness.py::test_the_attacks_run_on_the_gpu_when_asked"]
 MNIST_METHODS = ("dense", "svd-finetune", "cstar", "channel-prune", "channel-prune-global", "channel-prune-taylor",
                  "channel-prune-global-taylor")
@@ -212,8 +214,6 @@ def run_mnist(arch: str, device: str, data: Path, results: Path, sizes: Sizes, d
     common = ["--arch", arch, "--device", device, "--data", str(data)]
     started = time.perf_counter()
     outcome: dict[str, object] = {"arch": arch}
-    from mnist import Bench
-
     if not Bench(arch, results=results).dense.exists():
         pretrain = _run([sys.executable, str(BENCHMARKS / "mnist_pretrain.py"), *common, "--results", str(results),
                          "--epochs", str(sizes.pretrain_epochs)], logs / f"{arch}-pretrain.log", deadline.left())
