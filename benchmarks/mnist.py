@@ -275,7 +275,8 @@ def run_dense(bench: Bench = BENCH) -> dict[str, object]:
         generator = torch.Generator().manual_seed(epoch)
         order = torch.randperm(len(y), generator=generator).to(device)
         batches = [(x[order[i:i + 128]], y[order[i:i + 128]]) for i in range(0, len(y), 128)]
-        attack_generator = torch.Generator(device=device).manual_seed(epoch)
+        # On the CPU order and attacks share one stream, as in the committed dense rows; a GPU needs its own.
+        attack_generator = generator if device.type == "cpu" else torch.Generator(device=device).manual_seed(epoch)
         epoch_seconds.append(adversarial_epoch(model, batches, optimizer, attack, phase="dense", epoch=epoch,
                                                generator=attack_generator).seconds)
         lr_schedule.step()

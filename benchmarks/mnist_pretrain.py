@@ -56,7 +56,10 @@ def main(argv: list[str] | None = None) -> None:
     attack = training_attack(spec.threat)
     generator = torch.Generator().manual_seed(spec.train.seed)
     x, y = (t.to(device) for t in data.train.tensors)
-    attack_generator = torch.Generator(device=device).manual_seed(spec.train.seed)
+    # On the CPU the data order and the attacks' random starts share one stream, as when the committed start was
+    # made; a GPU's attacks need a generator of their own device.
+    seed = spec.train.seed
+    attack_generator = generator if device.type == "cpu" else torch.Generator(device=device).manual_seed(seed)
     size = spec.data.batch_size
     log = []
     for epoch in range(args.epochs):
