@@ -71,8 +71,11 @@ def _adversarial_gradients(context: Context, net: nn.Module) -> None:
     net.zero_grad(set_to_none=True)
     for x, y in itertools.islice(batches(context, torch.Generator().manual_seed(seed)), TAYLOR_BATCHES):
         F.cross_entropy(model(attack(model, x, y, generator)), y).backward()
+    for parameter in net.parameters():  # a weight the loss never reaches (a training-only head) scores zero
+        if parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
     # Each rank saw its own share of the batches; all must prune the same channels, so rank 0's scores count.
-    distributed.broadcast([p.grad for p in net.parameters() if p.grad is not None], context.world)
+    distributed.broadcast([p.grad for p in net.parameters()], context.world)
     net.cpu()
 
 
@@ -85,6 +88,8 @@ def _prune(context: Context, net: nn.Module, plan: Plan) -> tuple[nn.Module, dic
     if importance == "taylor":
         _adversarial_gradients(context, net)
     pruned = prune_to_plan(net, spec, plan, torch.zeros(1, *spec.model.input), importance=importance)
+    for model in (net, pruned.model):  # the scores are spent: no stale gradient travels on to the device or a step
+        model.zero_grad(set_to_none=True)
     after = {layer.name: layer for layer in inventory.collect(pruned.model, spec.model.input, spec.model.leaf).layers}
     layers = []
     for layer in context.layers:

@@ -141,6 +141,8 @@ def _io_positions(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, t
     try:
         with torch.no_grad():
             model.eval()(torch.zeros(1, *input_shape, **options))
+    except (NotImplementedError, torch.cuda.OutOfMemoryError):
+        raise  # RuntimeErrors too, but not about the input's size
     except RuntimeError as error:  # torch's error for a shape the layers cannot take (an image too small)
         size = "x".join(map(str, input_shape))
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
