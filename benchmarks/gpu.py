@@ -1,7 +1,7 @@
 """GPU benchmark: one prepared script for a CUDA machine, from a fresh checkout, in under 8 minutes.
 
     python benchmarks/gpu.py --out benchmarks/results/gpu --data .data/mnist-10k
-    python benchmarks/gpu.py --toy --out /tmp/gpu-toy          # the same steps at toy size, on the CPU
+    python benchmarks/gpu.py --toy --out runs/gpu-toy          # the same steps at toy size, on the CPU
 
 It does three things, each written to gpu.json as soon as it is done, so a run cut short keeps what it measured:
 

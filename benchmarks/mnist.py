@@ -218,10 +218,9 @@ def run_cell(method: str, ratio: int, setting: Setting = DEFAULT, bench: Bench =
     spec = check_file(spec_path).spec
     started = time.perf_counter()
     compiled = compile_spec(spec, CompileOptions(out=folder / "run", force=True,
-                                                 spec_name=os.path.relpath(spec_path, ROOT),
+                                                 spec_name=os.path.relpath(spec_path),
                                                  spec_text=spec_path.read_text()))
     report = compiled.report
-    checkout_relative(folder / "run")
     history = report["history"]
     return {"method": method, "target_ratio": ratio, "seed": setting.seed, "ratio": report["compression"]["ratio"],
             "schedule": schedule(method, setting),
@@ -230,15 +229,6 @@ def run_cell(method: str, ratio: int, setting: Setting = DEFAULT, bench: Bench =
             "epoch_seconds": {phase: _mean([r["seconds"] for r in history if r["phase"] == phase])
                               for phase in ("admm", "finetune")},
             "zstep_seconds": sum(r.get("zstep_seconds", 0.0) for r in history)}
-
-
-def checkout_relative(folder: Path, root: Path = ROOT) -> None:
-    """The run's reports with paths relative to the checkout instead of this machine's: the recipe's resolved paths
-    (weights, data) are absolute in the report, and a committed cell must not carry a machine path."""
-    for path in (folder / "report.json", folder / "report.md"):
-        if path.is_file():
-            text = path.read_text()
-            path.write_text(text.replace(f"{root}/", "").replace(f"{root.parent}/", "../"))
 
 
 def schedule(method: str, setting: Setting = DEFAULT) -> str:

@@ -256,6 +256,11 @@ def test_the_spec_hash_does_not_depend_on_where_the_checkout_sits(tmp_path):
     assert '"root":"../data/mnist"' in spec_identity(one, here)
     changed = check_file(_recipe(there, text.replace("../data/mnist", "../data/mnist-10k"))).spec
     assert spec_identity(changed, there) != spec_identity(two, there)
+    from cstar_dsl.driver.outputs import recipe_meaning  # what report.json's `resolved` holds
+
+    meaning = recipe_meaning(one, here)
+    assert (meaning["data"]["root"], meaning["model"]["weights"]) == ("../data/mnist", "w/start.safetensors")
+    assert meaning == recipe_meaning(two, there) and str(tmp_path) not in json.dumps(meaning)
 
 
 def test_a_run_folder_moved_with_its_recipe_is_accepted_by_its_lock(warned_run, tmp_path):

@@ -29,11 +29,17 @@ def spec_identity(spec: Spec, recipe_folder: Path) -> str:
     recipe writes them. The spec holds absolute paths; hashed as they are, a run folder moved or
     copied with its recipe (another checkout, another machine) could not be resumed.
     """
+    return json.dumps(recipe_meaning(spec, recipe_folder), sort_keys=True, separators=(",", ":"))
+
+
+def recipe_meaning(spec: Spec, recipe_folder: Path) -> dict[str, Any]:
+    """The spec as plain data, its paths (weights, data root) relative to ``recipe_folder`` as a recipe writes
+    them: what a run means wherever its checkout sits, so no machine path reaches the lock or the report."""
     meaning = spec.model_dump(mode="json")
     for block, key in (("model", "weights"), ("data", "root")):
         if meaning[block].get(key) is not None:
             meaning[block][key] = Path(os.path.relpath(meaning[block][key], recipe_folder)).as_posix()
-    return json.dumps(meaning, sort_keys=True, separators=(",", ":"))
+    return meaning
 
 
 def recipe_folder(options: CompileOptions) -> Path:
@@ -81,7 +87,7 @@ def build_report(context: Context, run: Run, result: Evaluation, seconds: float,
                     "torch": torch.__version__, "cstar": __version__},
         "seed": spec.train.seed,
         "warnings": [*context.options.warnings, *run.plan.get("warnings", [])],
-        "resolved": spec.model_dump(mode="json"),
+        "resolved": recipe_meaning(spec, recipe_folder(context.options)),
     }
 
 
