@@ -127,7 +127,8 @@ def structures(spec: Spec, net: torch.nn.Module) -> dict[str, torch.nn.Module]:
     from cstar_dsl.model.prune import prune_to_plan
 
     plan = make_plan(spec, net)
-    pruned = prune_to_plan(net, spec, plan, torch.zeros(1, *spec.model.input)).model
+    example = torch.zeros(1, *spec.model.input)
+    pruned = prune_to_plan(net, spec, plan, example, allocation=spec.compress.allocation).model
     return {"dense": net, "factorized": factorize(net, plan, spec), "pruned": pruned}
 
 

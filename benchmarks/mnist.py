@@ -34,7 +34,8 @@ DENSE = RESULTS / "mnist-dense.safetensors"
 DATA = ROOT.parent / "shared" / "data" / "mnist-10k"
 # channel-prune-global is `method = channel-prune` with `allocation = global`, the peer's other allocation;
 # -taylor adds `importance = taylor`: channels scored on the adversarial loss instead of by their L1 norm.
-METHODS = ("cstar", "svd-finetune", "channel-prune", "channel-prune-global", "channel-prune-taylor",
+# auto is cstar's structure choice: every structure probed on held-out training images, the most robust compiled.
+METHODS = ("auto", "cstar", "svd-finetune", "channel-prune", "channel-prune-global", "channel-prune-taylor",
            "channel-prune-global-taylor")
 
 
@@ -222,9 +223,14 @@ def run_cell(method: str, ratio: int, setting: Setting = DEFAULT, bench: Bench =
                                                  spec_text=spec_path.read_text()))
     report = compiled.report
     history = report["history"]
+    choice, latency = report.get("structure_choice"), report.get("latency")
     return {"method": method, "target_ratio": ratio, "seed": setting.seed, "ratio": report["compression"]["ratio"],
             "schedule": schedule(method, setting),
-            "params": report["compression"]["params_compressed"], "clean": report["accuracy"]["clean"],
+            "params": report["compression"]["params_compressed"], "macs": report["compression"]["macs_compressed"],
+            "latency_ms": latency["compressed_ms"]["median"] if latency else None,
+            "chosen": choice["winner"] if choice else None,
+            "probe_seconds": choice["seconds"] if choice else None,
+            "clean": report["accuracy"]["clean"],
             "robust": next(iter(report["accuracy"]["robust"].values())), "seconds": time.perf_counter() - started,
             "epoch_seconds": {phase: _mean([r["seconds"] for r in history if r["phase"] == phase])
                               for phase in ("admm", "finetune")},
@@ -297,16 +303,19 @@ def table(bench: Bench = BENCH) -> None:
     rows = _seeds_averaged(cells)
     order = {"dense": 0, **{m: i + 1 for i, m in enumerate(METHODS)}}
     rows.sort(key=lambda r: (r["target_ratio"], order[r["method"]], r["schedule"] != schedule(r["method"])))
-    keys = ("method", "target_ratio", "ratio", "params", "clean", "robust", "seeds", "robust_by_seed", "seconds",
-            "schedule")
+    keys = ("method", "target_ratio", "ratio", "params", "macs", "clean", "robust", "seeds", "robust_by_seed",
+            "chosen", "latency_ms", "seconds", "schedule")
     results = bench.results / bench.name
-    results.with_suffix(".json").write_text(json.dumps([{k: r[k] for k in keys} for r in rows], indent=2) + "\n")
-    lines = ["| method | schedule after the dense start | target | achieved ratio | params | clean | PGD-20 robust "
-             "| seeds | s/epoch | seconds |", "|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+    results.with_suffix(".json").write_text(json.dumps([{k: r.get(k) for k in keys} for r in rows], indent=2) + "\n")
+    lines = ["| method | schedule after the dense start | target | achieved ratio | params | MACs | clean "
+             "| PGD-20 robust | seeds | chosen | latency ms | s/epoch | seconds |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|"]
     for r in rows:
         seeds = ", ".join(f"{v:.1%}" for v in r["robust_by_seed"]) if len(r["seeds"]) > 1 else str(r["seeds"][0])
         lines.append(f"| {r['method']} | {r['schedule']} | {r['target_ratio']}x | {r['ratio']:.2f}x | {r['params']:,} "
-                     f"| {r['clean']:.1%} | {r['robust']:.1%} | {seeds} | {_epoch_seconds(r)} | {r['seconds']:.0f} |")
+                     f"| {_maybe(r.get('macs'), ',')} | {r['clean']:.1%} | {r['robust']:.1%} | {seeds} "
+                     f"| {', '.join(r['chosen_by_seed']) or '-'} | {_maybe(r.get('latency_ms'), '.3f')} "
+                     f"| {_epoch_seconds(r)} | {r['seconds']:.0f} |")
     text = "\n".join(lines)
     machines = sorted({json.dumps(r.get("machine", {}), sort_keys=True) for r in cells})
     note = "With several seeds, clean and PGD-20 are their mean and the seeds column lists each seed's PGD-20."
@@ -325,10 +334,15 @@ def _seeds_averaged(cells: list[dict]) -> list[dict]:
         row = dict(group[0])
         row["seeds"] = [c.get("seed", DEFAULT_SEED) for c in group]
         row["robust_by_seed"] = [c["robust"] for c in group]
+        row["chosen_by_seed"] = [c["chosen"] for c in group if c.get("chosen")]
         for key in ("clean", "robust", "seconds"):
             row[key] = sum(c[key] for c in group) / len(group)
         rows.append(row)
     return rows
+
+
+def _maybe(value: object, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def _epoch_seconds(row: dict[str, object]) -> str:

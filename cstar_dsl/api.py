@@ -73,7 +73,7 @@ def measure_latency(spec: Spec, model: nn.Module, plan: Plan, *, threads: int = 
         # Latency depends on the kept widths, not on which channels. With a uniform share the widths
         # are the same whatever the scores; with global Taylor scores (they need the adversarial
         # loss's gradients, which `cstar compile` computes) the L1 widths are an estimate.
-        compressed = prune_to_plan(model, spec, plan, example).model
+        compressed = prune_to_plan(model, spec, plan, example, allocation=spec.compress.allocation).model
     else:
         compressed = factorize(model, plan, spec)
     return compare_latency(model, compressed, example, threads=threads, repeats=repeats, leaves=spec.model.leaf)

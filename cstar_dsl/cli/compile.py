@@ -99,7 +99,9 @@ def _without_nproc(arguments: list[str]) -> list[str]:
 
 def _report_table(report: dict[str, Any]) -> Table:
     compression = report["compression"]
-    table = Table(title=f"{report['spec']}: {report['method']}", title_justify="left", box=box.SIMPLE_HEAD)
+    choice = report.get("structure_choice")
+    method = report["method"] + (f" (chose {choice['winner']} by its probe)" if choice else "")
+    table = Table(title=f"{report['spec']}: {method}", title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_row("params (conv + linear)", f"{si(compression['params_dense'])} -> "

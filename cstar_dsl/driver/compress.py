@@ -15,34 +15,65 @@ from ..plan.costs import energy_kept
 from ..plan.plans import Plan
 from ..train import distributed
 from ..train.optimize import training_attack
-from .admm_steps import admm_weights, choose_ranks, replan
+from .admm_steps import admm_weights, replan
 from .batches import batches
-from .state import Context, Run, place
+from .probe import Built, choose_structure
+from .state import Context, Progress, Run, place
 
 # Enough adversarial batches for stable Taylor scores; a few seconds even on two cores.
 TAYLOR_BATCHES = 8
 
 
-def compress(context: Context, run: Run) -> None:
-    """Dense -> the method's compressed structure: factorized at the ranks of the last Z-step (cstar)
-    or of a plan on the trained weights (svd-finetune), or channel-pruned to the same parameters."""
+def compress(context: Context, run: Run, progress: Progress | None = None) -> None:
+    """Dense -> the method's compressed structure: factorized at the ranks of the last Z-step (cstar) or of a plan
+    on the trained weights (svd-finetune), channel-pruned to the same parameters, or the best of these by a probe
+    (auto)."""
     assert run.net is not None
     spec = context.spec
     net = run.net.cpu()
     method = spec.compress.method
-    if method == "channel-prune":
-        run.net, run.plan = _prune(context, net, replan(context, admm_weights(run, context.layer_names)))
-        run.structure = {"kind": "pruned"}
+    if method == "cstar" and run.admm is not None:
+        ranks = dict(run.admm.ranks)
+        _energy_of_weights(context, run, ranks)
+        built = Built(rewrite.factorize_ranks(net, ranks, leaves=spec.model.leaf, sweeps=spec.compress.hooi_sweeps),
+                      run.plan, {"kind": "factorized", "ranks": {k: list(v) for k, v in ranks.items()}})
     else:
-        if method == "cstar" and run.admm is not None:
-            ranks = dict(run.admm.ranks)
-            _energy_of_weights(context, run, ranks)
+        plan = replan(context, admm_weights(run, context.layer_names))
+        if method == "auto":
+            built = _probed(context, run, net, plan, progress)
         else:
-            ranks, run.plan = choose_ranks(context, admm_weights(run, context.layer_names))
-        run.net = rewrite.factorize_ranks(net, ranks, leaves=spec.model.leaf, sweeps=spec.compress.hooi_sweeps)
-        run.structure = {"kind": "factorized", "ranks": {k: list(v) for k, v in ranks.items()}}
+            structure = f"prune-{spec.compress.allocation}" if method == "channel-prune" else "low-rank"
+            built = build_structure(context, net, structure, plan)
+    run.net, run.plan, run.structure = built.net, built.plan, built.structure
     run.admm = None
     run.model = place(models.Normalized(run.net, context.data.mean, context.data.std), context.device)
+
+
+def _probed(context: Context, run: Run, net: nn.Module, plan: Plan, progress: Progress | None) -> Built:
+    """`method = auto`: the candidate that wins the probe, built; the choice and its cost kept for the report."""
+    compress = context.spec.compress
+
+    def announce(name: str, index: int, count: int) -> None:
+        if progress is not None:
+            progress.stage(f"probing structure {index + 1} of {count}: {name} ({compress.probe_epochs} epoch(s), "
+                           f"{compress.probe_holdout:.0%} of the training set held out)")
+
+    run.choice, built = choose_structure(context, lambda name: build_structure(context, net, name, plan), announce)
+    run.phase_seconds["probe"] = run.choice.seconds
+    return built
+
+
+def build_structure(context: Context, net: nn.Module, structure: str, plan: Plan) -> Built:
+    """``net`` (left untouched) compressed to one structure of the plan's budget: factorized at its ranks, or
+    channel-pruned (uniformly or by one global ranking) to the parameters it leaves."""
+    if structure == "low-rank":
+        ranks = rewrite.planned_ranks(plan)
+        factorized = rewrite.factorize_ranks(net, ranks, leaves=context.spec.model.leaf,
+                                             sweeps=context.spec.compress.hooi_sweeps)
+        structure = {"kind": "factorized", "ranks": {k: list(v) for k, v in ranks.items()}}
+        return Built(factorized, plan.to_dict(), structure)
+    pruned, pruned_plan = _prune(context, net, plan, "global" if structure == "prune-global" else "uniform")
+    return Built(pruned, pruned_plan, {"kind": "pruned"})
 
 
 def _energy_of_weights(context: Context, run: Run, ranks: dict[str, tuple[int, ...]]) -> None:
@@ -79,15 +110,16 @@ def _adversarial_gradients(context: Context, net: nn.Module) -> None:
     net.cpu()
 
 
-def _prune(context: Context, net: nn.Module, plan: Plan) -> tuple[nn.Module, dict[str, Any]]:
+def _prune(context: Context, net: nn.Module, plan: Plan, allocation: str) -> tuple[nn.Module, dict[str, Any]]:
     """Torch-Pruning filter pruning (L1 or Taylor scores) to the parameter count the factorized model would have."""
     from ..model.prune import prune_to_plan
 
     spec = context.spec
-    allocation, importance = spec.compress.allocation, spec.compress.importance
+    importance = spec.compress.importance
     if importance == "taylor":
         _adversarial_gradients(context, net)
-    pruned = prune_to_plan(net, spec, plan, torch.zeros(1, *spec.model.input), importance=importance)
+    pruned = prune_to_plan(net, spec, plan, torch.zeros(1, *spec.model.input), allocation=allocation,
+                           importance=importance)
     for model in (net, pruned.model):  # the scores are spent: no stale gradient travels on to the device or a step
         model.zero_grad(set_to_none=True)
     after = {layer.name: layer for layer in inventory.collect(pruned.model, spec.model.input, spec.model.leaf).layers}

@@ -35,7 +35,7 @@ def train(context: Context, run: Run, progress: Progress) -> None:
         name, phase = context.phases[run.phase_index]
         if name == "finetune" and run.structure["kind"] == "dense":
             progress.stage(f"compressing ({context.spec.compress.method})")
-            compress(context, run)
+            compress(context, run, progress)
             run.optimizer = None
         if run.optimizer is None:
             start_optimizer(context, run)
@@ -50,7 +50,7 @@ def train(context: Context, run: Run, progress: Progress) -> None:
         progress.phase_done(name)
         run.phase_index, run.next_epoch, run.optimizer, run.schedule = run.phase_index + 1, 0, None, None
     if run.structure["kind"] == "dense":  # a recipe whose last phase was not finetune cannot end dense
-        compress(context, run)
+        compress(context, run, progress)
 
 
 def _epoch(context: Context, run: Run, name: str, phase: PhaseSpec, epoch: int, progress: Progress) -> None:

@@ -12,6 +12,7 @@ from ..deploy.artifacts import build_structure
 from ..model import zoo as models
 from ..train import admm, checkpoint, distributed
 from .outputs import OUTPUTS
+from .probe import StructureChoice
 from .runfolder import folder_problem
 from .state import Context, Run, place, start_optimizer
 
@@ -68,6 +69,8 @@ def _restore(context: Context, state: dict[str, Any], net: nn.Module) -> Run:
               model=place(model, context.device), structure=structure, rho=state["rho"],
               plan=json.loads(state["plan"]) if state["plan"] else None, history=json.loads(state["history"]),
               phase_seconds=json.loads(state["phase_seconds"]))
+    if state.get("choice"):
+        run.choice = StructureChoice.from_dict(json.loads(state["choice"]))
     if state["admm"] is not None:
         saved = state["admm"]
         ranks = {name: tuple(r) for name, r in json.loads(saved["ranks"]).items()}
@@ -101,6 +104,7 @@ def save_checkpoint(context: Context, run: Run) -> None:
             "ranks": json.dumps({k: list(v) for k, v in run.admm.ranks.items()})},
         "rho": run.rho,
         "plan": json.dumps(run.plan) if run.plan else "",
+        "choice": json.dumps(run.choice.to_dict()) if run.choice else "",
         "history": json.dumps(run.history),
         "phase_seconds": json.dumps(run.phase_seconds),
         "rng": checkpoint.rng_state(),

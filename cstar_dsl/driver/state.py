@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -13,6 +13,9 @@ from ..lang.spec import PhaseSpec, Spec
 from ..train import admm, distributed
 from ..train.data import Datasets
 from ..train.optimize import make_optimizer, make_schedule
+
+if TYPE_CHECKING:
+    from .probe import StructureChoice
 
 
 class CompileError(Exception):
@@ -78,6 +81,7 @@ class Run:
     admm: admm.AdmmState | None = None
     rho: float = 0.0
     plan: dict[str, Any] | None = None
+    choice: StructureChoice | None = None  # method auto: the probed candidates and the winner
     history: list[dict[str, Any]] = field(default_factory=list)
     phase_seconds: dict[str, float] = field(default_factory=dict)
 

@@ -60,17 +60,29 @@ def _phases_for_method(spec: SimpleNamespace, root: Section) -> list[Diagnostic]
 
 _PRUNING_SETTINGS = {"allocation": ("uniform", "spreads the removed channels"),
                      "importance": ("l1", "scores the channels")}
+_PROBE_SETTINGS = ("candidates", "probe_epochs", "probe_holdout")
 
 
 def _pruning_settings_for_method(spec: SimpleNamespace, root: Section) -> list[Diagnostic]:
     compress = spec.compress
-    if compress.method == "channel-prune":
-        return []
-    return [Diagnostic(
-        "setting-ignored", f"method `{compress.method}` removes no channels; `{key}` is not used",
-        locate(root, ("compress", key)), severity="warning", label="ignored",
-        help=f"`{key}` chooses how `channel-prune` {what}; drop it for this method")
-        for key, (default, what) in _PRUNING_SETTINGS.items() if getattr(compress, key) != default]
+    found = []
+    if compress.method == "auto" and compress.allocation != "uniform":
+        found.append(_ignored(root, "allocation", "method `auto` compares both allocations (`candidates`)",
+                              "list `prune-uniform` or `prune-global` in `candidates` instead"))
+    if compress.method not in ("channel-prune", "auto"):
+        found += [_ignored(root, key, f"method `{compress.method}` removes no channels",
+                           f"`{key}` chooses how `channel-prune` {what}; drop it for this method")
+                  for key, (default, what) in _PRUNING_SETTINGS.items() if getattr(compress, key) != default]
+    if compress.method != "auto":
+        found += [_ignored(root, key, f"method `{compress.method}` compiles the structure it names",
+                           f"`{key}` sets how `method = auto` chooses a structure; drop it, or write `method = auto`")
+                  for key in _PROBE_SETTINGS if key in compress.model_fields_set]
+    return found
+
+
+def _ignored(root: Section, key: str, why: str, help: str) -> Diagnostic:
+    return Diagnostic("setting-ignored", f"{why}; `{key}` is not used", locate(root, ("compress", key)),
+                      severity="warning", label="ignored", help=help)
 
 
 def _fixed_policy_ranks(spec: SimpleNamespace, root: Section) -> list[Diagnostic]:

@@ -34,7 +34,9 @@ CSTAR_MODELS: tuple[str, ...] = ("digits-cnn", "mnist-cnn", "mnist-cnn-x2", "mni
 
 DATASETS: tuple[str, ...] = ("digits", "mnist", "cifar10", "cifar100", "imagenet")
 FACTORIZABLE_LAYER_TYPES: tuple[str, ...] = ("Conv2d", "Linear")
-METHODS: tuple[str, ...] = ("cstar", "svd-finetune", "channel-prune")
+METHODS: tuple[str, ...] = ("cstar", "svd-finetune", "channel-prune", "auto")
+# What `method = auto` may choose from: a low-rank plan, or channels removed uniformly or ranked globally.
+STRUCTURES: tuple[str, ...] = ("low-rank", "prune-uniform", "prune-global")
 EXPORT_FORMATS: tuple[str, ...] = ("safetensors", "onnx", "torchscript")
 
 _MODULE_PREFIXES = ("module.", "_orig_mod.")

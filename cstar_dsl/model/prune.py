@@ -77,12 +77,12 @@ def channel_prune(model: nn.Module, example_input: torch.Tensor, target_params: 
 
 
 def prune_to_plan(model: nn.Module, spec: Spec, plan: Plan, example_input: torch.Tensor, *,
-                  importance: str = "l1") -> Pruned:
-    """``model`` channel-pruned to the parameters ``plan`` leaves, with the recipe's allocation: the layers the
-    recipe's `compress.keep` names, and those a `keep` rule leaves dense, stay whole."""
+                  allocation: str = "uniform", importance: str = "l1") -> Pruned:
+    """``model`` channel-pruned to the parameters ``plan`` leaves: the layers the recipe's `compress.keep` names,
+    and those a `keep` rule leaves dense, stay whole."""
     kept = set(spec.compress.keep) | {layer.name for layer in plan.layers if layer.rule.startswith("keep")}
     return channel_prune(model, example_input, plan.params_after, keep=sorted(kept),
-                         allocation=spec.compress.allocation, importance=importance)
+                         allocation=allocation, importance=importance)
 
 
 # A scan in steps of this share finds where the budget is met; bisection then refines it.

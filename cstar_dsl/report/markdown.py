@@ -36,6 +36,7 @@ def markdown(report: Mapping[str, Any]) -> str:
     sections = [
         _header(report),
         _summary(report),
+        *([_structure_choice(report["structure_choice"])] if report.get("structure_choice") else []),
         _requirements(report.get("requirements")),
         _layers(report.get("layers")),
         _training(report.get("history")),
@@ -147,6 +148,20 @@ def _status(met: Any) -> str:
     if met is False:
         return "❌ NOT MET"
     return DASH  # not evaluated: neither a pass nor a failure
+
+
+def _structure_choice(choice: Any) -> list[str]:
+    choice = _mapping(choice)
+    candidates = _records(choice.get("candidates"))
+    rows = [[_code(c.get("name")) + (" (chosen)" if c.get("name") == choice.get("winner") else ""),
+             _count(c.get("params")), _count(c.get("macs")), _pct(c.get("clean")),
+             _pct(c.get("robust")) if c.get("robust") is not None or c.get("clean") is not None else "diverged",
+             _duration(c.get("seconds"))] for c in candidates]
+    why = (f"`method = auto` compiled {_code(choice.get('winner'))}: the most robust candidate (under the training "
+           f"attack) on {_grouped(choice.get('holdout'))} held-out training images, after "
+           f"{_text(choice.get('epochs'))} epoch(s) of adversarial fine-tuning each; the test set played no part.")
+    header = ["Candidate", "Params", "MACs", "Held-out clean", "Held-out robust", "Probe time"]
+    return ["## Structure choice", "", why, "", *_table(header, rows, "lrrrrr")]
 
 
 def _metric_value(metric: Any, value: Any) -> str:

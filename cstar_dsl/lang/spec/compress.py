@@ -155,6 +155,24 @@ def _one_rank(value: object) -> int:
     return int(c.at_most(rank, limits.MAX_RANK, "a rank", written=c.shown(value)))
 
 
+def _structures(value: object) -> tuple[str, ...]:
+    chosen = c.sequence(value, lambda v: c.choice(v, registry.STRUCTURES, what="structure"), what="structures")
+    if not chosen:
+        c.fail("out-of-range", "`candidates` is empty: `auto` needs at least one structure to compile",
+               label="empty", help=f"list some of {', '.join(registry.STRUCTURES)}")
+    if len(set(chosen)) != len(chosen):
+        c.fail("duplicate-key", "a structure is listed twice in `candidates`", label="listed twice")
+    return chosen
+
+
+def _holdout(value: object) -> float:
+    share = c.percent(value, "the held-out share", code="out-of-range")
+    if not 0 < share < 1:
+        c.fail("out-of-range", "the held-out share must lie strictly between 0% and 100%", label="outside (0%, 100%)",
+               help="for example `probe_holdout = 10%`")
+    return share
+
+
 class LayerRule(Block):
     """``layer <selector> { ... }``: per-layer ratio, rank, rank bounds, or staying dense."""
 
@@ -215,6 +233,11 @@ class CompressSpec(Block):
     allocation: Annotated[str, typed(c.choice, options=("uniform", "global"), what="channel allocation")] = "uniform"
     # channel-prune only: a channel's score, its L1 norm or the Taylor estimate on the adversarial loss.
     importance: Annotated[str, typed(c.choice, options=("l1", "taylor"), what="channel importance")] = "l1"
+    # auto only: the structures to compare, the fine-tuning epochs each gets, and the share of the training set held
+    # out to score them (never the test set).
+    candidates: Annotated[tuple[str, ...], typed(_structures)] = registry.STRUCTURES
+    probe_epochs: Annotated[int, int_at_least(1, "`probe_epochs`", limits.MAX_EPOCHS)] = 1
+    probe_holdout: Annotated[float, typed(_holdout)] = 0.1
     layers: tuple[LayerRule, ...] = ()
 
     @field_validator("keep", mode="after")

@@ -1,0 +1,140 @@
+"""Compile driver, structure choice: each candidate structure briefly fine-tuned on most of the training set and
+scored by its robust accuracy on the rest, held out, so that `method = auto` compiles the most robust one."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+from ..eval.evaluation import test_batches
+from ..model import zoo as models
+from ..train import distributed
+from ..train.attacks import accuracy
+from ..train.optimize import TrainingDiverged, adversarial_epoch, make_optimizer, make_schedule, training_attack
+from .batches import batches, epoch_seed
+from .state import CompileError, Context, place
+
+# The probe's seeds stand apart from those of the recipe's phases (indices 0-2), so it draws its own batches.
+_PROBE_PHASE = 99
+
+
+@dataclass(frozen=True)
+class Built:
+    """A compressed network, its plan as report.json holds it, and how model.json describes its structure."""
+
+    net: nn.Module
+    plan: dict[str, Any]
+    structure: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One structure's probe: its cost and its accuracy on the held-out training images (None: it diverged)."""
+
+    name: str
+    params: int
+    macs: int
+    clean: float | None
+    robust: float | None
+    seconds: float
+
+
+@dataclass(frozen=True)
+class StructureChoice:
+    """Which structure won, and every candidate's score, as the report lists them."""
+
+    winner: str
+    candidates: tuple[Candidate, ...]
+    holdout: int  # training images held out to score the candidates
+    epochs: int  # adversarial fine-tuning epochs each candidate got
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"winner": self.winner, "holdout": self.holdout, "epochs": self.epochs, "seconds": self.seconds,
+                "candidates": [dataclasses.asdict(candidate) for candidate in self.candidates]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StructureChoice:
+        return cls(data["winner"], tuple(Candidate(**c) for c in data["candidates"]), data["holdout"],
+                   data["epochs"], data["seconds"])
+
+
+def split_holdout(size: int, share: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit, held): a seeded random ``share`` of the training indices held out, at least one on each side."""
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
+    held = min(size - 1, max(1, round(size * share)))
+    return order[held:].sort().values, order[:held].sort().values
+
+
+def choose_structure(context: Context, build: Callable[[str], Built],
+                     on_candidate: Callable[[str, int, int], None] | None = None) -> tuple[StructureChoice, Built]:
+    """The recipe's candidates, each built by ``build`` and probed; the winner is the most robust on the held-out
+    images (then the most accurate, then the first listed), and comes back built, before any probe training."""
+    compress, started = context.spec.compress, time.perf_counter()
+    size = len(context.data.train)  # type: ignore[arg-type]
+    fit, held = split_holdout(size, compress.probe_holdout, context.spec.train.seed)
+    # Every rank probes the whole batches itself: the scores need no exchange, and rank 0's winner is broadcast.
+    fit_data = dataclasses.replace(context.data, train=_subset(context.data.train, fit))
+    fitting = dataclasses.replace(context, data=fit_data, world=distributed.World())
+    held_batches = test_batches(_subset(context.data.train, held), None, context.device)
+    results, built = [], {}
+    for index, name in enumerate(compress.candidates):
+        if on_candidate is not None:
+            on_candidate(name, index, len(compress.candidates))
+        built[name] = build(name)
+        results.append(_probe(fitting, name, built[name], held_batches))
+    scored = [c for c in results if c.robust is not None]
+    if not scored:
+        raise CompileError(f"every candidate structure diverged in its {compress.probe_epochs}-epoch probe",
+                           help="lower `train.finetune.lr`, the rate the probe fine-tunes at")
+    best = max(scored, key=lambda c: (c.robust, c.clean, -results.index(c)))
+    winner = _agreed(context, results.index(best))
+    choice = StructureChoice(results[winner].name, tuple(results), len(held), compress.probe_epochs,
+                             time.perf_counter() - started)
+    return choice, built[choice.winner]
+
+
+def _probe(context: Context, name: str, built: Built, held: Any) -> Candidate:
+    spec, started = context.spec, time.perf_counter()
+    model = place(models.Normalized(copy.deepcopy(built.net), context.data.mean, context.data.std), context.device)
+    phase = spec.train.finetune.model_copy(update={"epochs": spec.compress.probe_epochs})  # type: ignore[union-attr]
+    optimizer = make_optimizer(phase, model.parameters())
+    schedule = make_schedule(phase, optimizer)
+    attack = training_attack(spec.threat)
+    totals = built.plan["totals"]
+    try:
+        for epoch in range(phase.epochs):
+            seed = epoch_seed(spec.train.seed, _PROBE_PHASE, epoch)
+            adversarial_epoch(model, batches(context, torch.Generator().manual_seed(seed)), optimizer, attack,
+                              phase=f"probe {name}", epoch=epoch,
+                              generator=torch.Generator(device=context.device).manual_seed(seed),
+                              precision=torch.bfloat16 if spec.train.precision == "bf16" else None)
+            schedule.step()
+    except TrainingDiverged:
+        return Candidate(name, totals["params_after"], totals["macs_after"], None, None,
+                         time.perf_counter() - started)
+    generator = torch.Generator(device=context.device).manual_seed(spec.train.seed)
+    robust = accuracy(model, held, attack, generator)
+    return Candidate(name, totals["params_after"], totals["macs_after"], accuracy(model, held), robust,
+                     time.perf_counter() - started)
+
+
+def _subset(dataset: Dataset, indices: torch.Tensor) -> Dataset:
+    if isinstance(dataset, TensorDataset):
+        return TensorDataset(*(tensor[indices] for tensor in dataset.tensors))
+    return Subset(dataset, indices.tolist())
+
+
+def _agreed(context: Context, index: int) -> int:
+    """Rank 0's winner on every rank: a GPU's nondeterminism may tip a close probe differently on each."""
+    chosen = torch.tensor([index], device=context.device)
+    distributed.broadcast([chosen], context.world)
+    return int(chosen.item())
