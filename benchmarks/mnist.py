@@ -35,8 +35,9 @@ DATA = ROOT.parent / "shared" / "data" / "mnist-10k"
 # channel-prune-global is `method = channel-prune` with `allocation = global`, the peer's other allocation;
 # -taylor adds `importance = taylor`: channels scored on the adversarial loss instead of by their L1 norm.
 # auto is cstar's structure choice: every structure probed on held-out training images, the most robust compiled.
-METHODS = ("auto", "cstar", "svd-finetune", "channel-prune", "channel-prune-global", "channel-prune-taylor",
-           "channel-prune-global-taylor")
+# cstar-channels is `method = cstar` with `structure = prune-uniform`: its ADMM phase projects onto channels.
+METHODS = ("auto", "cstar", "cstar-channels", "svd-finetune", "channel-prune", "channel-prune-global",
+           "channel-prune-taylor", "channel-prune-global-taylor")
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ class Setting:
     seed: int = 0
 
     def cuts_classifier(self, method: str, ratio: int) -> bool:
-        if method.startswith("channel-prune"):
+        if method.startswith("channel-prune") or method.endswith("-channels"):
             return False  # the pruner never prunes the classifier's outputs
         return not self.keep_classifier if self.keep_classifier is not None else ratio >= 256
 
@@ -101,7 +102,7 @@ class Setting:
     def changes(self, method: str) -> list[tuple[str, str]]:
         """(cell-name part, table words) for each setting that differs from the default and applies."""
         default, found = Setting(), []
-        if method == "cstar":
+        if method.startswith("cstar"):
             if self.admm_epochs != default.admm_epochs:
                 found.append((f"admm{self.admm_epochs}", ""))  # the schedule's own words say it
             if (self.rho, self.rho_max) != (default.rho, default.rho_max):
@@ -137,7 +138,7 @@ def variant(method: str, ratio: int, setting: Setting = DEFAULT, folder: Path | 
         return os.path.relpath(target, folder) if folder is not None else str(target)
 
     total = ADMM_EPOCHS + FINETUNE_EPOCHS
-    if method == "cstar":
+    if method.startswith("cstar"):
         phases = f"""
   admm {{
     epochs = {setting.admm_epochs}
@@ -162,7 +163,8 @@ def variant(method: str, ratio: int, setting: Setting = DEFAULT, folder: Path | 
     cut = f'\n\n  layer "fc" {{  # the budget may cut the classifier too\n    min_rank = {setting.floor(ratio)}\n  }}' \
         if setting.cuts_classifier(method, ratio) else ""
     pruning = "".join(f"\n  {key} = {value}" for part, key, value in (("-global", "allocation", "global"),
-                                                                      ("-taylor", "importance", "taylor"))
+                                                                      ("-taylor", "importance", "taylor"),
+                                                                      ("-channels", "structure", "prune-uniform"))
                       if part in method)
     return f"""# benchmarks/mnist.py: {method} at {ratio}x from {start}
 model {{
@@ -186,7 +188,7 @@ threat {{
 }}
 
 compress {{
-  method = {method.removesuffix("-taylor").removesuffix("-global")}{pruning}
+  method = {method.removesuffix("-taylor").removesuffix("-global").removesuffix("-channels")}{pruning}
   budget = {ratio}x params
   policy = {setting.policy}
   min_rank = {setting.floor(ratio)}  # 2, or 1 at 256x: with a floor of 2 the largest reachable ratio is 178x{cut}
@@ -240,7 +242,7 @@ def run_cell(method: str, ratio: int, setting: Setting = DEFAULT, bench: Bench =
 def schedule(method: str, setting: Setting = DEFAULT) -> str:
     total = ADMM_EPOCHS + FINETUNE_EPOCHS
     words = ", ".join(text for _, text in setting.changes(method) if text)
-    base = f"{setting.admm_epochs} ADMM + {total - setting.admm_epochs} fine-tuning" if method == "cstar" \
+    base = f"{setting.admm_epochs} ADMM + {total - setting.admm_epochs} fine-tuning" if method.startswith("cstar") \
         else f"{total} fine-tuning"
     return f"{base}, {words}" if words else base
 

@@ -7,19 +7,24 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 import cstar_dsl
 from cstar_dsl.driver import probe
 from cstar_dsl.driver.probe import Candidate, StructureChoice, split_holdout
-from cstar_dsl.driver.state import CompileError
+from cstar_dsl.driver.state import CompileError, Progress
 from cstar_dsl.lang.errors import CStarError
+from cstar_dsl.lang.spec import ModelSpec
+from cstar_dsl.model import zoo
+from cstar_dsl.model.channel_cut import cut_channels
+from cstar_dsl.model.prune import channel_prune, weight_params
 from cstar_dsl.lang.validate import check_file
 from cstar_dsl.train.optimize import TrainingDiverged
 
 DIGITS = Path(__file__).resolve().parent.parent / "specs" / "digits.cstar"
 
 
-def _recipe(folder: Path, name: str, compress: str = "method = auto", train: str = "") -> Path:
+def _recipe(folder: Path, name: str, compress: str = "method = auto", train: str = "admm = none") -> Path:
     """A fast recipe over the digits example: its MLP, two-step attacks, one epoch per phase."""
     path = folder / f"{name}.cstar"
     path.write_text(f"""extend "{DIGITS}"
@@ -35,7 +40,6 @@ compress {{
   keep = ["fc3"]
 }}
 train {{
-  admm = none
   pretrain {{ epochs = 1 }}
   finetune {{ epochs = 1 }}
   {train}
@@ -172,3 +176,75 @@ def test_probe_settings_are_checked_at_their_line(tmp_path: Path, setting: str, 
 def test_settings_a_method_does_not_use_are_warned_about(tmp_path: Path, compress: str, key: str) -> None:
     checked = check_file(_recipe(tmp_path, "warned", compress))
     assert [(w.code, f"`{key}`" in w.message) for w in checked.warnings] == [("setting-ignored", True)]
+
+
+@pytest.mark.parametrize("arch, shape", [("cstar:mnist-cnn", (1, 28, 28)), ("torchvision:resnet18", (3, 32, 32)),
+                                         ("torchvision:mobilenet_v2", (3, 32, 32))])
+def test_the_channel_cut_is_the_uniform_prune_and_its_own_projection(arch: str, shape: tuple[int, ...]) -> None:
+    net = zoo.build_model(ModelSpec(arch=arch, classes=10, input=shape), seed=0)
+    example = torch.zeros(1, *shape)
+    pruned = channel_prune(net, example, weight_params(net) // 16)
+    weights = {name: m.weight.detach() for name, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    cut = cut_channels(net, example, pruned.pruning_ratio, weights)
+    applied = cut.apply(net)
+    assert weight_params(applied) == pruned.params
+    assert applied(example).shape == (1, 10)
+    assert all(w.shape == pruned_w.shape for w, pruned_w in zip(applied.state_dict().values(),
+                                                                pruned.model.state_dict().values(), strict=True))
+    z = cut.project(weights)
+    removed = sum(int((w != z[name]).any(dim=tuple(range(1, w.dim()))).sum()) for name, w in weights.items())
+    assert removed > 0 and all(z[name].norm() < weights[name].norm() + 1e-6 for name in weights)
+    again = cut_channels(net, example, pruned.pruning_ratio, z)
+    assert sorted(map(repr, again.items)) == sorted(map(repr, cut.items))  # Z's zeros are what is cut
+    assert torch.equal(torch.cat([v.flatten() for v in again.project(z).values()]),
+                       torch.cat([v.flatten() for v in z.values()]))
+
+
+def test_cstar_onto_channels_compiles_a_pruned_model_at_the_budget(tmp_path: Path) -> None:
+    recipe = _recipe(tmp_path, "channels", "method = cstar\n  structure = prune-uniform",
+                     "admm {\n    epochs = 2\n    lr = 0.01\n    rho = 0.5\n  }")
+    compiled = cstar_dsl.compile(recipe, tmp_path / "out")
+    admm_rows = [row for row in compiled.report["history"] if row["phase"] == "admm"]
+    assert len(admm_rows) == 2 and admm_rows[1]["residual"] < admm_rows[0]["residual"]
+    compression = compiled.report["compression"]
+    assert compression["ratio"] >= 4
+    layers = {layer["name"]: layer for layer in compiled.report["layers"]}
+    assert layers["fc3"]["shape_after"][0] == 10  # the output layer keeps its classes; its inputs follow fc2's cut
+    assert all(layer["shape_after"][0] < layer["shape"][0] for name, layer in layers.items() if name != "fc3")
+    loaded = cstar_dsl.load(tmp_path / "out")
+    x = torch.rand(3, 1, 8, 8)
+    assert torch.allclose(loaded(x), compiled.model(x), atol=1e-5)
+
+
+class _StopAfter(Progress):
+    """Interrupts a compile once ``phase`` has finished its first epoch (a checkpoint is then on disk)."""
+
+    def __init__(self, phase: str) -> None:
+        self.phase = phase
+
+    def epoch_done(self, row: dict[str, object]) -> None:
+        if row["phase"] == self.phase:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("compress, train, phase", [
+    ("method = cstar\n  structure = prune-uniform", "admm {\n    epochs = 2\n    lr = 0.01\n  }", "admm"),
+    ("method = auto\n  candidates = [low-rank, prune-uniform]", "admm = none", "finetune"),
+])
+def test_a_resumed_run_ends_as_an_uninterrupted_one(tmp_path: Path, compress: str, train: str, phase: str) -> None:
+    recipe = _recipe(tmp_path, "resumed", compress, train)
+    whole = cstar_dsl.compile(recipe, tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        cstar_dsl.compile(recipe, tmp_path / "cut", progress=_StopAfter(phase))
+    resumed = cstar_dsl.compile(recipe, tmp_path / "cut", resume=True)
+    ours, theirs = (load_file(tmp_path / run / "model.safetensors") for run in ("whole", "cut"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)
+    assert _scores(resumed.report["structure_choice"]) == _scores(whole.report["structure_choice"])
+    assert resumed.report["layers"] == whole.report["layers"]
+
+
+def _scores(choice: dict | None) -> object:
+    """A choice without its timings, which no two runs share."""
+    if choice is None:
+        return None
+    return choice["winner"], [{k: v for k, v in c.items() if k != "seconds"} for c in choice["candidates"]]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -11,6 +13,8 @@ from torch import Tensor
 
 from ..lang.spec import AdmmSpec, PhaseSpec
 from ..model import inventory, rewrite
+from ..model.channel_cut import cut_channels
+from ..model.prune import kept_whole
 from ..plan import allocate as planning
 from ..plan.plans import Plan
 from ..train import admm, distributed
@@ -37,22 +41,31 @@ def choose_ranks(context: Context, weights: dict[str, Tensor]) -> tuple[dict[str
 
 def start_admm(context: Context, run: Run, phase: AdmmSpec) -> None:
     assert run.net is not None
-    ranks, run.plan = choose_ranks(context, admm_weights(run, context.layer_names))
-    run.admm = admm.admm_start(admm_weights(run, ranks), ranks, context.spec.compress.hooi_sweeps)
+    if context.spec.compress.structure == "prune-uniform":
+        run.admm = _channel_start(context, run)
+    else:
+        ranks, run.plan = choose_ranks(context, admm_weights(run, context.layer_names))
+        run.admm = admm.admm_start(admm_weights(run, ranks), ranks, context.spec.compress.hooi_sweeps)
     run.rho = phase.rho
 
 
 def admm_update(context: Context, run: Run, phase: AdmmSpec) -> float:
-    """Z-step (ranks re-chosen on W + U), U-step, then the rho schedule; returns its seconds."""
+    """Z-step (ranks or channels re-chosen on W + U), U-step, then the rho schedule; returns its seconds."""
     started = time.perf_counter()
     assert run.admm is not None
     weights = admm_weights(run, context.layer_names)
     shifted = {name: w.detach() + run.admm.u[name] if name in run.admm.u else w.detach() for name, w in weights.items()}
-    ranks, run.plan = choose_ranks(context, shifted)
-    chosen = {name: weights[name] for name in ranks}
-    # A layer the new plan starts to factorize joins with U = 0; one it leaves dense drops out.
-    u = {name: run.admm.u.get(name, torch.zeros_like(w)) for name, w in chosen.items()}
-    state = admm.z_step(chosen, admm.AdmmState(run.admm.z, u, run.admm.ranks), ranks, context.spec.compress.hooi_sweeps)
+    if run.admm.pruning_ratio is not None:
+        z, kept = _channel_projection(context, run, shifted, run.admm.pruning_ratio)
+        chosen = {name: weights[name] for name in z}
+        state = dataclasses.replace(run.admm, z=z, ranks=kept)
+    else:
+        ranks, run.plan = choose_ranks(context, shifted)
+        chosen = {name: weights[name] for name in ranks}
+        # A layer the new plan starts to factorize joins with U = 0; one it leaves dense drops out.
+        u = {name: run.admm.u.get(name, torch.zeros_like(w)) for name, w in chosen.items()}
+        state = admm.z_step(chosen, admm.AdmmState(run.admm.z, u, run.admm.ranks), ranks,
+                            context.spec.compress.hooi_sweeps)
     run.admm = admm.u_step(chosen, state)
     # Every rank computed these from the same weights; rank 0's copy makes them bit-identical anyway.
     distributed.broadcast([*run.admm.z.values(), *run.admm.u.values()], context.world)
@@ -60,9 +73,36 @@ def admm_update(context: Context, run: Run, phase: AdmmSpec) -> float:
     if schedule.kind == "geometric":
         rho = min(run.rho * schedule.factor, schedule.max or float("inf"))  # type: ignore[union-attr]
         # U is the dual scaled by 1/rho: when rho changes, U must be rescaled to stay the same dual (Boyd et al. 3.4.1)
-        run.admm = admm.AdmmState(run.admm.z, {k: v * (run.rho / rho) for k, v in run.admm.u.items()}, run.admm.ranks)
+        run.admm = dataclasses.replace(run.admm, u={k: v * (run.rho / rho) for k, v in run.admm.u.items()})
         run.rho = rho
     return time.perf_counter() - started
+
+
+def _channel_start(context: Context, run: Run) -> admm.AdmmState:
+    """ADMM onto channels: the share of channels a uniform prune removes at the budget is fixed once (it follows
+    from the layers' widths); which channels, each Z-step chooses again on W + U. Z = Proj(W), U = 0."""
+    from .compress import prune_structure
+
+    assert run.net is not None
+    net = copy.deepcopy(run.net).cpu()
+    pruned, run.plan = prune_structure(context, net, replan(context, admm_weights(run, context.layer_names)),
+                                       "uniform")
+    weights = admm_weights(run, context.layer_names)
+    z, kept = _channel_projection(context, run, weights, pruned.pruning_ratio)
+    return admm.AdmmState(z, {name: torch.zeros_like(weights[name]) for name in z}, kept, pruned.pruning_ratio)
+
+
+def _channel_projection(context: Context, run: Run, weights: dict[str, Tensor],
+                        pruning_ratio: float) -> tuple[dict[str, Tensor], dict[str, tuple[int, ...]]]:
+    """Z: ``weights`` with the channels a uniform prune removes from them zeroed; and each layer's kept outputs."""
+    assert run.net is not None
+    cut = cut_channels(run.net, torch.zeros(1, *context.spec.model.input), pruning_ratio, weights,
+                       keep=kept_whole(context.spec, planning.make_plan(context.spec, context.layers,
+                                                                         context.other_params)))
+    touched = {name for name, _, _ in cut.items} & set(weights)
+    z = cut.project({name: weights[name] for name in touched})
+    kept = cut.kept_outputs(run.net)
+    return z, {name: (kept.get(name, weights[name].shape[0]),) for name in z}
 
 
 def admm_hooks(context: Context, run: Run, phase: PhaseSpec,

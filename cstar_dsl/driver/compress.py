@@ -11,6 +11,9 @@ from torch import nn
 
 from ..model import inventory, rewrite
 from ..model import zoo as models
+from ..model.channel_cut import cut_channels
+from ..model.prune import Pruned, kept_whole, prune_to_plan, weight_params
+from ..plan.allocate import make_plan
 from ..plan.costs import energy_kept
 from ..plan.plans import Plan
 from ..train import distributed
@@ -32,7 +35,9 @@ def compress(context: Context, run: Run, progress: Progress | None = None) -> No
     spec = context.spec
     net = run.net.cpu()
     method = spec.compress.method
-    if method == "cstar" and run.admm is not None:
+    if method == "cstar" and run.admm is not None and run.admm.pruning_ratio is not None:
+        built = _admm_pruned(context, run, net, run.admm.pruning_ratio)
+    elif method == "cstar" and run.admm is not None:
         ranks = dict(run.admm.ranks)
         _energy_of_weights(context, run, ranks)
         built = Built(rewrite.factorize_ranks(net, ranks, leaves=spec.model.leaf, sweeps=spec.compress.hooi_sweeps),
@@ -47,6 +52,19 @@ def compress(context: Context, run: Run, progress: Progress | None = None) -> No
     run.net, run.plan, run.structure = built.net, built.plan, built.structure
     run.admm = None
     run.model = place(models.Normalized(run.net, context.data.mean, context.data.std), context.device)
+
+
+def _admm_pruned(context: Context, run: Run, net: nn.Module, pruning_ratio: float) -> Built:
+    """cstar onto channels: the channels the last Z-step zeroed removed from W (what W keeps is its own)."""
+    assert run.admm is not None and run.plan is not None
+    spec = context.spec
+    plan = make_plan(spec, context.layers, context.other_params)
+    cut = cut_channels(net, torch.zeros(1, *spec.model.input), pruning_ratio,
+                       {name: z.cpu() for name, z in run.admm.z.items()}, keep=kept_whole(spec, plan))
+    model = cut.apply(net)
+    pruned = Pruned(model, pruning_ratio, weight_params(model))
+    return Built(model, _pruned_plan(context, plan, pruned, "cstar ADMM onto channels (uniform)", "uniform"),
+                 {"kind": "pruned"})
 
 
 def _probed(context: Context, run: Run, net: nn.Module, plan: Plan, progress: Progress | None) -> Built:
@@ -72,8 +90,8 @@ def build_structure(context: Context, net: nn.Module, structure: str, plan: Plan
                                              sweeps=context.spec.compress.hooi_sweeps)
         structure = {"kind": "factorized", "ranks": {k: list(v) for k, v in ranks.items()}}
         return Built(factorized, plan.to_dict(), structure)
-    pruned, pruned_plan = _prune(context, net, plan, "global" if structure == "prune-global" else "uniform")
-    return Built(pruned, pruned_plan, {"kind": "pruned"})
+    pruned, pruned_plan = prune_structure(context, net, plan, "global" if structure == "prune-global" else "uniform")
+    return Built(pruned.model, pruned_plan, {"kind": "pruned"})
 
 
 def _energy_of_weights(context: Context, run: Run, ranks: dict[str, tuple[int, ...]]) -> None:
@@ -110,10 +128,8 @@ def _adversarial_gradients(context: Context, net: nn.Module) -> None:
     net.cpu()
 
 
-def _prune(context: Context, net: nn.Module, plan: Plan, allocation: str) -> tuple[nn.Module, dict[str, Any]]:
+def prune_structure(context: Context, net: nn.Module, plan: Plan, allocation: str) -> tuple[Pruned, dict[str, Any]]:
     """Torch-Pruning filter pruning (L1 or Taylor scores) to the parameter count the factorized model would have."""
-    from ..model.prune import prune_to_plan
-
     spec = context.spec
     importance = spec.compress.importance
     if importance == "taylor":
@@ -122,6 +138,13 @@ def _prune(context: Context, net: nn.Module, plan: Plan, allocation: str) -> tup
                            importance=importance)
     for model in (net, pruned.model):  # the scores are spent: no stale gradient travels on to the device or a step
         model.zero_grad(set_to_none=True)
+    rule = f"channel-prune ({'L1' if importance == 'l1' else 'Taylor'}, {allocation})"
+    return pruned, _pruned_plan(context, plan, pruned, rule, allocation)
+
+
+def _pruned_plan(context: Context, plan: Plan, pruned: Pruned, rule: str, allocation: str) -> dict[str, Any]:
+    """The plan as report.json holds it, for the pruned model: every layer's shape, params and MACs after."""
+    spec = context.spec
     after = {layer.name: layer for layer in inventory.collect(pruned.model, spec.model.input, spec.model.leaf).layers}
     layers = []
     for layer in context.layers:
@@ -130,7 +153,7 @@ def _prune(context: Context, net: nn.Module, plan: Plan, allocation: str) -> tup
         layers.append({"name": layer.name, "type": layer.type_name,
                        "method": "dense" if new and new.params == layer.params else "pruned",
                        "shape": list(layer.shape), "shape_after": list(new.shape) if new else None,
-                       "rule": f"channel-prune ({'L1' if importance == 'l1' else 'Taylor'}, {allocation})",
+                       "rule": rule,
                        "ranks": None,
                        "params_before": layer.params, "params_after": params_after,
                        "macs_before": layer.macs, "macs_after": new.macs if new else 0, "energy_kept": None,
@@ -140,4 +163,4 @@ def _prune(context: Context, net: nn.Module, plan: Plan, allocation: str) -> tup
               "macs_before": sum(x["macs_before"] for x in layers), "macs_after": sum(x["macs_after"] for x in layers),
               "other_params": context.other_params}
     totals["ratio"] = totals["params_before"] / max(1, totals["params_after"])
-    return pruned.model, {**plan.to_dict(), "layers": layers, "totals": totals}
+    return {**plan.to_dict(), "layers": layers, "totals": totals}

@@ -75,7 +75,8 @@ def _restore(context: Context, state: dict[str, Any], net: nn.Module) -> Run:
         saved = state["admm"]
         ranks = {name: tuple(r) for name, r in json.loads(saved["ranks"]).items()}
         run.admm = admm.AdmmState({k: v.to(context.device) for k, v in saved["z"].items()},
-                                  {k: v.to(context.device) for k, v in saved["u"].items()}, ranks)
+                                  {k: v.to(context.device) for k, v in saved["u"].items()}, ranks,
+                                  saved.get("pruning_ratio"))
     if run.phase_index < len(context.phases):
         start_optimizer(context, run)
         assert run.optimizer is not None and run.schedule is not None
@@ -101,7 +102,8 @@ def save_checkpoint(context: Context, run: Run) -> None:
         "schedule": run.schedule.state_dict() if run.schedule is not None else None,
         "admm": None if run.admm is None else {
             "z": {k: v.cpu() for k, v in run.admm.z.items()}, "u": {k: v.cpu() for k, v in run.admm.u.items()},
-            "ranks": json.dumps({k: list(v) for k, v in run.admm.ranks.items()})},
+            "ranks": json.dumps({k: list(v) for k, v in run.admm.ranks.items()}),
+            "pruning_ratio": run.admm.pruning_ratio},
         "rho": run.rho,
         "plan": json.dumps(run.plan) if run.plan else "",
         "choice": json.dumps(run.choice.to_dict()) if run.choice else "",

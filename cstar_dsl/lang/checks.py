@@ -69,10 +69,13 @@ def _pruning_settings_for_method(spec: SimpleNamespace, root: Section) -> list[D
     if compress.method == "auto" and compress.allocation != "uniform":
         found.append(_ignored(root, "allocation", "method `auto` compares both allocations (`candidates`)",
                               "list `prune-uniform` or `prune-global` in `candidates` instead"))
-    if compress.method not in ("channel-prune", "auto"):
+    if compress.method not in ("channel-prune", "auto") and compress.structure == "low-rank":
         found += [_ignored(root, key, f"method `{compress.method}` removes no channels",
                            f"`{key}` chooses how `channel-prune` {what}; drop it for this method")
                   for key, (default, what) in _PRUNING_SETTINGS.items() if getattr(compress, key) != default]
+    if compress.method != "cstar" and "structure" in compress.model_fields_set:
+        found.append(_ignored(root, "structure", f"method `{compress.method}` has no ADMM phase",
+                              "`structure` chooses what cstar's ADMM projects onto; drop it for this method"))
     if compress.method != "auto":
         found += [_ignored(root, key, f"method `{compress.method}` compiles the structure it names",
                            f"`{key}` sets how `method = auto` chooses a structure; drop it, or write `method = auto`")

@@ -48,7 +48,7 @@ def channel_prune(model: nn.Module, example_input: torch.Tensor, target_params: 
     template = copy.deepcopy(model)
     if weight_params(template) <= target_params:
         return Pruned(template, 0.0, weight_params(template))
-    protected = [_classifier(template, example_input), *(_module(template, name) for name in keep)]
+    protected = [output_layer(template, example_input), *(module_named(template, name) for name in keep)]
     if importance == "taylor":
         if any(p.grad is None for p in model.parameters() if p.requires_grad):
             raise ValueError("Taylor importance needs the loss's gradients on the model's parameters")
@@ -80,9 +80,14 @@ def prune_to_plan(model: nn.Module, spec: Spec, plan: Plan, example_input: torch
                   allocation: str = "uniform", importance: str = "l1") -> Pruned:
     """``model`` channel-pruned to the parameters ``plan`` leaves: the layers the recipe's `compress.keep` names,
     and those a `keep` rule leaves dense, stay whole."""
-    kept = set(spec.compress.keep) | {layer.name for layer in plan.layers if layer.rule.startswith("keep")}
-    return channel_prune(model, example_input, plan.params_after, keep=sorted(kept),
+    return channel_prune(model, example_input, plan.params_after, keep=kept_whole(spec, plan),
                          allocation=allocation, importance=importance)
+
+
+def kept_whole(spec: Spec, plan: Plan) -> list[str]:
+    """The layers no channel pruning touches: those the recipe's `compress.keep` names, and those a `keep` rule
+    leaves dense."""
+    return sorted(set(spec.compress.keep) | {layer.name for layer in plan.layers if layer.rule.startswith("keep")})
 
 
 # A scan in steps of this share finds where the budget is met; bisection then refines it.
@@ -155,7 +160,7 @@ class _Trials:
             # deepcopy drops gradients; Taylor scores read them (a copy each: the pruner slices them with the weights).
             copied.grad = None if original.grad is None else original.grad.clone()
         ignored = [model.get_submodule(name) for name in self.protected_names]
-        ratio = max(0.0, 1.0 - float(share) - _NUDGE)
+        ratio = torch_pruning_ratio(float(1 - share))
         # Li et al. rank filters by L1 norm within each layer; a uniform per-layer ratio (no global ranking) is their
         # setting and never empties a layer. Torch-Pruning's group mean also scores channels that residual additions
         # couple by every layer they touch, not by one arbitrary root layer.
@@ -180,6 +185,11 @@ class _Trials:
         return Pruned(model, float(1 - share), weight_params(model))
 
 
+def torch_pruning_ratio(pruning_ratio: float) -> float:
+    """The ratio to give Torch-Pruning for a share of channels removed (see _NUDGE)."""
+    return max(0.0, pruning_ratio - _NUDGE)
+
+
 def _kept_shares(model: nn.Module, protected: list[nn.Module]) -> list[Fraction]:
     """Every kept share k/C below 1 at which a prunable layer's channel count changes, keeping >= 1 channel each."""
     skip = {id(sub) for m in protected for sub in m.modules()}
@@ -195,7 +205,7 @@ def _out_channels(module: nn.Module) -> int:
     return module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
 
 
-def _classifier(model: nn.Module, example_input: torch.Tensor) -> nn.Module:
+def output_layer(model: nn.Module, example_input: torch.Tensor) -> nn.Module:
     """The last Conv2d or Linear to run: its outputs are the model's classes, so they must never be pruned."""
     order: list[nn.Module] = []
     hooks = [m.register_forward_hook(lambda m, _i, _o: order.append(m)) for m in model.modules()
@@ -214,7 +224,7 @@ def _classifier(model: nn.Module, example_input: torch.Tensor) -> nn.Module:
     return order[-1]
 
 
-def _module(model: nn.Module, name: str) -> nn.Module:
+def module_named(model: nn.Module, name: str) -> nn.Module:
     try:
         return model.get_submodule(name)
     except AttributeError:

@@ -10,6 +10,7 @@ loop owns the loop and calls these as hooks (as Torch-Pruning's ``regularize`` d
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -23,11 +24,13 @@ Ranks = tuple[int, ...]
 
 @dataclass(frozen=True)
 class AdmmState:
-    """The auxiliary low-rank copies Z, the scaled duals U, and the ranks Z was projected to."""
+    """The auxiliary copies Z in the target structure, the scaled duals U, and the ranks Z was projected to (when
+    the structure is channels: each layer's kept output channels, and the share of channels removed)."""
 
     z: dict[str, Tensor]
     u: dict[str, Tensor]
     ranks: dict[str, Ranks]
+    pruning_ratio: float | None = None
 
 
 def admm_start(weights: Mapping[str, Tensor], ranks: Mapping[str, Ranks], sweeps: int = 0) -> AdmmState:
@@ -50,7 +53,7 @@ def u_step(weights: Mapping[str, Tensor], state: AdmmState) -> AdmmState:
     """U = U + W - Z."""
     with torch.no_grad():
         u = {name: state.u[name] + w.detach() - state.z[name] for name, w in weights.items()}
-    return AdmmState(state.z, u, state.ranks)
+    return dataclasses.replace(state, u=u)
 
 
 def penalty(weights: Mapping[str, Tensor], state: AdmmState, rho: float) -> Tensor:

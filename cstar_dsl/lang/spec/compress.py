@@ -233,6 +233,10 @@ class CompressSpec(Block):
     allocation: Annotated[str, typed(c.choice, options=("uniform", "global"), what="channel allocation")] = "uniform"
     # channel-prune only: a channel's score, its L1 norm or the Taylor estimate on the adversarial loss.
     importance: Annotated[str, typed(c.choice, options=("l1", "taylor"), what="channel importance")] = "l1"
+    # cstar only: the structure its ADMM phase projects onto: ranks (Tucker-2 / SVD), or channels removed uniformly.
+    structure: Annotated[str, typed(c.choice, options=("low-rank", "prune-uniform"), what="ADMM structure")] = (
+        "low-rank"
+    )
     # auto only: the structures to compare, the fine-tuning epochs each gets, and the share of the training set held
     # out to score them (never the test set).
     candidates: Annotated[tuple[str, ...], typed(_structures)] = registry.STRUCTURES

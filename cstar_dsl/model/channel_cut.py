@@ -1,0 +1,84 @@
+"""Model surgery, channel cut: which channels a uniform prune removes from given weights, the projection of weights
+onto the pruned structure (the ADMM Z-step when cstar's ADMM targets channels), and the cut applied to a model."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+
+from .prune import module_named, output_layer, torch_pruning_ratio
+
+# Torch-Pruning's handlers that remove a Conv2d's or Linear's outputs (rows of its weight) or inputs (columns).
+_REMOVES_OUTPUTS = (tp.prune_conv_out_channels, tp.prune_linear_out_channels)
+_REMOVES_INPUTS = (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
+
+
+@dataclass(frozen=True)
+class ChannelCut:
+    """Every module a removal touches, with Torch-Pruning's handler and the indices it removes there."""
+
+    items: tuple[tuple[str, Callable[[nn.Module, list[int]], nn.Module], tuple[int, ...]], ...]
+
+    def project(self, weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``weights`` with the rows (outputs) and columns (inputs) of the removed channels set to zero: the
+        nearest point of the pruned structure once the channels are chosen."""
+        projected = {name: weight.detach().clone() for name, weight in weights.items()}
+        for name, handler, indices in self.items:
+            if name in projected and handler in _REMOVES_OUTPUTS:
+                projected[name][list(indices)] = 0
+            elif name in projected and handler in _REMOVES_INPUTS:
+                projected[name][:, list(indices)] = 0
+        return projected
+
+    def kept_outputs(self, model: nn.Module) -> dict[str, int]:
+        """The output channels each Conv2d / Linear the cut shrinks keeps."""
+        kept = {}
+        for name, handler, indices in self.items:
+            if handler in _REMOVES_OUTPUTS:
+                weight = model.get_submodule(name).weight
+                kept[name] = weight.shape[0] - len(indices)
+        return kept
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """A pruned deep copy of ``model``: the same removals, replayed on its modules."""
+        pruned = copy.deepcopy(model)
+        for name, handler, indices in self.items:
+            handler(pruned.get_submodule(name), list(indices))
+        return pruned
+
+
+def cut_channels(model: nn.Module, example_input: Tensor, pruning_ratio: float, weights: Mapping[str, Tensor], *,
+                 keep: Iterable[str] = ()) -> ChannelCut:
+    """The channels a uniform prune at ``pruning_ratio`` removes when the Conv2d / Linear layers hold ``weights``.
+
+    A channel scores the sum of squares of every Conv2d / Linear slice its removal deletes (its filter's row, the
+    next layers' columns, across Torch-Pruning's dependency group), so removing the lowest-scoring channels is the
+    Euclidean projection of those weights onto the structure with that many channels per layer. The model's output
+    layer and the ``keep`` modules lose nothing; ``model`` is left untouched.
+    """
+    shadow = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, weight in weights.items():
+            shadow.get_submodule(name).weight.copy_(weight.detach().to(shadow.get_submodule(name).weight.device))
+    ignored = [output_layer(shadow, example_input), *(module_named(shadow, name) for name in keep)]
+    importance = tp.importance.MagnitudeImportance(p=2, group_reduction="sum", normalizer=None,
+                                                   target_types=[nn.Conv2d, nn.Linear])
+    names = {id(module): name for name, module in shadow.named_modules()}
+    items = []
+    with torch.enable_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=r"torch_pruning\.")  # see prune._Trials
+        pruner = tp.pruner.MetaPruner(shadow, example_input, importance=importance,
+                                      pruning_ratio=torch_pruning_ratio(pruning_ratio),
+                                      ignored_layers=ignored)
+        for group in pruner.step(interactive=True):
+            for dependency, indices in group:
+                name = names.get(id(dependency.target.module))
+                if name is not None:  # None: an operation with no parameters (an addition, a reshape)
+                    items.append((name, dependency.handler, tuple(int(i) for i in indices)))
+    return ChannelCut(tuple(items))
