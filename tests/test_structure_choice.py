@@ -15,10 +15,10 @@ from cstar_dsl.driver.probe import Candidate, StructureChoice, split_holdout
 from cstar_dsl.driver.state import CompileError, Progress
 from cstar_dsl.lang.errors import CStarError
 from cstar_dsl.lang.spec import ModelSpec
+from cstar_dsl.lang.validate import check_file
 from cstar_dsl.model import zoo
 from cstar_dsl.model.channel_cut import cut_channels
 from cstar_dsl.model.prune import channel_prune, weight_params
-from cstar_dsl.lang.validate import check_file
 from cstar_dsl.train.optimize import TrainingDiverged
 
 DIGITS = Path(__file__).resolve().parent.parent / "specs" / "digits.cstar"
