@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
+from .errors import RunError
+
 T = TypeVar("T")
 
 # Kernel file systems: a write there changes the machine, not a file.
@@ -32,12 +34,8 @@ _KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (s
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
-class FileProblem(Exception):
+class FileProblem(RunError):
     """A path cstar will not read or write, or a write that failed; says why and what to do."""
-
-    def __init__(self, message: str, help: str | None = None) -> None:
-        super().__init__(message)
-        self.help = help
 
 
 def kind(path: str | Path) -> str:

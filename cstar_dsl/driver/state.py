@@ -9,18 +9,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import RunError
 from ..lang.spec import PhaseSpec, Spec
 from ..train import admm, distributed
 from ..train.data import Datasets
 from ..train.optimize import make_optimizer, make_schedule
 
 
-class CompileError(Exception):
+class CompileError(RunError):
     """The run cannot go on: says where it stopped, what was kept, and the usual causes."""
-
-    def __init__(self, message: str, help: str | None = None) -> None:
-        super().__init__(message)
-        self.help = help
 
 
 @dataclass(frozen=True)

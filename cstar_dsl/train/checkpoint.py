@@ -20,17 +20,14 @@ import torch
 from torch import nn
 
 from .. import files
+from ..errors import RunError
 
 CHECKPOINT = "checkpoint.pt"
 LOCK = "lock.json"
 
 
-class CheckpointError(Exception):
+class CheckpointError(RunError):
     """A checkpoint or lock that cannot be written, read, or resumed from; says why and what to do."""
-
-    def __init__(self, message: str, help: str | None = None) -> None:
-        super().__init__(message)
-        self.help = help
 
 
 def save(path: Path, state: Mapping[str, Any]) -> None:
@@ -147,7 +144,7 @@ def read_lock(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"no {LOCK} in {path.parent}", help="compile once without --locked to lock") from None
     except files.FileProblem as problem:
         raise CheckpointError(str(problem), help=problem.help) from None
-    except (OSError, ValueError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"cannot read {path}: {error}") from None
     if not isinstance(lock, dict) or lock.get("schema") != "cstar.lock/1":
         raise CheckpointError(f"{path} is not a cstar lock")
