@@ -7,6 +7,8 @@ Rules (docs/compile.md, "What cstar writes and reads"):
 - cstar writes only regular files: it never replaces a device, FIFO, socket or folder, and writes
   nothing under ``/proc``, ``/sys`` or ``/dev``. A symlink is followed when it leads to a regular
   file (the file it leads to is replaced, the link stays); a dangling or looping link is refused.
+- A file torch cannot load is described in cstar's words (``load_failure``), never with torch's
+  advice to unpickle it.
 - A file or folder whose mode has no write bit is read-only to cstar, even when it runs as root.
 - Every write goes to a fresh temporary file in the same folder, is fsynced and renamed over the
   target, so a kill or a full disk leaves the previous file whole and no temporary file behind.
@@ -18,11 +20,14 @@ import contextlib
 import errno
 import fcntl
 import os
+import pickle
 import stat
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, TypeVar
+
+from .errors import RunError
 
 T = TypeVar("T")
 
@@ -32,12 +37,8 @@ _KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (s
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
-class FileProblem(Exception):
+class FileProblem(RunError):
     """A path cstar will not read or write, or a write that failed; says why and what to do."""
-
-    def __init__(self, message: str, help: str | None = None) -> None:
-        super().__init__(message)
-        self.help = help
 
 
 def kind(path: str | Path) -> str:
@@ -80,6 +81,27 @@ def require_file(path: str | Path, what: str = "file") -> None:
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
     raise FileProblem(f"the {what} {path} is {found}, not a regular file",
                       help="cstar reads only regular files; check the path")
+
+
+def load_failure(path: Path, error: Exception) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed, in cstar's words.
+
+    Never torch's advice to reload with ``weights_only=False`` (that would run the file's code), and
+    never the pickle machinery's errors for a file that is no checkpoint at all ("list index out of range").
+    """
+    if isinstance(error, pickle.UnpicklingError):
+        return ("it holds Python objects other than tensors, which cstar never unpickles (they could run "
+                "code); save a state dict: torch.save(model.state_dict(), PATH)")
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except OSError as reading:
+        return reading.strerror or str(reading)
+    # torch.save writes a zip archive; before torch 1.6, a pickle (protocol 2: 0x80 0x02).
+    if not head.startswith((b"PK", b"\x80")):
+        return "it is not a torch.save file (neither a zip archive nor a pickle of tensors)"
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"the file is damaged ({first[:200]})"
 
 
 def require_folder(path: str | Path, what: str = "folder") -> None:

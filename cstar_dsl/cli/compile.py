@@ -11,9 +11,9 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from ..lang.errors import CStarError, Diagnostic
+from ..lang.errors import CStarError
 from ..lang.render import render_concise, si
-from .output import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID, EXIT_OK, EXIT_UNMET, percent, print_diagnostics
+from .output import EXIT_OK, EXIT_UNMET, USER_ERRORS, exit_code, percent, print_diagnostics, print_error
 from .progress import LogProgress, RichProgress
 
 
@@ -32,22 +32,17 @@ def run_compile(args: argparse.Namespace, console: Console) -> int:
     try:
         checked = check_file(path, allow_import=args.allow_import)
     except CStarError as error:
-        print_diagnostics(console, list(error.diagnostics), "full")
-        return EXIT_INVALID
+        return print_error(console, error, "full")
     taken = folder_problem(out, resume=args.resume, force=args.force, locked=args.locked)
     if taken:
-        print_diagnostics(console, [Diagnostic("run-failed", taken[0], help=taken[1])], "full")
-        return EXIT_FAILED
+        return print_error(console, taken, "full")
     if not launching:  # the processes torchrun starts say it themselves
         print_diagnostics(console, list(checked.warnings), "full")
         console.out(f"-- {'resuming' if args.resume else 'compiling'} {path} into {out}/")
 
     from ..deploy.artifacts import DESCRIPTION
-    from ..driver.pipeline import OUTPUTS, CompileError, CompileOptions, Progress, compile_spec
-    from ..files import FileProblem
-    from ..lang.problems import SpecProblem
+    from ..driver.pipeline import OUTPUTS, CompileOptions, Progress, compile_spec
     from ..train import distributed
-    from ..train.checkpoint import CheckpointError
 
     world = distributed.from_environment()
     if launching:
@@ -61,16 +56,12 @@ def run_compile(args: argparse.Namespace, console: Console) -> int:
     try:
         with progress:
             compiled = compile_spec(checked.spec, options, progress if world.is_main else Progress())
-    except SpecProblem as problem:
-        print_diagnostics(console, [checked.diagnostic(problem)], "full")
-        return EXIT_INVALID
-    except (CheckpointError, CompileError, FileProblem) as error:
-        print_diagnostics(console, [Diagnostic("run-failed", str(error), help=error.help)], "full")
-        return EXIT_FAILED
-    except KeyboardInterrupt:
+    except USER_ERRORS as error:
+        return print_error(console, error, "full", checked=checked)
+    except KeyboardInterrupt as interrupt:
         console.out(f"interrupted: the last finished epoch is checkpointed in {options.out}; "
                     f"`cstar compile {path} --out {options.out} --resume` continues from it")
-        return EXIT_INTERRUPTED
+        return exit_code(interrupt)
     console.print(_report_table(compiled.report))
     exported = [e["file"] for e in compiled.report.get("exports", []) if e["format"] != "safetensors"]
     after_model = OUTPUTS.index(DESCRIPTION) + 1  # the exported models follow the model's own two files

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from ..lang.errors import CStarError
 from ..lang.render import si
-from .output import EXIT_INVALID, EXIT_OK, print_diagnostics
+from .output import EXIT_OK, USER_ERRORS, print_error
 from .plan import _treatment
 
 if TYPE_CHECKING:
@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 
 def run_diff(args: argparse.Namespace, console: Console) -> int:
     from ..api import build_model, make_plan
-    from ..lang.problems import SpecProblem
     from ..lang.validate import check_file
     from ..plan.diff import plan_changes, spec_changes
 
@@ -33,15 +32,13 @@ def run_diff(args: argparse.Namespace, console: Console) -> int:
     try:
         checked = [check_file(path, allow_import=args.allow_import, text=text) for path, text in sides]
     except CStarError as error:
-        print_diagnostics(console, list(error.diagnostics), diagnostics_format)
-        return EXIT_INVALID
+        return print_error(console, error, diagnostics_format)
     plans = []
     for side in [] if args.settings_only else checked:
         try:
             plans.append(make_plan(side.spec, build_model(side.spec, allow_import=args.allow_import)))
-        except SpecProblem as problem:
-            print_diagnostics(console, [side.diagnostic(problem)], diagnostics_format)
-            return EXIT_INVALID
+        except USER_ERRORS as error:
+            return print_error(console, error, diagnostics_format, checked=side)
     settings = spec_changes(checked[0].spec, checked[1].spec)
     layers = plan_changes(*plans) if plans else []
     if args.format == "json":

@@ -10,14 +10,12 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from ..lang.errors import CStarError, Diagnostic
-from .output import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNMET, EXIT_USAGE, percent, print_diagnostics, wrapped
+from ..lang.errors import Diagnostic
+from .output import EXIT_OK, EXIT_UNMET, USER_ERRORS, exit_code, percent, print_diagnostics, print_error, wrapped
 
 
 def run_eval(args: argparse.Namespace, console: Console) -> int:
-    from ..deploy.artifacts import ArtifactError
-    from ..eval.robustness import MissingExtra, parse_attack, reevaluate
-    from ..lang.problems import SpecProblem
+    from ..eval.robustness import parse_attack, reevaluate
 
     folder = Path(args.folders[0])
     diagnostics_format = "json" if args.format == "json" else "full"
@@ -25,20 +23,12 @@ def run_eval(args: argparse.Namespace, console: Console) -> int:
         attacks = [parse_attack(text) for text in args.attack]
         result = reevaluate(folder, attacks, samples=args.samples, sanity=args.sanity, device=args.device,
                             allow_import=args.allow_import)
-    except CStarError as error:
-        print_diagnostics(console, list(error.diagnostics), diagnostics_format)
-        return EXIT_USAGE
-    except SpecProblem as problem:  # the run's recorded recipe no longer runs here: its data folder is gone, say
-        print_diagnostics(console, [Diagnostic("eval-failed", f"{folder}: {problem.message}", help=problem.help)],
-                           diagnostics_format)
-        return EXIT_FAILED
-    except (ArtifactError, MissingExtra, ValueError) as error:
-        print_diagnostics(console, [Diagnostic("eval-failed", str(error))], diagnostics_format)
-        return EXIT_FAILED
-    except KeyboardInterrupt:
+    except USER_ERRORS as error:
+        return print_error(console, error, diagnostics_format, failed="eval-failed")
+    except KeyboardInterrupt as interrupt:
         print_diagnostics(console, [Diagnostic("eval-interrupted", "interrupted (Ctrl-C): nothing was written")],
-                           diagnostics_format)
-        return EXIT_INTERRUPTED
+                          diagnostics_format)
+        return exit_code(interrupt)
     failed = [check for check in result.sanity if not check.passed]
     if args.format == "json":
         console.out(json.dumps(result.to_dict(), indent=2))

@@ -7,20 +7,17 @@ from pathlib import Path
 
 from rich.console import Console
 
-from ..lang.errors import Diagnostic
 from ..lang.render import si
-from .output import EXIT_FAILED, EXIT_OK, print_diagnostics
+from .output import EXIT_OK, USER_ERRORS, print_error
 
 
 def run_export(args: argparse.Namespace, console: Console) -> int:
-    from ..deploy.artifacts import ArtifactError
-    from ..deploy.export import ExportError, export
+    from ..deploy.export import export
 
     try:
         exported = export(Path(args.folders[0]), args.format, out=args.out, opset=args.opset)
-    except (ArtifactError, ExportError) as error:
-        print_diagnostics(console, [Diagnostic("export-failed", str(error))], "full")
-        return EXIT_FAILED
+    except USER_ERRORS as error:
+        return print_error(console, error, "full", failed="export-failed")
     check = "" if exported.max_abs_diff is None else (
         f"; checked with {exported.checked_with}: max abs difference {exported.max_abs_diff:.2e} against PyTorch")
     opset = f", opset {exported.opset}" if exported.opset else ""

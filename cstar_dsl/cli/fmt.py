@@ -15,19 +15,12 @@ from .output import EXIT_INVALID, EXIT_OK, print_diagnostics
 
 
 def run_fmt(args: argparse.Namespace, console: Console) -> int:
-    from ..lang.fmt import format_text
-
     changed, failed = [], []
     diagnostics: list[Diagnostic] = []
     for name in args.files:
         path = Path(name)
         try:
-            original = path.read_bytes()
-            formatted = format_text(original, name)
-        except OSError as error:
-            failed.append(name)
-            diagnostics.append(Diagnostic("unreadable-file", f"cannot read {name}: {error.strerror or error}"))
-            continue
+            original, formatted = _formatted(path, name)
         except CStarError as error:
             failed.append(name)
             diagnostics += error.diagnostics
@@ -57,3 +50,18 @@ def run_fmt(args: argparse.Namespace, console: Console) -> int:
     if failed or ((args.check or args.diff) and changed):
         return EXIT_INVALID
     return EXIT_OK
+
+
+def _formatted(path: Path, name: str) -> tuple[bytes, str]:
+    """The recipe's bytes and its canonical text.
+
+    Raises:
+        CStarError: the file cannot be read (``unreadable-file``), or a syntax error.
+    """
+    from ..lang.fmt import format_text
+
+    try:
+        original = path.read_bytes()
+    except OSError as error:
+        raise CStarError([Diagnostic("unreadable-file", f"cannot read {name}: {error.strerror or error}")]) from None
+    return original, format_text(original, name)

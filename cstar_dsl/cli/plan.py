@@ -12,7 +12,7 @@ from rich.table import Table
 
 from ..lang.errors import CStarError
 from ..lang.render import plural, si
-from .output import EXIT_INVALID, EXIT_OK, print_diagnostics, wrapped
+from .output import EXIT_OK, USER_ERRORS, print_diagnostics, print_error, wrapped
 
 if TYPE_CHECKING:
     from ..deploy.latency import LatencyComparison
@@ -23,23 +23,21 @@ def run_plan(args: argparse.Namespace, console: Console) -> int:
     import time
 
     from ..api import build_model, make_plan, measure_latency
-    from ..lang.problems import SpecProblem
     from ..lang.validate import check_file
 
     started = time.perf_counter()
     diagnostic_format = {"table": "full", "concise": "concise", "json": "json"}[args.format]
     try:
         checked = check_file(args.files[0], allow_import=args.allow_import)
+    except CStarError as error:
+        return print_error(console, error, diagnostic_format)
+    try:
         model = build_model(checked.spec, allow_import=args.allow_import)
         plan = make_plan(checked.spec, model)
         seconds = time.perf_counter() - started
         latency = measure_latency(checked.spec, model, plan, threads=args.threads) if args.latency else None
-    except CStarError as error:
-        print_diagnostics(console, list(error.diagnostics), diagnostic_format)
-        return EXIT_INVALID
-    except SpecProblem as problem:
-        print_diagnostics(console, [checked.diagnostic(problem)], diagnostic_format)
-        return EXIT_INVALID
+    except USER_ERRORS as error:
+        return print_error(console, error, diagnostic_format, checked=checked)
     if args.format == "json":
         extra = {} if latency is None else {"latency": latency.to_dict()}
         console.out(json.dumps({"spec": args.files[0], "model": checked.spec.model.arch, "seconds": seconds,

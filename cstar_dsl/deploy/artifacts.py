@@ -17,6 +17,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from .. import files
+from ..errors import RunError
 from ..lang import limits
 from ..lang.problems import SpecProblem
 from ..lang.spec import ModelSpec
@@ -28,7 +29,7 @@ SCHEMA = "cstar.model/1"
 WEIGHTS, DESCRIPTION = "model.safetensors", "model.json"
 
 
-class ArtifactError(Exception):
+class ArtifactError(RunError):
     """A folder that holds no loadable cstar model; says what is missing."""
 
 
@@ -95,7 +96,7 @@ def _read_description(folder: Path) -> dict[str, Any]:
     path = folder / DESCRIPTION
     try:
         description = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ArtifactError(f"cannot read {path}: {error}") from None
     if not isinstance(description, dict) or description.get("schema") != SCHEMA:
         raise ArtifactError(f"{path} is not a cstar model description ({SCHEMA})")

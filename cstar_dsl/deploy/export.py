@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .. import files
+from ..errors import RunError
 from . import artifacts
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ _TRACE_BATCH = 2
 Check = Callable[[Path], float]
 
 
-class ExportError(Exception):
+class ExportError(RunError):
     """An export that cannot be made, or whose file does not compute what the PyTorch model does; says what to do."""
 
 

@@ -77,8 +77,7 @@ def _epoch(context: Context, run: Run, name: str, phase: PhaseSpec, epoch: int, 
     except TrainingDiverged as error:
         raise CompileError(
             f"{error}; the last good checkpoint is kept in {context.options.out / checkpoint.CHECKPOINT}",
-            help=f"lower `train.{name}.lr`" + (" or `rho`" if name == "admm" else "")
-                 + ", or check the data's range ([0, 1] images); then run again with --force") from None
+            help=f"{error.help}; then run again with --force") from None
     run.schedule.step()
     n = result.samples
     loss, clean, robust, seen = distributed.sum_all([result.loss * n, result.clean * n, result.robust * n, n], world)

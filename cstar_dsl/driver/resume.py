@@ -32,7 +32,7 @@ def prepare_out(context: Context, lock: dict[str, Any], net: nn.Module) -> Run:
                 help="run without --locked to compile anyway (the lock is then rewritten)")
     problem = folder_problem(out, resume=options.resume, force=options.force, locked=options.locked)
     if problem:
-        raise checkpoint.CheckpointError(problem[0], help=problem[1])
+        raise checkpoint.CheckpointError(problem.message, help=problem.help)
     if options.resume:
         return _resume(context, lock, net)
     distributed.barrier(context.world)  # every rank has checked the folder before rank 0 changes it

@@ -8,24 +8,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import RunError
+
 CHECKPOINT = "checkpoint.pt"
 WEIGHTS = "model.safetensors"
 
 
-def folder_problem(out: Path, *, resume: bool, force: bool, locked: bool) -> tuple[str, str] | None:
-    """Why ``out`` cannot take this run, and what to do, as (message, help); None when it can.
+def folder_problem(out: Path, *, resume: bool, force: bool, locked: bool) -> RunError | None:
+    """Why ``out`` cannot take this run, and what to do, as the error to raise; None when it can.
 
     The lock itself is compared later: that needs the model, hence torch.
     """
     unfinished, finished = (out / CHECKPOINT).exists(), (out / WEIGHTS).exists()
     if resume and not unfinished and finished:
-        return (f"the run in {out} already finished; its model is {out / WEIGHTS}",
-                "use --force to compile again from the start")
+        return RunError(f"the run in {out} already finished; its model is {out / WEIGHTS}",
+                        "use --force to compile again from the start")
     if resume and not unfinished:
-        return (f"no checkpoint in {out}", "run without --resume to start, or point --out at the run to resume")
+        return RunError(f"no checkpoint in {out}", "run without --resume to start, or point --out at the run to resume")
     if not resume and unfinished and not force:
-        return (f"{out} holds an unfinished run ({CHECKPOINT})",
-                "pass --resume to continue it, --force to start over, or choose another --out")
+        return RunError(f"{out} holds an unfinished run ({CHECKPOINT})",
+                        "pass --resume to continue it, --force to start over, or choose another --out")
     if not resume and finished and not (force or locked):
-        return f"{out} already holds a compiled model", "pass --force to overwrite it, or choose another --out"
+        return RunError(f"{out} already holds a compiled model",
+                        "pass --force to overwrite it, or choose another --out")
     return None

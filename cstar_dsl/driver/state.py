@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..errors import RunError
 from ..lang.spec import PhaseSpec, Spec
 from ..train import admm, distributed
 from ..train.data import Datasets
@@ -18,12 +19,8 @@ if TYPE_CHECKING:
     from .probe import StructureChoice
 
 
-class CompileError(Exception):
+class CompileError(RunError):
     """The run cannot go on: says where it stopped, what was kept, and the usual causes."""
-
-    def __init__(self, message: str, help: str | None = None) -> None:
-        super().__init__(message)
-        self.help = help
 
 
 @dataclass(frozen=True)

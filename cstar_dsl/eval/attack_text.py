@@ -11,7 +11,7 @@ from pydantic_core import PydanticCustomError
 
 from ..lang import coerce as c
 from ..lang import syntax as ast
-from ..lang.errors import CStarError, Diagnostic, did_you_mean
+from ..lang.errors import ArgumentError, CStarError, Diagnostic, did_you_mean
 from ..lang.lower import Section, lower
 from ..lang.parse import parse
 from ..lang.source import SourceFile, Span
@@ -50,12 +50,12 @@ def parse_attack(text: str) -> PgdAttack | FgsmAttack | AutoAttackSetting:
     ``autoattack(version = standard)``.
 
     Raises:
-        CStarError: the recipe's own diagnostics, pointing into ``text`` (shown as the file ``--attack``).
+        ArgumentError: the recipe's own diagnostics, pointing into ``text`` (shown as the file ``--attack``).
     """
     try:
         return _parse_attack(_BEFORE + text + _AFTER, text)
     except CStarError as error:
-        raise CStarError([_relocated(d, text) for d in error.diagnostics]) from None
+        raise ArgumentError([_relocated(d, text) for d in error.diagnostics]) from None
 
 
 def _parse_attack(wrapped: str, text: str) -> PgdAttack | FgsmAttack | AutoAttackSetting:

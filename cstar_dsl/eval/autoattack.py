@@ -10,6 +10,7 @@ from types import ModuleType
 import torch
 from torch import Tensor, nn
 
+from ..errors import RunError
 from ..lang.spec import ThreatSpec
 from ..train.attacks import accuracy, evaluating
 from .attack_text import AutoAttackSetting
@@ -18,7 +19,7 @@ from .evaluation import EVAL_BATCH
 _AUTOATTACK_NORMS = {"linf": "Linf", "l2": "L2"}
 
 
-class MissingExtra(Exception):
+class MissingExtra(RunError):
     """A feature needs an optional package that is not installed; the message says how to install it."""
 
 

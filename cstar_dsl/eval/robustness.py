@@ -15,6 +15,8 @@ from torch import nn
 
 from .. import __version__, files
 from ..deploy.artifacts import ArtifactError, load
+from ..errors import RunError
+from ..lang.problems import SpecProblem
 from ..lang.spec import EvaluateSpec, Spec
 from ..train.data import datasets
 from .attack_text import AttackSetting, AutoAttackSetting, parse_attack
@@ -22,11 +24,15 @@ from .autoattack import MissingExtra, autoattack_implementation, autoattack_modu
 from .evaluation import attack_for, attack_name, evaluate, test_batches
 from .sanity import SanityCheck, sanity_checks
 
-__all__ = ["AttackSetting", "AutoAttackSetting", "MissingExtra", "Reevaluation", "SanityCheck", "parse_attack",
-           "reevaluate", "reevaluate_model", "resolved_spec"]
+__all__ = ["AttackSetting", "AutoAttackSetting", "EvalError", "MissingExtra", "Reevaluation", "SanityCheck",
+           "parse_attack", "reevaluate", "reevaluate_model", "resolved_spec"]
 
 # The label of our own attacks in reports: kept as written when the code moved to cstar_dsl.train.attacks.
 _OWN = f"cstar_dsl.attacks {__version__}"
+
+
+class EvalError(RunError):
+    """A compiled model that cannot be evaluated here (its data set is gone, no GPU); says what to do."""
 
 
 @dataclass(frozen=True)
@@ -61,7 +67,7 @@ def resolved_spec(folder: Path, *, allow_import: bool = False) -> Spec:
         raise ArtifactError(f"{folder} holds no report.json, which records the recipe to evaluate with") from None
     except files.FileProblem as problem:
         raise ArtifactError(str(problem)) from None
-    except (OSError, ValueError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ArtifactError(f"cannot read {path}: {error}") from None
     resolved = report.get("resolved") if isinstance(report, dict) else None
     if not isinstance(resolved, dict):
@@ -81,10 +87,15 @@ def reevaluate(folder: Path, attacks: Sequence[AttackSetting] = (), *, samples: 
     Raises:
         ArtifactError: the folder holds no loadable model or no recorded recipe.
         MissingExtra: an AutoAttack is asked for and ``pyautoattack`` is not installed.
+        EvalError: the recorded recipe no longer runs here (its data folder is gone), or ``device``
+            is ``cuda`` on a machine without one.
     """
     spec = resolved_spec(folder, allow_import=allow_import)
     model = load(folder, allow_import=allow_import)
-    return reevaluate_model(model, spec, attacks, samples=samples, sanity=sanity, seed=seed, device=device)
+    try:
+        return reevaluate_model(model, spec, attacks, samples=samples, sanity=sanity, seed=seed, device=device)
+    except SpecProblem as problem:  # a recipe setting, but of the recorded recipe: no line of the user's to show
+        raise EvalError(f"{folder}: {problem.message}", help=problem.help) from None
 
 
 def reevaluate_model(model: nn.Module, spec: Spec, attacks: Sequence[AttackSetting] = (), *,
@@ -94,6 +105,9 @@ def reevaluate_model(model: nn.Module, spec: Spec, attacks: Sequence[AttackSetti
     started = time.perf_counter()
     if samples is not None and samples < 1:
         raise ValueError(f"samples must be at least 1, got {samples}")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise EvalError(f"device `{device}`, but no CUDA device is visible on this machine",
+                        help="evaluate on the CPU: --device cpu")
     settings = tuple(attacks) or tuple(spec.evaluate.attacks)
     if any(isinstance(s, AutoAttackSetting) for s in settings):
         autoattack_module()  # a missing extra fails now, not after the slower attacks

@@ -38,6 +38,11 @@ class CStarError(Exception):
         super().__init__(f"[{first.code}] {first.message}" if first else "cstar error")
 
 
+class ArgumentError(CStarError):
+    """The diagnostics of a command-line argument written in the recipe language (``cstar eval --attack``):
+    a usage error, not an invalid recipe."""
+
+
 def closest(word: str, choices: Iterable[str]) -> str | None:
     """The choice closest to ``word``, if one is close enough to be a likely typo."""
     options = list(choices)

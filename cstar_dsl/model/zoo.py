@@ -12,11 +12,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..files import FileProblem, require_file
+from ..files import FileProblem, load_failure, require_file
 from ..lang.problems import SpecProblem
 from ..lang.registry import normalize_module_name
 from ..lang.spec import ModelSpec
-from ..train.checkpoint import load_failure
 
 _RESNETS = ("resnet", "resnext", "wide_resnet")
 

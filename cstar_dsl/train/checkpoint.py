@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 import platform
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,17 +19,14 @@ import torch
 from torch import nn
 
 from .. import files
+from ..errors import RunError
 
 CHECKPOINT = "checkpoint.pt"
 LOCK = "lock.json"
 
 
-class CheckpointError(Exception):
+class CheckpointError(RunError):
     """A checkpoint or lock that cannot be written, read, or resumed from; says why and what to do."""
-
-    def __init__(self, message: str, help: str | None = None) -> None:
-        super().__init__(message)
-        self.help = help
 
 
 def save(path: Path, state: Mapping[str, Any]) -> None:
@@ -54,33 +50,12 @@ def load(path: Path) -> dict[str, Any]:
     except files.FileProblem as problem:
         raise CheckpointError(str(problem), help=problem.help) from None
     except Exception as error:  # a truncated or foreign file: explain, never a traceback
-        raise CheckpointError(f"cannot read the checkpoint {path}: {load_failure(path, error)}",
+        raise CheckpointError(f"cannot read the checkpoint {path}: {files.load_failure(path, error)}",
                               help="the file is damaged or not a cstar checkpoint; start over with --force "
                                    "(without --resume)") from None
     if not isinstance(state, dict) or state.get("format") != "cstar.checkpoint/1":
         raise CheckpointError(f"{path} is not a cstar checkpoint")
     return state
-
-
-def load_failure(path: Path, error: Exception) -> str:
-    """Why ``torch.load(path, weights_only=True)`` failed, in cstar's words.
-
-    Never torch's advice to reload with ``weights_only=False`` (that would run the file's code), and
-    never the pickle machinery's errors for a file that is no checkpoint at all ("list index out of range").
-    """
-    if isinstance(error, pickle.UnpicklingError):
-        return ("it holds Python objects other than tensors, which cstar never unpickles (they could run "
-                "code); save a state dict: torch.save(model.state_dict(), PATH)")
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(4)
-    except OSError as reading:
-        return reading.strerror or str(reading)
-    # torch.save writes a zip archive; before torch 1.6, a pickle (protocol 2: 0x80 0x02).
-    if not head.startswith((b"PK", b"\x80")):
-        return "it is not a torch.save file (neither a zip archive nor a pickle of tensors)"
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return f"the file is damaged ({first[:200]})"
 
 
 def rng_state() -> dict[str, Any]:
@@ -147,7 +122,7 @@ def read_lock(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"no {LOCK} in {path.parent}", help="compile once without --locked to lock") from None
     except files.FileProblem as problem:
         raise CheckpointError(str(problem), help=problem.help) from None
-    except (OSError, ValueError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"cannot read {path}: {error}") from None
     if not isinstance(lock, dict) or lock.get("schema") != "cstar.lock/1":
         raise CheckpointError(f"{path} is not a cstar lock")

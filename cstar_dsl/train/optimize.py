@@ -16,15 +16,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import RunError
 from ..lang.spec import PhaseSpec, ThreatSpec
 from .attacks import Pgd
 
 
-class TrainingDiverged(Exception):
+class TrainingDiverged(RunError):
     """The loss became NaN or infinite; names where, so the run can stop with a clear message."""
 
     def __init__(self, phase: str, epoch: int, step: int, loss: float) -> None:
-        super().__init__(f"the {phase} phase diverged at epoch {epoch}, step {step}: the loss is {loss}")
+        super().__init__(f"the {phase} phase diverged at epoch {epoch}, step {step}: the loss is {loss}",
+                         help=f"lower `train.{phase}.lr`" + (" or `rho`" if phase == "admm" else "")
+                              + ", or check the data's range ([0, 1] images)")
         self.phase, self.epoch, self.step, self.loss = phase, epoch, step, loss
 
 
