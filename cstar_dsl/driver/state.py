@@ -11,7 +11,7 @@ from torch import nn
 
 from ..lang.spec import PhaseSpec, Spec
 from ..train import admm, distributed
-from ..train.data import Datasets
+from ..train.data import Datasets, dataset_size
 from ..train.optimize import make_optimizer, make_schedule
 
 
@@ -102,7 +102,7 @@ class Context:
     @property
     def steps(self) -> int:
         """Optimizer steps in an epoch: one per global batch."""
-        return -(-len(self.data.train) // self.spec.data.batch_size)  # type: ignore[arg-type]
+        return -(-dataset_size(self.data.train) // self.spec.data.batch_size)
 
 
 def place(value: Any, device: torch.device) -> Any:
