@@ -24,6 +24,7 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check cstar_dsl tests benchmarks
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -17,6 +17,7 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -50,8 +51,8 @@ def main() -> None:
     optimizer = make_optimizer(spec.train.admm, model.parameters())
     attack = training_attack(spec.threat)
 
-    def weights(names: object) -> dict[str, torch.Tensor]:
-        return {name: net.get_submodule(name).weight for name in names}
+    def weights(names: Iterable[str]) -> dict[str, torch.Tensor]:
+        return {name: net.get_parameter(f"{name}.weight") for name in names}
 
     def choose(shifted: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
         layers = inventory.with_weights(found.layers, {k: v.detach() for k, v in shifted.items()})
@@ -65,8 +66,12 @@ def main() -> None:
         generator = torch.Generator().manual_seed(round_)
         plain.append(adversarial_epoch(model, batches, optimizer, attack, phase="pgd-at", epoch=round_,
                                        generator=generator).seconds)
+
+        def penalty(state: admm.AdmmState = state) -> torch.Tensor:
+            return admm.penalty(weights(state.ranks), state, 0.1)
+
         result = adversarial_epoch(model, batches, optimizer, attack, phase="admm", epoch=round_, generator=generator,
-                                   extra_loss=lambda state=state: admm.penalty(weights(state.ranks), state, 0.1))
+                                   extra_loss=penalty)
         started = time.perf_counter()
         current = weights(every)
         ranks = choose({k: w.detach() + state.u[k] if k in state.u else w.detach() for k, w in current.items()})

@@ -177,7 +177,8 @@ def run_throughput(device: torch.device, sizes: Sizes, scratch: Path) -> list[di
             batches = [(x[picks[i:i + sizes.batch]].to(device, memory_format=layout),
                         y[picks[i:i + sizes.batch]].to(device)) for i in range(0, len(picks), sizes.batch)]
             for precision in (None, torch.bfloat16):
-                model = Normalized(copy.deepcopy(net), data.mean, data.std).to(device, memory_format=layout)
+                # Two calls: torch's types have no overload for a device and a memory format together.
+                model = Normalized(copy.deepcopy(net), data.mean, data.std).to(device).to(memory_format=layout)
                 rate = images_per_second(model, batches, attack, warmup=sizes.warmup_steps, precision=precision)
                 rows.append({"structure": name, "params": weight_params(net), "channels_last": channels_last,
                              "precision": "bf16" if precision else "fp32", "images_per_second": round(rate, 1),
@@ -237,13 +238,13 @@ def run_mnist(arch: str, device: str, data: Path, results: Path, sizes: Sizes, d
                                                    env=_one_thread()), time.perf_counter(), log))
         time.sleep(1)
         for entry in list(running):
-            cell, process, since, log = entry
+            cell, process, since, cell_log = entry
             if process.poll() is None and deadline.left() > 0:
                 continue
             if process.poll() is None:
                 process.kill()
             cells[cell] = {"returncode": process.wait(), "seconds": round(time.perf_counter() - since, 1)}
-            log.close()
+            cell_log.close()
             running.remove(entry)
     table = subprocess.run([sys.executable, str(BENCHMARKS / "mnist.py"), "table", "--arch", arch, "--results",
                             str(results)], cwd=ROOT, capture_output=True, text=True, check=False)
@@ -258,9 +259,11 @@ def _run(command: list[str], log: Path, timeout: float) -> dict[str, object]:
                               env=_one_thread(), check=False)
         code, output = done.returncode, done.stdout + done.stderr
     except subprocess.TimeoutExpired as expired:
-        code, output = -9, f"timed out after {timeout:.0f} s\n{expired.stdout or ''}"
-    log.write_text(output if isinstance(output, str) else output.decode(errors="replace"))
-    return {"returncode": code, "seconds": round(time.perf_counter() - started, 1), "tail": str(output)[-1500:]}
+        # The output caught before a timeout is bytes even with text=True.
+        caught = expired.stdout.decode(errors="replace") if isinstance(expired.stdout, bytes) else expired.stdout
+        code, output = -9, f"timed out after {timeout:.0f} s\n{caught or ''}"
+    log.write_text(output)
+    return {"returncode": code, "seconds": round(time.perf_counter() - started, 1), "tail": output[-1500:]}
 
 
 def _one_thread() -> dict[str, str]:
@@ -321,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         sizes = dataclasses.replace(sizes, batch=args.batch)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "logs").mkdir(exist_ok=True)
-    report: dict[str, object] = {"machine": machine(device), "toy": args.toy, "skipped": []}
+    skipped: list[str] = []
+    report: dict[str, object] = {"machine": machine(device), "toy": args.toy, "skipped": skipped}
 
     def save() -> None:
         (args.out / "gpu.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -331,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             else args.data.resolve()
         for part in args.parts:
             if deadline.left() <= 0:
-                report["skipped"].append(part)  # type: ignore[union-attr]
+                skipped.append(part)
                 continue
             started = time.perf_counter()
             try:

@@ -64,6 +64,7 @@ from cstar_dsl.deploy.inference import optimize_for_inference, to_torchscript  #
 from cstar_dsl.deploy.latency import BLOCK, Timing, cpu_name, measure  # noqa: E402
 from cstar_dsl.lang.spec import Spec  # noqa: E402
 from cstar_dsl.lang.spec.compress import RatioBudget  # noqa: E402
+from cstar_dsl.model.factorized import Tucker2Conv2d  # noqa: E402
 
 MODELS = {"resnet18": ROOT / "specs" / "resnet18.cstar", "vgg16": ROOT / "specs" / "vgg16.cstar",
           "digits": ROOT / "specs" / "digits.cstar"}
@@ -317,7 +318,7 @@ class StrideFirst(nn.Module):
     large batch-1 input to oneDNN's slow NCHW path.) Here as a wrapper, in place of editing
     cstar_dsl/model/factorized.py."""
 
-    def __init__(self, tucker: nn.Module) -> None:
+    def __init__(self, tucker: Tucker2Conv2d) -> None:
         super().__init__()
         self.tucker, self.stride = tucker, tucker.core.stride
         tucker.core.stride = (1, 1)
@@ -328,14 +329,14 @@ class StrideFirst(nn.Module):
 
 def stride_first(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every Tucker-2 form of a strided 1x1 conv wrapped in ``StrideFirst``."""
-    from cstar_dsl.model.factorized import Tucker2Conv2d
     from cstar_dsl.model.inventory import replace_module
 
     model = copy.deepcopy(model)
     for name, module in list(model.named_modules()):
-        core = getattr(module, "core", None)
-        if isinstance(module, Tucker2Conv2d) and core.kernel_size == (1, 1) and core.padding == (0, 0) \
-                and core.stride != (1, 1):
+        if not isinstance(module, Tucker2Conv2d):
+            continue
+        core = module.core
+        if core.kernel_size == (1, 1) and core.padding == (0, 0) and core.stride != (1, 1):
             replace_module(model, name, StrideFirst(module))
     return model
 
@@ -344,9 +345,9 @@ def _stride_first(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
     return _bind(stride_first(model), x)
 
 
-def _inference(**options: bool) -> Callable[[nn.Module, torch.Tensor], Callable[[], object]]:
+def _inference(*, merge: bool = True, lower: bool = True) -> Callable[[nn.Module, torch.Tensor], Callable[[], object]]:
     def build(model: nn.Module, x: torch.Tensor) -> Callable[[], object]:
-        fast = optimize_for_inference(model, **options)
+        fast = optimize_for_inference(model, merge=merge, lower=lower)
         return lambda: fast(x)
     return build
 
@@ -395,7 +396,7 @@ def run_experiments(names: Sequence[str], ratios: Sequence[float], variants: Seq
                     try:
                         call = EXPERIMENTS[variant][1](source, x)
                         with torch.inference_mode():
-                            difference = (call() - source(x)).abs().max().item()  # type: ignore[operator]
+                            difference = (call() - source(x)).abs().max().item()
                         if difference > 1e-4:
                             raise AssertionError(f"output differs by {difference:.3g}")
                     except Exception as error:  # a variant that does not run is a result too
@@ -439,8 +440,6 @@ def layer_breakdown(name: str, ratio: float, *, repeats: int, warmup: int, threa
                     log: Callable[[str], None] = print) -> list[dict[str, object]]:
     """Each factorized conv layer timed alone on its real input: the dense conv against the
     Tucker-2 form's three convs, each with its MACs, to show where the time goes."""
-    from cstar_dsl.model.factorized import Tucker2Conv2d
-
     torch.set_num_threads(threads)
     spec, model = load(name)
     ratio_spec = with_budget(spec, ratio)
@@ -456,6 +455,7 @@ def layer_breakdown(name: str, ratio: float, *, repeats: int, warmup: int, threa
     rows = []
     for key, x in inputs.items():
         tucker, dense = factorized.get_submodule(key), model.get_submodule(key)
+        assert isinstance(tucker, Tucker2Conv2d) and isinstance(dense, nn.Conv2d)  # what the hooks above chose
         with torch.inference_mode():
             middle = tucker.compress(x)
             inner = tucker.core(middle)

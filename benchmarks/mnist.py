@@ -25,6 +25,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -349,11 +350,12 @@ def _maybe(value: object, spec: str) -> str:
 
 def _epoch_seconds(row: dict[str, object]) -> str:
     """The mean seconds of a training epoch, over every phase the cell ran (ADMM epochs cost a little more)."""
-    means = [v for v in (row.get("epoch_seconds") or {}).values() if v is not None]  # type: ignore[union-attr]
+    seconds = row.get("epoch_seconds")
+    means = [v for v in seconds.values() if v is not None] if isinstance(seconds, dict) else []
     return f"{sum(means) / len(means):.1f}" if means else "-"
 
 
-def _plot(rows: list[dict[str, object]], bench: Bench) -> None:
+def _plot(rows: list[dict[str, Any]], bench: Bench) -> None:
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(6, 4), layout="constrained")

@@ -110,5 +110,5 @@ def evaluate(folder: str | Path, attacks: Sequence[str] = (), *, samples: int | 
     """
     from .eval.robustness import parse_attack, reevaluate
 
-    return reevaluate(folder, [parse_attack(text) for text in attacks], samples=samples, sanity=sanity, seed=seed,
+    return reevaluate(Path(folder), [parse_attack(text) for text in attacks], samples=samples, sanity=sanity, seed=seed,
                       device=device, allow_import=allow_import)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from cstar_dsl.deploy.artifacts import ArtifactError, load, model_description, save_model
+from cstar_dsl.eval import evaluation  # its TestBatches by the module: pytest would collect the class
 from cstar_dsl.eval.robustness import (
     AutoAttackSetting,
     MissingExtra,
@@ -21,6 +22,7 @@ from cstar_dsl.eval.robustness import (
     reevaluate_model,
     resolved_spec,
 )
+from cstar_dsl.eval.sanity import sanity_checks
 from cstar_dsl.lang.errors import CStarError
 from cstar_dsl.lang.spec import FgsmAttack, ModelSpec, PgdAttack, Spec
 from cstar_dsl.lang.validate import check_file, load_spec
@@ -164,6 +166,15 @@ def test_the_unbounded_check_catches_a_gradient_masked_model(run):
     assert min(result.robust.values()) > min(honest.robust.values()) + 0.2
     assert not checks["an unbounded attack reaches ~0%"].passed
     assert "pgd(linf, eps=1, step=0.1, steps=50, restarts=1)" in checks["an unbounded attack reaches ~0%"].detail
+
+
+def test_the_sanity_checks_take_test_batches_read_as_needed(run):
+    """A data set that is not in memory (ImageNet folders) reaches the checks as TestBatches, not a list."""
+    spec, model = resolved_spec(run), load(run)
+    read_as_needed = evaluation.TestBatches(datasets(spec).test, 50, torch.device("cpu"))
+    checks = sanity_checks(model, read_as_needed, (), spec.threat, {}, 0, [])  # the baseline: a default PGD
+    assert len(checks) == 3
+    assert checks == sanity_checks(model, list(read_as_needed), (), spec.threat, {}, 0, [])
 
 
 def test_a_missing_autoattack_package_is_a_clear_error(run, monkeypatch):

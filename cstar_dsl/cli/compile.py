@@ -55,7 +55,10 @@ def run_compile(args: argparse.Namespace, console: Console) -> int:
     progress = RichProgress(console) if bars else LogProgress(console)
     try:
         with progress:
-            compiled = compile_spec(checked.spec, options, progress if world.is_main else Progress())
+            # The displays have Progress's methods but cannot subclass it: that would import torch
+            # with the CLI, before the recipe is checked.
+            sink = progress if world.is_main else Progress()
+            compiled = compile_spec(checked.spec, options, sink)  # type: ignore[arg-type]
     except USER_ERRORS as error:
         return print_error(console, error, "full", checked=checked)
     except KeyboardInterrupt as interrupt:

@@ -69,9 +69,9 @@ def _print_diff(console: Console, files: list[str], settings: list[Change], laye
         table = Table(box=box.SIMPLE_HEAD, title="plan: layers that change", title_justify="left")
         for column in ("layer", "before", "after", "params", "MACs"):
             table.add_column(column, justify="right" if column in ("params", "MACs") else "left", no_wrap=True)
-        for change in layers:
-            table.add_row(change.name, _treatment_text(change.before), _treatment_text(change.after),
-                          _delta(change, "params_after"), _delta(change, "macs_after"))
+        for layer in layers:
+            table.add_row(layer.name, _treatment_text(layer.before), _treatment_text(layer.after),
+                          _delta(layer, "params_after"), _delta(layer, "macs_after"))
         console.print(table)
     else:
         console.out("plan: no layer changes")

@@ -118,7 +118,7 @@ def _plan_notes(plan: Plan, width: int, *, pruning: bool = False, allocation: st
         return [f"channel-prune: `cstar compile` {how}, until the conv and linear weights are "
                 f"at most {si(plan.params_after)} ({plan.params_before / max(1, plan.params_after):.2f}x fewer); "
                 "no ranks apply, and the MACs are known after compiling"]
-    lines = []
+    lines: list[str] = []
     columns = _plan_columns(width)
     if "kind" in columns:
         return lines

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from pydantic import ValidationError
 from safetensors.torch import load_file
@@ -146,7 +146,7 @@ def size_problem(description: dict[str, Any]) -> str | None:
     return None
 
 
-def _whole(value: object) -> bool:
+def _whole(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -165,9 +165,9 @@ def load(folder: str | Path, *, allow_import: bool = False) -> nn.Module:
         except files.FileProblem as problem:
             raise ArtifactError(str(problem)) from None
     description = _read_description(folder)
-    problem = size_problem(description)
-    if problem:
-        raise ArtifactError(f"{folder / DESCRIPTION} asks for {problem}; refused before building anything")
+    too_large = size_problem(description)
+    if too_large:
+        raise ArtifactError(f"{folder / DESCRIPTION} asks for {too_large}; refused before building anything")
     try:
         state = load_file(str(folder / WEIGHTS))
     except Exception as error:  # safetensors raises its own error type for a damaged file

@@ -132,7 +132,7 @@ def _copy(source: Path, path: Path) -> None:
     _write_checked(path, path.suffix, lambda temporary: shutil.copyfile(source, temporary), None)
 
 
-def _write_checked(path: Path, suffix: str, save: Callable[[Path], None], check: Check | None) -> float | None:
+def _write_checked(path: Path, suffix: str, save: Callable[[Path], object], check: Check | None) -> float | None:
     """Save to a temporary file in ``path``'s folder, check it, then rename it over ``path``."""
     def save_and_check(temporary: Path) -> float | None:
         save(temporary)
@@ -236,6 +236,7 @@ def _onnx_model(model: nn.Module, example: torch.Tensor, opset: int) -> onnx.Mod
     except Exception as error:  # the exporters raise many types; the CLI needs one with a hint
         hint = "try --format torch.export" if opset == NATIVE_OPSET else f"use --opset {NATIVE_OPSET}"
         raise ExportError(f"the ONNX exporter failed at opset {opset}: {error}; {hint}") from error
+    assert program is not None  # the dynamo exporter always returns its program
     return program.model_proto
 
 
@@ -263,7 +264,9 @@ def _legacy_onnx_model(model: nn.Module, example: torch.Tensor, opset: int) -> o
         warnings.filterwarnings("ignore", message=r"You are using the legacy TorchScript-based ONNX export",
                                 category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=r"The feature will be removed", category=DeprecationWarning)
-        torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=opset, verbose=False,
+        # torch types `f` as a path, but the TorchScript-based exporter writes to a file object as well.
+        torch.onnx.export(model, (example,), buffer,  # type: ignore[arg-type]
+                          dynamo=False, opset_version=opset, verbose=False,
                           input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                           dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
     return onnx.load_from_string(buffer.getvalue())

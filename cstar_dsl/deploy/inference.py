@@ -37,6 +37,7 @@ import copy
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any, TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,7 @@ from torch import fx, nn
 from torch.nn.modules.utils import _pair
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from ..model.factorized import conv_geometry
 from ..model.inventory import replace_module, trace
 
 # Strided convs with at most this many output channels run channels-last (see _channels_last_conv).
@@ -107,15 +109,15 @@ def to_torchscript(model: nn.Module, example: torch.Tensor, *, leaves: Iterable[
 
 
 def _module(graph: fx.GraphModule, node: object) -> nn.Module | None:
-    if isinstance(node, fx.Node) and node.op == "call_module":
-        return graph.get_submodule(node.target)  # type: ignore[arg-type]
+    if isinstance(node, fx.Node) and node.op == "call_module" and isinstance(node.target, str):
+        return graph.get_submodule(node.target)
     return None
 
 
-def _plain_conv(module: nn.Module | None) -> bool:
+def _plain_conv(module: nn.Module | None) -> TypeGuard[nn.Conv2d]:
     """An ungrouped, zero-padded Conv2d with numeric padding: what the passes know how to rewrite."""
-    return (type(module) is nn.Conv2d and module.groups == 1 and module.padding_mode == "zeros"  # type: ignore[union-attr]
-            and not isinstance(module.padding, str))  # type: ignore[union-attr]
+    return (type(module) is nn.Conv2d and module.groups == 1 and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str))
 
 
 def _one_by_one(conv: nn.Conv2d) -> bool:
@@ -139,10 +141,10 @@ def _fold_batch_norms(graph: fx.GraphModule) -> int:
             continue
         source = node.args[0]
         conv = _module(graph, source)
-        if type(conv) is not nn.Conv2d or len(source.users) != 1:  # type: ignore[union-attr]
+        if type(conv) is not nn.Conv2d or len(source.users) != 1:
             continue
-        replace_module(graph, source.target, fuse_conv_bn_eval(conv, bn))  # type: ignore[union-attr,arg-type]
-        node.replace_all_uses_with(source)  # type: ignore[arg-type]
+        replace_module(graph, source.target, fuse_conv_bn_eval(conv, bn))
+        node.replace_all_uses_with(source)
         graph.graph.erase_node(node)
         folded += 1
     return folded
@@ -160,9 +162,9 @@ def _merge_pointwise(graph: fx.GraphModule) -> int:
             continue
         first = second.args[0]
         a = _module(graph, first)
-        if not _plain_conv(a) or len(first.users) != 1 or not _worth_merging(a, b):  # type: ignore[arg-type]
+        if not _plain_conv(a) or len(first.users) != 1 or not _worth_merging(a, b):
             continue
-        replace_module(graph, second.target, _merged_conv(a, b))  # type: ignore[arg-type]
+        replace_module(graph, second.target, _merged_conv(a, b))
         second.replace_input_with(first, first.args[0])
         graph.graph.erase_node(first)
         merged += 1
@@ -183,7 +185,7 @@ def _worth_merging(a: nn.Conv2d, b: nn.Conv2d) -> bool:
 
 def _merged_conv(a: nn.Conv2d, b: nn.Conv2d) -> nn.Conv2d:
     """The single conv computing ``b(a(x))``, for the pairs ``_worth_merging`` accepts."""
-    options = {"device": b.weight.device, "dtype": b.weight.dtype}
+    options: dict[str, Any] = {"device": b.weight.device, "dtype": b.weight.dtype}
     has_bias = a.bias is not None or b.bias is not None
     if _one_by_one(a) and _one_by_one(b):  # strides compose; a 1x1 conv has no use for dilation
         stride = (a.stride[0] * b.stride[0], a.stride[1] * b.stride[1])
@@ -199,14 +201,13 @@ def _merged_conv(a: nn.Conv2d, b: nn.Conv2d) -> nn.Conv2d:
         conv = _like(b, a.in_channels, b.out_channels, has_bias, options)
         conv.weight.copy_(torch.einsum("oshw,si->oihw", b.weight, a.weight[:, :, 0, 0]))
         bias = b.bias
-    if bias is not None:
-        conv.bias.copy_(bias)  # type: ignore[union-attr]
+    if bias is not None and conv.bias is not None:
+        conv.bias.copy_(bias)
     return conv
 
 
-def _like(geometry: nn.Conv2d, c_in: int, c_out: int, bias: bool, options: dict) -> nn.Conv2d:
-    return nn.Conv2d(c_in, c_out, geometry.kernel_size, stride=geometry.stride, padding=geometry.padding,
-                     dilation=geometry.dilation, bias=bias, **options)
+def _like(geometry: nn.Conv2d, c_in: int, c_out: int, bias: bool, options: dict[str, Any]) -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, **conv_geometry(geometry), bias=bias, **options)
 
 
 def _bias_through(a: nn.Conv2d, b: nn.Conv2d) -> torch.Tensor | None:
@@ -244,14 +245,14 @@ def _function_call(graph: fx.GraphModule, node: fx.Node, module: nn.Module, matm
         return None if value is None else _buffer(graph, node, field, value.detach())
 
     if _plain_conv(module):
-        conv: nn.Conv2d = module  # type: ignore[assignment]
+        conv = module
         if _one_by_one(conv) and conv.stride != (1, 1):  # subsample first, then an unstrided 1x1 conv
             x = g.call_function(_subsample, (x, conv.stride))
             if not matmul_1x1:
                 return g.call_function(torch.conv2d, (x, tensor("weight"), tensor("bias")))
         if _one_by_one(conv) and matmul_1x1:
-            weight = module.weight.detach().flatten(1)[None]  # 1 x C_out x C_in
-            bias = None if module.bias is None else module.bias.detach()[None, :, None]  # 1 x C_out x 1
+            weight = conv.weight.detach().flatten(1)[None]  # 1 x C_out x C_in
+            bias = None if conv.bias is None else conv.bias.detach()[None, :, None]  # 1 x C_out x 1
             return g.call_function(_pointwise_conv, (x, _buffer(graph, node, "matrix", weight),
                                                      _buffer(graph, node, "column", bias)))
         if conv.stride != (1, 1) and conv.out_channels <= NARROW_STRIDED:
@@ -267,7 +268,7 @@ def _function_call(graph: fx.GraphModule, node: fx.Node, module: nn.Module, matm
     if type(module) is nn.ReLU:
         return g.call_function(torch.relu_ if module.inplace else torch.relu, (x,))
     if type(module) is nn.MaxPool2d and not module.return_indices:
-        pool: nn.MaxPool2d = module  # type: ignore[assignment]
+        pool = module
         shape = (_pair(pool.kernel_size), _pair(pool.stride), _pair(pool.padding), _pair(pool.dilation))
         if shape == ((2, 2), (2, 2), (0, 0), (1, 1)) and not pool.ceil_mode:
             return g.call_function(_max_pool_2x2, (x,))

@@ -7,7 +7,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,7 +43,7 @@ class Timing:
                    statistics.median(cpu) * 1e3, len(ms))
 
 
-def measure(calls: dict[str, Callable[[], object]], *, repeats: int, warmup: int,
+def measure(calls: Mapping[str, Callable[[], object]], *, repeats: int, warmup: int,
             block: int = BLOCK) -> dict[str, Timing]:
     """Time each zero-argument call ``repeats`` times after ``warmup`` untimed calls each.
 

@@ -24,7 +24,7 @@ from .state import Context, Run
 def admm_weights(run: Run, names: Iterable[str]) -> dict[str, Tensor]:
     """The weights of the named layers of the run's network (the live parameters)."""
     assert run.net is not None
-    return {name: run.net.get_submodule(name).weight for name in names}
+    return {name: run.net.get_parameter(f"{name}.weight") for name in names}
 
 
 def replan(context: Context, weights: dict[str, Tensor]) -> Plan:
@@ -71,7 +71,7 @@ def admm_update(context: Context, run: Run, phase: AdmmSpec) -> float:
     distributed.broadcast([*run.admm.z.values(), *run.admm.u.values()], context.world)
     schedule = phase.rho_schedule
     if schedule.kind == "geometric":
-        rho = min(run.rho * schedule.factor, schedule.max or float("inf"))  # type: ignore[union-attr]
+        rho = min(run.rho * schedule.factor, schedule.max or float("inf"))
         # U is the dual scaled by 1/rho: when rho changes, U must be rescaled to stay the same dual (Boyd et al. 3.4.1)
         run.admm = dataclasses.replace(run.admm, u={k: v * (run.rho / rho) for k, v in run.admm.u.items()})
         run.rho = rho

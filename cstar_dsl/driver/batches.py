@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.utils.data import TensorDataset
 
 from ..train import distributed
-from ..train.data import augment, loader_batches
+from ..train.data import augment, dataset_size, loader_batches
 from .state import Context, place
 
 
@@ -22,7 +22,7 @@ def batches(context: Context, generator: torch.Generator) -> Iterator[tuple[Tens
     """This rank's share of each global batch, in an order drawn from ``generator``."""
     train = context.data.train
     size = context.spec.data.batch_size
-    order = torch.randperm(len(train), generator=generator)  # type: ignore[arg-type]
+    order = torch.randperm(dataset_size(train), generator=generator)
     # Every rank draws the same order and takes its share of each global batch.
     shares = [distributed.share(order[start:start + size], context.world) for start in range(0, len(order), size)]
     if isinstance(train, TensorDataset):

@@ -124,7 +124,7 @@ def _adversarial_gradients(context: Context, net: nn.Module) -> None:
         if parameter.grad is None:
             parameter.grad = torch.zeros_like(parameter)
     # Each rank saw its own share of the batches; all must prune the same channels, so rank 0's scores count.
-    distributed.broadcast([p.grad for p in net.parameters()], context.world)
+    distributed.broadcast([p.grad for p in net.parameters() if p.grad is not None], context.world)
     net.cpu()
 
 

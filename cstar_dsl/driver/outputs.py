@@ -17,6 +17,7 @@ from ..eval.evaluation import Evaluation
 from ..lang.spec import Spec
 from ..report import document as report
 from ..train import checkpoint
+from ..train.data import dataset_size
 from .state import CompileError, CompileOptions, Context, Run
 
 REPORT_SCHEMA = "cstar.report/1"
@@ -82,7 +83,8 @@ def build_report(context: Context, run: Run, result: Evaluation, seconds: float,
                    for layer in run.plan["layers"]],
         "history": run.history,
         "timings": {"total_seconds": seconds, "phases": run.phase_seconds, "evaluate_seconds": result.seconds},
-        "data": {"name": context.data.name, "train_size": len(context.data.train), "test_size": result.samples},
+        "data": {"name": context.data.name, "train_size": dataset_size(context.data.train),
+                 "test_size": result.samples},
         "machine": {"device": str(context.device), "processor": platform.processor() or platform.machine(),
                     "threads": torch.get_num_threads(), "python": platform.python_version(),
                     "torch": torch.__version__, "cstar": __version__},

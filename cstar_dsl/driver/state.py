@@ -12,7 +12,7 @@ from torch import nn
 from ..errors import RunError
 from ..lang.spec import PhaseSpec, Spec
 from ..train import admm, distributed
-from ..train.data import Datasets
+from ..train.data import Datasets, dataset_size
 from ..train.optimize import make_optimizer, make_schedule
 
 if TYPE_CHECKING:
@@ -103,7 +103,7 @@ class Context:
     @property
     def steps(self) -> int:
         """Optimizer steps in an epoch: one per global batch."""
-        return -(-len(self.data.train) // self.spec.data.batch_size)  # type: ignore[arg-type]
+        return -(-dataset_size(self.data.train) // self.spec.data.batch_size)
 
 
 def place(value: Any, device: torch.device) -> Any:

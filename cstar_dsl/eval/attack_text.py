@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Annotated, ClassVar, Literal
 
 from pydantic import ValidationError
-from pydantic_core import PydanticCustomError
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from ..lang import coerce as c
 from ..lang import syntax as ast
@@ -111,7 +111,7 @@ def _autoattack_setting(node: ast.Value) -> AutoAttackSetting:
     return AutoAttackSetting(arguments.version, arguments.eps)
 
 
-def _argument_diagnostic(error: dict, node: ast.Value) -> Diagnostic:
+def _argument_diagnostic(error: ErrorDetails, node: ast.Value) -> Diagnostic:
     if error["type"] == "extra_forbidden" and isinstance(node, ast.Call):
         key = str(error["loc"][-1])
         keyword = node.keyword(key)

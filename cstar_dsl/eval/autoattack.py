@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
 from types import ModuleType
 
@@ -51,7 +52,7 @@ class _Flags(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def run_autoattack(model: nn.Module, batches: list[tuple[Tensor, Tensor]], setting: AutoAttackSetting,
+def run_autoattack(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], setting: AutoAttackSetting,
                     threat: ThreatSpec, seed: int) -> tuple[str, float, list[str]]:
     """The accuracy on AutoAttack's adversarial examples (recomputed, as RobustBench does) and its flags."""
     module = autoattack_module()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import overload
 
 import torch
 from torch import Tensor, nn
@@ -12,7 +13,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from ..lang.spec import EvaluateSpec, FgsmAttack, PgdAttack, ThreatSpec
 from ..train.attacks import Attack, Fgsm, Pgd, accuracy
-from ..train.data import loader_batches
+from ..train.data import dataset_size, loader_batches
 
 EVAL_BATCH = 500
 
@@ -33,6 +34,12 @@ class Evaluation:
         return min(self.robust.values()) if self.robust else None
 
 
+@overload
+def attack_for(setting: PgdAttack, threat: ThreatSpec) -> Pgd: ...
+@overload
+def attack_for(setting: FgsmAttack, threat: ThreatSpec) -> Fgsm: ...
+@overload
+def attack_for(setting: PgdAttack | FgsmAttack, threat: ThreatSpec) -> Attack: ...
 def attack_for(setting: PgdAttack | FgsmAttack, threat: ThreatSpec) -> Attack:
     """An attack of the ``evaluate`` block, its unset eps and step taken from the threat model."""
     eps = setting.eps if setting.eps is not None else threat.eps
@@ -58,7 +65,7 @@ class TestBatches:
 
     def __init__(self, test: Dataset, samples: int | None, device: torch.device, *, rank: int = 0,
                  ranks: int = 1, workers: int = 0) -> None:
-        count = len(test) if samples is None else min(samples, len(test))  # type: ignore[arg-type]
+        count = dataset_size(test) if samples is None else min(samples, dataset_size(test))
         self.order = torch.arange(count)[rank::ranks]
         self.test, self.device, self.workers = test, device, workers
 

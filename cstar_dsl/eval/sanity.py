@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,7 @@ class SanityCheck:
     detail: str
 
 
-def sanity_checks(model: nn.Module, batches: list[tuple[Tensor, Tensor]], settings: tuple[AttackSetting, ...],
+def sanity_checks(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], settings: tuple[AttackSetting, ...],
             threat: ThreatSpec, robust: dict[str, float], seed: int, flags: list[str]) -> tuple[SanityCheck, ...]:
     n = sum(len(y) for _, y in batches)
     measure = _Measure(model, batches, seed, n)
@@ -51,12 +52,12 @@ class _Measure:
     """Accuracy under an attack on the evaluated images, the attack's random starts seeded by ``seed``."""
 
     model: nn.Module
-    batches: list[tuple[Tensor, Tensor]]
+    batches: Iterable[tuple[Tensor, Tensor]]
     seed: int
     samples: int
 
     def __call__(self, attack: Attack) -> float:
-        device = self.batches[0][0].device
+        device = next(iter(self.batches))[0].device
         return accuracy(self.model, self.batches, attack, torch.Generator(device=device).manual_seed(self.seed))
 
     def tolerance(self) -> float:
@@ -70,8 +71,8 @@ class _Measure:
 def _strongest_pgd(settings: tuple[AttackSetting, ...], threat: ThreatSpec, robust: dict[str, float]) -> Pgd:
     given = [attack_for(s, threat) for s in settings if isinstance(s, PgdAttack)]
     if not given:
-        return attack_for(PgdAttack(), threat)  # type: ignore[return-value]
-    return min(given, key=lambda a: (robust[attack_name(a)], -a.steps * a.restarts))  # type: ignore[return-value]
+        return attack_for(PgdAttack(), threat)
+    return min(given, key=lambda a: (robust[attack_name(a)], -a.steps * a.restarts))
 
 
 def _more_steps_check(baseline: Pgd, base_accuracy: float, measure: _Measure) -> SanityCheck:

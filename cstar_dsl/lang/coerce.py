@@ -236,8 +236,8 @@ def _arguments(call: ast.Call, member: type[BaseModel]) -> dict[str, object]:
              f"got {len(positional)}",
              label="too many arguments",
              help=f"name the arguments: {', '.join(f'{n} = ...' for n in fields)}" if fields else None, **context)
-    for name, arg in zip(names, positional, strict=False):
-        found[name] = arg
+    for name, positional_value in zip(names, positional, strict=False):
+        found[name] = positional_value
     for index, arg in enumerate(call.args):
         if isinstance(arg, ast.Keyword):
             if arg.name.value == "kind":

@@ -22,13 +22,13 @@ TOP_LEVEL_BLOCKS = ("model", "data", "threat", "compress", "train", "evaluate", 
 
 
 class Section(dict[str, Any]):
-    """One block's settings; ``span`` is its header, ``keys`` where each key was written."""
+    """One block's settings; ``span`` is its header, ``key_info`` where each key was written."""
 
     def __init__(self, kind: str, span: Span | None) -> None:
         super().__init__()
         self.kind = kind
         self.span = span
-        self.keys: dict[str, KeyInfo] = {}
+        self.key_info: dict[str, KeyInfo] = {}
 
 
 @dataclass(frozen=True)
@@ -81,16 +81,16 @@ def _take_extend(result: Lowered, item: ast.Extend, index: int) -> None:
         result.extend = item
 
 
-def _top_level_item(item: ast.Item) -> Diagnostic:
+def _top_level_item(item: ast.Attribute | ast.Requirement) -> Diagnostic:
     if isinstance(item, ast.Requirement):
         return _misplaced_requirement(item, "at the top level")
-    key = item.key.value  # type: ignore[union-attr]
+    key = item.key.value
     if key in TOP_LEVEL_BLOCKS:
         return Diagnostic(
-            "expected-block", f"`{key}` is a block, not a setting", item.span,  # type: ignore[union-attr]
+            "expected-block", f"`{key}` is a block, not a setting", item.span,
             label="expected `{ ... }`", help=f"write `{key} {{ ... }}` with its settings inside")
     return Diagnostic(
-        "top-level-setting", f"setting `{key}` is outside any block", item.span,  # type: ignore[union-attr]
+        "top-level-setting", f"setting `{key}` is outside any block", item.span,
         label="not inside a block", help="put settings inside a block such as `model { ... }`")
 
 
@@ -172,7 +172,7 @@ def _selector(block: ast.Block, diagnostics: list[Diagnostic]) -> ast.String | a
 
 def _set(section: Section, key: str, value: Any, info: KeyInfo, diagnostics: list[Diagnostic]) -> None:
     if key in section:
-        first = section.keys[key]
+        first = section.key_info[key]
         what = "block" if isinstance(value, Section) else "key"
         diagnostics.append(Diagnostic(
             f"duplicate-{what}", f"`{info.written}` is given twice in {_where(section)}", info.span,
@@ -180,7 +180,7 @@ def _set(section: Section, key: str, value: Any, info: KeyInfo, diagnostics: lis
             help=f"keep one `{info.written}`" + (" and merge their settings" if what == "block" else "")))
         return
     section[key] = value
-    section.keys[key] = info
+    section.key_info[key] = info
 
 
 def identity(entry: Any) -> object:
@@ -193,7 +193,7 @@ def identity(entry: Any) -> object:
 
 def _append_unique(section: Section, key: str, value: Any, info: KeyInfo, diagnostics: list[Diagnostic]) -> None:
     entries = section.setdefault(key, SectionList())
-    section.keys.setdefault(key, info)
+    section.key_info.setdefault(key, info)
     first = next((e for e in entries if identity(e) == identity(value)), None)
     if first is None:
         entries.append(value)

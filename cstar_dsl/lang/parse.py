@@ -161,7 +161,8 @@ def _too_deep(source: SourceFile, token: Token) -> Diagnostic:
 
 def _syntax_diagnostic(source: SourceFile, error: UnexpectedInput) -> Diagnostic:
     if isinstance(error, UnexpectedCharacters):
-        return _bad_character(source, error.pos_in_stream)
+        # Lark types the position as optional, but its lexer always sets it for this error.
+        return _bad_character(source, error.pos_in_stream or 0)
     if isinstance(error, UnexpectedToken):
         return _bad_token(source, error)
     offset = len(source.text)

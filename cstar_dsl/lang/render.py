@@ -100,9 +100,9 @@ def render_full(diagnostic: Diagnostic) -> str:
             f"{gutter} | {' ' * start}{'^' * width}{label}",
             f"{gutter} |",
         ]
-    for prefix, text in [("help", diagnostic.help), *(("note", n) for n in diagnostic.notes)]:
-        if text:
-            lines.append(f"{gutter} = {prefix}: {text}")
+    for prefix, remark in [("help", diagnostic.help), *(("note", n) for n in diagnostic.notes)]:
+        if remark:
+            lines.append(f"{gutter} = {prefix}: {remark}")
     return "\n".join(lines)
 
 

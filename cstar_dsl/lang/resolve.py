@@ -121,19 +121,19 @@ def merge(base: Section, override: Section) -> Section:
     selector and metric, every other value is replaced."""
     merged = Section(override.kind, override.span or base.span)
     merged.update(base)
-    merged.keys.update(base.keys)
+    merged.key_info.update(base.key_info)
     for key, value in override.items():
         previous = base.get(key)
         if is_drop(value) and isinstance(previous, Section):  # `admm = none`: the base's block goes
             del merged[key]
-            merged.keys.pop(key, None)
+            merged.key_info.pop(key, None)
             continue
         if isinstance(value, Section) and isinstance(previous, Section):
             value = merge(previous, value)
         elif isinstance(value, SectionList) and isinstance(previous, SectionList):
             value = _merge_entries(previous, value)
         merged[key] = value
-        merged.keys[key] = override.keys[key]
+        merged.key_info[key] = override.key_info[key]
     return merged
 
 

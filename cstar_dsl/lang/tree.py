@@ -78,7 +78,9 @@ class ToSyntax(Transformer):
 
     def block(self, kind: Token, *rest: object) -> ast.Block:
         opening = next(i for i, part in enumerate(rest) if isinstance(part, Token) and part.type == "LBRACE")
-        labels = tuple(self.string(t) if t.type == "STRING" else self.name(t) for t in rest[:opening])  # type: ignore[union-attr]
+        # Every part before the brace is a label token; the isinstance only tells the type checker so.
+        labels = tuple(self.string(t) if t.type == "STRING" else self.name(t)
+                       for t in rest[:opening] if isinstance(t, Token))
         close = rest[-1]
         items = tuple(part for part in rest[opening + 1 : -1] if not isinstance(part, Token))
         header_end = rest[opening]

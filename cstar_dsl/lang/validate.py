@@ -61,7 +61,7 @@ def check_sections(root: Section, found: list[Diagnostic], *, allow_import: bool
     diagnostics.sort(key=_position)
     if errors or any(d.is_error for d in diagnostics):
         raise CStarError(diagnostics)
-    return Checked(Spec(**blocks), tuple(diagnostics), root)
+    return Checked(Spec.model_validate(blocks), tuple(diagnostics), root)
 
 
 def _validate_blocks(root: Section, context: dict[str, Any]) -> tuple[dict[str, BaseModel], list[Any]]:
@@ -96,7 +96,8 @@ def _pydantic_diagnostics(errors: list[Any], root: Section) -> list[Diagnostic]:
         if error["type"] == "extra_forbidden":
             loc = tuple(error["loc"])
             match = closest(str(loc[-1]), [_WRITTEN.get(f, f) for f in _fields_at(loc[:-1])])
-            misspelt.add((*loc[:-1], _READ.get(match, match)))
+            if match is not None:
+                misspelt.add((*loc[:-1], _READ.get(match, match)))
     kept = [e for e in errors if not (e["type"] == "missing" and tuple(e["loc"]) in misspelt)]
     missing_blocks = [str(e["loc"][0]) for e in kept if e["type"] == "missing" and len(e["loc"]) == 1]
     found = [_diagnostic(e, root) for e in kept if not (e["type"] == "missing" and len(e["loc"]) == 1)]
@@ -144,7 +145,9 @@ def _error_span(root: Section, loc: Loc, ctx: dict[str, Any], value: object) -> 
 
 def _related_note(root: Section, span: Span | None, related: Loc | None) -> tuple[str, ...]:
     """Point at the setting an error depends on when another file (an `extend`ed base) set it."""
-    other = locate(root, tuple(related)) if related else None
+    if not related:
+        return ()
+    other = locate(root, tuple(related))
     if other is None or span is None or other.path == span.path:
         return ()
     return (f"`{related[-1]}` is set at {other.path}:{other.line}:{other.column}",)
@@ -160,7 +163,7 @@ def _unknown_key(loc: Loc, root: Section) -> Diagnostic:
             "unknown-argument", f"`{parent.name.value}` has no argument `{key}`",
             keyword.name.span if keyword else parent.span, label=did_you_mean(key, allowed) or "unknown argument",
             help=f"its arguments are: {', '.join(allowed)}" if allowed else f"`{parent.name.value}` takes no arguments")
-    info = parent.keys.get(key) if isinstance(parent, Section) else None
+    info = parent.key_info.get(key) if isinstance(parent, Section) else None
     written = info.written if info else key
     value = parent.get(key) if isinstance(parent, Section) else None
     is_block = isinstance(value, Section) or (isinstance(value, SectionList) and isinstance(value[0], Section))

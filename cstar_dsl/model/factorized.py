@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from .decompose import Tucker2Factors, truncated_svd, tucker2, tucker2_to_dense
+
+
+def conv_geometry(conv: nn.Conv2d) -> dict[str, Any]:
+    """``conv``'s kernel size, stride, padding and dilation, as keyword arguments for a new Conv2d."""
+    # Keywords, not the attributes themselves: torch types them as tuples of any length, while
+    # Conv2d's constructor takes pairs, which these always are.
+    return {"kernel_size": conv.kernel_size, "stride": conv.stride, "padding": conv.padding,
+            "dilation": conv.dilation}
 
 
 class LowRankLinear(nn.Module):
@@ -65,11 +75,11 @@ class Tucker2Conv2d(nn.Module):
         if dense.groups != 1:
             raise ValueError(f"Tucker-2 needs an ungrouped conv, got groups={dense.groups}")
         r_out, r_in = ranks
-        options = {"device": dense.weight.device, "dtype": dense.weight.dtype}
+        options: dict[str, Any] = {"device": dense.weight.device, "dtype": dense.weight.dtype}
         self.in_channels, self.out_channels, self.ranks = dense.in_channels, dense.out_channels, (r_out, r_in)
         self.compress = nn.Conv2d(dense.in_channels, r_in, 1, bias=False, **options)
-        self.core = nn.Conv2d(r_in, r_out, dense.kernel_size, stride=dense.stride, padding=dense.padding,
-                              dilation=dense.dilation, padding_mode=dense.padding_mode, bias=False, **options)
+        self.core = nn.Conv2d(r_in, r_out, **conv_geometry(dense), padding_mode=dense.padding_mode, bias=False,
+                              **options)
         self.expand = nn.Conv2d(r_out, dense.out_channels, 1, bias=dense.bias is not None, **options)
 
     @classmethod
@@ -81,7 +91,7 @@ class Tucker2Conv2d(nn.Module):
             module.compress.weight.copy_(factors.in_basis.T[:, :, None, None])
             module.core.weight.copy_(factors.core)
             module.expand.weight.copy_(factors.out_basis[:, :, None, None])
-            if layer.bias is not None:
+            if layer.bias is not None and module.expand.bias is not None:
                 module.expand.bias.copy_(layer.bias)
         return module
 
@@ -93,12 +103,11 @@ class Tucker2Conv2d(nn.Module):
     def to_dense(self) -> nn.Conv2d:
         """The dense Conv2d layer this one computes."""
         core = self.core
-        layer = nn.Conv2d(self.in_channels, self.out_channels, core.kernel_size, stride=core.stride,
-                          padding=core.padding, dilation=core.dilation, padding_mode=core.padding_mode,
+        layer = nn.Conv2d(self.in_channels, self.out_channels, **conv_geometry(core), padding_mode=core.padding_mode,
                           bias=self.expand.bias is not None, device=core.weight.device, dtype=core.weight.dtype)
         with torch.no_grad():
             layer.weight.copy_(self.dense_weight())
-            if self.expand.bias is not None:
+            if self.expand.bias is not None and layer.bias is not None:
                 layer.bias.copy_(self.expand.bias)
         return layer
 

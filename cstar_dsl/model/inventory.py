@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -137,7 +138,7 @@ def _io_positions(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, t
     handles = [m.register_forward_hook(record(n)) for n, m in model.named_modules()
                if isinstance(m, (nn.Linear, nn.Conv2d))]
     parameter = next(model.parameters(), None)
-    options = {"device": parameter.device, "dtype": parameter.dtype} if parameter is not None else {}
+    options: dict[str, Any] = {"device": parameter.device, "dtype": parameter.dtype} if parameter is not None else {}
     try:
         with torch.no_grad():
             model.eval()(torch.zeros(1, *input_shape, **options))

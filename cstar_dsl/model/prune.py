@@ -7,6 +7,7 @@ import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Any
 
 import torch
 import torch_pruning as tp
@@ -15,6 +16,7 @@ from torch import nn
 from ..lang.problems import SpecProblem
 from ..lang.spec import Spec
 from ..plan.plans import Plan
+from .factorized import conv_geometry
 from .inventory import replace_module
 
 _WEIGHTED = (nn.Conv2d, nn.Linear)
@@ -201,7 +203,7 @@ def _kept_shares(model: nn.Module, protected: list[nn.Module]) -> list[Fraction]
     return sorted({share for c in widths for k in range(1, c) if (share := Fraction(k, c)) >= floor})
 
 
-def _out_channels(module: nn.Module) -> int:
+def _out_channels(module: nn.Conv2d | nn.Linear) -> int:
     return module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
 
 
@@ -255,8 +257,8 @@ def _conv(conv: nn.Conv2d, weight: torch.Tensor) -> nn.Conv2d | None:
     # Pruning a depthwise conv removes whole groups (one per channel); other grouped convs keep their group count.
     depthwise = conv.groups > 1 and conv.groups == conv.in_channels
     groups = out_channels // (conv.out_channels // conv.groups) if depthwise else conv.groups
-    return nn.Conv2d(weight.shape[1] * groups, out_channels, conv.kernel_size, conv.stride, conv.padding,
-                     conv.dilation, groups, conv.bias is not None, conv.padding_mode,
+    return nn.Conv2d(weight.shape[1] * groups, out_channels, **conv_geometry(conv), groups=groups,
+                     bias=conv.bias is not None, padding_mode=conv.padding_mode,
                      device=conv.weight.device, dtype=conv.weight.dtype)
 
 
@@ -271,5 +273,5 @@ def _batchnorm(norm: nn.BatchNorm2d, features: int) -> nn.BatchNorm2d | None:
     if features == norm.num_features:
         return None
     reference = norm.running_mean if norm.running_mean is not None else norm.weight
-    factory = {"device": reference.device, "dtype": reference.dtype} if reference is not None else {}
+    factory: dict[str, Any] = {"device": reference.device, "dtype": reference.dtype} if reference is not None else {}
     return nn.BatchNorm2d(features, norm.eps, norm.momentum, norm.affine, norm.track_running_stats, **factory)

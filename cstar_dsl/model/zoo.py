@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -103,9 +104,10 @@ def _torchvision(name: str, spec: ModelSpec) -> nn.Module:
     return model
 
 
-def _cifar_variant(name: str, model: nn.Module) -> None:
+def _cifar_variant(name: str, model: Any) -> None:
     """The usual 32x32 variants: a 3x3 stride-1 stem without max-pool (ResNets), a 512-wide head
     (VGG), a stride-1 first conv (MobileNetV2)."""
+    # `model` is Any: torchvision is untyped, and its layers are reached by the names each family uses.
     if name.startswith(_RESNETS):
         model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False)
         model.maxpool = nn.Identity()
@@ -123,6 +125,9 @@ def _cifar_variant(name: str, model: nn.Module) -> None:
 class Normalized(nn.Module):
     """``model`` behind a per-channel normalization, so that the whole module takes images in
     [0, 1] and an attack's eps is in pixels."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(self, model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         super().__init__()

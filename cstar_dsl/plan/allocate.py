@@ -42,8 +42,8 @@ def make_plan(spec: Spec, layers: Sequence[LayerInfo], other_params: int = 0) ->
     else:
         for slot in free:
             slot.reason = "no rank given (policy fixed)" if policy == "fixed" else ""
-            if policy == "energy":
-                _energy_ranks(slot, compress.policy.threshold)  # type: ignore[union-attr]
+            if compress.policy.kind == "energy":
+                _energy_ranks(slot, compress.policy.threshold)
         _require_met(slots, cost, target, compress)
     return Plan(policy=_policy_text(compress), budget=compress.budget.text(), metric=metric, target=target,
                 layers=tuple(_layer_plan(s) for s in slots), other_params=other_params)
@@ -230,4 +230,4 @@ def _layer_plan(slot: Slot) -> LayerPlan:
 
 def _policy_text(compress: CompressSpec) -> str:
     policy = compress.policy
-    return f"energy({policy.threshold:g})" if policy.kind == "energy" else policy.kind  # type: ignore[union-attr]
+    return f"energy({policy.threshold:g})" if policy.kind == "energy" else policy.kind

@@ -66,7 +66,7 @@ def _keyed(spec: Spec) -> dict[str, object]:
 def _settings(rule: dict[str, object]) -> str:
     """A rule's settings on one line, as written: ``ratio = 4x, min_rank = 2``."""
     shown = {key: value for key, value in rule.items() if value not in (None, False)}
-    return ", ".join(f"{key} = {value:g}x" if key == "ratio" else f"{key} = {value}"  # type: ignore[str-format]
+    return ", ".join(f"{key} = {value:g}x" if key == "ratio" else f"{key} = {value}"
                      for key, value in shown.items()) or "(no settings)"
 
 

@@ -92,7 +92,7 @@ def make_slot(layer: LayerInfo, compress: CompressSpec) -> Slot:
     slot.low = tuple(min(floor, f) for f in full)
     slot.high = tuple(max(low, min(ceiling, f)) for low, f in zip(slot.low, full, strict=True))
     if rule and rule.rank is not None:
-        _fix_rank(slot, rule, compress)
+        _fix_rank(slot, rule, rule.rank, compress)
     elif rule and rule.ratio is not None:
         _fix_ratio(slot, rule.ratio, ("compress", "layers", compress.layers.index(rule), "ratio"))
     return slot
@@ -108,8 +108,8 @@ def _ineligible(layer: LayerInfo) -> str:
     return ""
 
 
-def _fix_rank(slot: Slot, rule: LayerRule, compress: CompressSpec) -> None:
-    layer, rank = slot.layer, rule.rank
+def _fix_rank(slot: Slot, rule: LayerRule, rank: int | tuple[int, int], compress: CompressSpec) -> None:
+    layer = slot.layer
     ranks: Ranks = (rank, rank) if isinstance(rank, int) and layer.is_conv else (
         (rank,) if isinstance(rank, int) else tuple(rank))
     index = compress.layers.index(rule)

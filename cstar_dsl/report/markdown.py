@@ -136,7 +136,7 @@ def _requirements(requirements: Any) -> list[str]:
     for requirement in records:
         metric = requirement.get("metric")
         operator = requirement.get("op")
-        floor = f"{OPERATORS.get(operator, _text(operator))} {_metric_value(metric, requirement.get('value'))}"
+        floor = f"{OPERATORS.get(str(operator), _text(operator))} {_metric_value(metric, requirement.get('value'))}"
         rows.append([_text(metric), floor, _metric_value(metric, requirement.get("measured")),
                      _status(requirement.get("met"))])
     return ["## Requirements", "", *_table(["Metric", "Required", "Measured", "Status"], rows, "llrl")]

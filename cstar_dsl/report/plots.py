@@ -188,8 +188,8 @@ def plot_ranks(layers: Sequence[Mapping[str, Any]], path: Path) -> None:
     ax.set_title(f"Parameters per layer: {_count(_total(before))} {ARROW} {_count(_total(after))}")
     _layer_ticks(ax, [_plot_text(row.get("name")) for row in rows])
     handles, labels = ax.get_legend_handles_labels()
-    energy = [(index, _finite(row.get("energy_kept"))) for index, row in enumerate(rows)]
-    energy = [(index, value) for index, value in energy if value is not None]
+    scored = [(index, _finite(row.get("energy_kept"))) for index, row in enumerate(rows)]
+    energy = [(index, value) for index, value in scored if value is not None]
     if energy:
         twin = ax.twinx()
         twin.plot([index for index, _ in energy], [value for _, value in energy], "D", color="black",

@@ -10,7 +10,7 @@ Conventions, shared by every attack here:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -124,7 +124,7 @@ def _random_start(x: Tensor, attack: Pgd, generator: torch.Generator | None) -> 
     return direction * (attack.eps * radius).view(-1, *[1] * (x.dim() - 1))
 
 
-def accuracy(model: nn.Module, batches: Iterator[tuple[Tensor, Tensor]] | list[tuple[Tensor, Tensor]],
+def accuracy(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
              attack: Attack | None = None, generator: torch.Generator | None = None) -> float:
     """Top-1 accuracy on clean inputs, or on the attack's adversarial examples, as a fraction."""
     correct = total = 0

@@ -70,6 +70,12 @@ def datasets(spec: Spec) -> Datasets:
     return Datasets(data.dataset, train, test, data.mean or default_mean, data.std or default_std)
 
 
+def dataset_size(dataset: Dataset) -> int:
+    """How many examples ``dataset`` holds."""
+    # torch's Dataset declares no __len__, though every data set a recipe can name has one.
+    return len(dataset)  # type: ignore[arg-type]
+
+
 def loader_batches(dataset: Dataset, order: torch.Tensor, batch_size: int, workers: int, *,
                    generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(images, labels) batches of ``dataset`` in exactly the index ``order`` given, so that a
@@ -172,7 +178,7 @@ def _allowed_globals() -> dict[tuple[str, str], object]:
     try:  # numpy 2 moved numpy.core to numpy._core; the old name warns, so never import it
         from numpy._core.multiarray import _reconstruct
     except ImportError:  # numpy 1.x
-        from numpy.core.multiarray import _reconstruct
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
     return {
         # Python 2 numpy (the real files) and numpy 1.x write numpy.core, numpy 2 writes numpy._core.
         ("numpy.core.multiarray", "_reconstruct"): _reconstruct,

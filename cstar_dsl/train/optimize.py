@@ -55,8 +55,8 @@ def make_optimizer(phase: PhaseSpec, parameters: Iterable[Tensor]) -> torch.opti
     options = phase.optimizer
     if options.kind == "adam":
         return torch.optim.Adam(parameters, lr=phase.lr, weight_decay=options.weight_decay)
-    return torch.optim.SGD(parameters, lr=phase.lr, momentum=options.momentum,  # type: ignore[union-attr]
-                           weight_decay=options.weight_decay, nesterov=options.nesterov)  # type: ignore[union-attr]
+    return torch.optim.SGD(parameters, lr=phase.lr, momentum=options.momentum,
+                           weight_decay=options.weight_decay, nesterov=options.nesterov)
 
 
 def make_schedule(phase: PhaseSpec, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
@@ -65,11 +65,10 @@ def make_schedule(phase: PhaseSpec, optimizer: torch.optim.Optimizer) -> torch.o
     if schedule.kind == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, phase.epochs))
     if schedule.kind == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=schedule.every,  # type: ignore[union-attr]
-                                               gamma=schedule.gamma)  # type: ignore[union-attr]
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=schedule.every, gamma=schedule.gamma)
     if schedule.kind == "multistep":
-        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(schedule.milestones),  # type: ignore[union-attr]
-                                                    gamma=schedule.gamma)  # type: ignore[union-attr]
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(schedule.milestones),
+                                                    gamma=schedule.gamma)
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
 
 

@@ -77,7 +77,7 @@ def _input_shape(value: object) -> tuple[int, int, int]:
     if problem:
         c.fail("out-of-range", f"`input` is too large: {problem}", label="too large",
                help=f"each side at most {limits.MAX_INPUT_SIDE}; for example: input = [3, 224, 224]")
-    return dims  # type: ignore[return-value]
+    return dims
 
 
 _STEMS = ("standard", "cifar")
@@ -174,7 +174,7 @@ class FgsmAttack(Block):
     eps: Annotated[float | None, positive_number("`eps`", "eps-not-positive")] = None
 
 
-_ATTACKS = {"pgd": PgdAttack, "fgsm": FgsmAttack}
+_ATTACKS: dict[str, type[Block]] = {"pgd": PgdAttack, "fgsm": FgsmAttack}
 Attack = Annotated[PgdAttack | FgsmAttack, Field(discriminator="kind")]
 
 

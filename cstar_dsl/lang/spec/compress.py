@@ -146,7 +146,7 @@ def _rank(value: object) -> int | tuple[int, int]:
         if len(ranks) != 2:
             c.fail("wrong-type", f"a Tucker-2 rank pair has 2 entries (output, input), got {len(ranks)}",
                    label="expected [r_out, r_in]")
-        return ranks  # type: ignore[return-value]
+        return ranks
     return _one_rank(value)
 
 
