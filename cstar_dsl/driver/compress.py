@@ -38,6 +38,7 @@ def compress(context: Context, run: Run, progress: Progress | None = None) -> No
     if method == "cstar" and run.admm is not None and run.admm.pruning_ratio is not None:
         built = _admm_pruned(context, run, net, run.admm.pruning_ratio)
     elif method == "cstar" and run.admm is not None:
+        assert run.plan is not None  # every Z-step planned
         ranks = dict(run.admm.ranks)
         _energy_of_weights(context, run, ranks)
         built = Built(rewrite.factorize_ranks(net, ranks, leaves=spec.model.leaf, sweeps=spec.compress.hooi_sweeps),
@@ -88,8 +89,8 @@ def build_structure(context: Context, net: nn.Module, structure: str, plan: Plan
         ranks = rewrite.planned_ranks(plan)
         factorized = rewrite.factorize_ranks(net, ranks, leaves=context.spec.model.leaf,
                                              sweeps=context.spec.compress.hooi_sweeps)
-        structure = {"kind": "factorized", "ranks": {k: list(v) for k, v in ranks.items()}}
-        return Built(factorized, plan.to_dict(), structure)
+        description = {"kind": "factorized", "ranks": {k: list(v) for k, v in ranks.items()}}
+        return Built(factorized, plan.to_dict(), description)
     pruned, pruned_plan = prune_structure(context, net, plan, "global" if structure == "prune-global" else "uniform")
     return Built(pruned.model, pruned_plan, {"kind": "pruned"})
 

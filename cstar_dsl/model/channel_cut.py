@@ -41,8 +41,7 @@ class ChannelCut:
         kept = {}
         for name, handler, indices in self.items:
             if handler in _REMOVES_OUTPUTS:
-                weight = model.get_submodule(name).weight
-                kept[name] = weight.shape[0] - len(indices)
+                kept[name] = model.get_parameter(f"{name}.weight").shape[0] - len(indices)
         return kept
 
     def apply(self, model: nn.Module) -> nn.Module:
@@ -65,7 +64,8 @@ def cut_channels(model: nn.Module, example_input: Tensor, pruning_ratio: float, 
     shadow = copy.deepcopy(model)
     with torch.no_grad():
         for name, weight in weights.items():
-            shadow.get_submodule(name).weight.copy_(weight.detach().to(shadow.get_submodule(name).weight.device))
+            target = shadow.get_parameter(f"{name}.weight")
+            target.copy_(weight.detach().to(target.device))
     ignored = [output_layer(shadow, example_input), *(module_named(shadow, name) for name in keep)]
     importance = tp.importance.MagnitudeImportance(p=2, group_reduction="sum", normalizer=None,
                                                    target_types=[nn.Conv2d, nn.Linear])
@@ -78,7 +78,7 @@ def cut_channels(model: nn.Module, example_input: Tensor, pruning_ratio: float, 
                                       ignored_layers=ignored)
         for group in pruner.step(interactive=True):
             for dependency, indices in group:
-                name = names.get(id(dependency.target.module))
-                if name is not None:  # None: an operation with no parameters (an addition, a reshape)
-                    items.append((name, dependency.handler, tuple(int(i) for i in indices)))
+                owner = names.get(id(dependency.target.module))
+                if owner is not None:  # None: an operation with no parameters (an addition, a reshape)
+                    items.append((owner, dependency.handler, tuple(int(i) for i in indices)))
     return ChannelCut(tuple(items))
