@@ -248,3 +248,17 @@ def _scores(choice: dict | None) -> object:
     if choice is None:
         return None
     return choice["winner"], [{k: v for k, v in c.items() if k != "seconds"} for c in choice["candidates"]]
+
+
+@pytest.mark.parametrize("compress, train, words", [
+    ("method = auto\n  candidates = [prune-global, low-rank]", "admm = none",
+     "auto: `cstar compile` probes prune-global, low-rank at this budget"),
+    ("method = cstar\n  structure = prune-uniform", "admm {\n    epochs = 1\n    lr = 0.01\n  }",
+     "cstar onto channels: the ADMM phase, then the compile, removes one share"),
+])
+def test_plan_says_what_the_compile_will_do(tmp_path: Path, capsys: pytest.CaptureFixture[str], compress: str,
+                                            train: str, words: str) -> None:
+    from cstar_dsl.cli import main
+
+    assert main(["plan", str(_recipe(tmp_path, "planned", compress, train))]) == 0
+    assert words in " ".join(capsys.readouterr().out.split())

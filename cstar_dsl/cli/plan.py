@@ -44,10 +44,17 @@ def run_plan(args: argparse.Namespace, console: Console) -> int:
                                 **plan.to_dict(), **extra}, indent=2))
         return EXIT_OK
     print_diagnostics(console, list(checked.warnings), diagnostic_format)
-    pruning = checked.spec.compress.method == "channel-prune"
+    compress = checked.spec.compress
+    pruning = compress.method == "channel-prune" or (compress.method == "cstar" and compress.structure != "low-rank")
     console.print(_plan_table(plan, f"{args.files[0]}: {checked.spec.model.arch}", console.width, pruning=pruning))
     summary = [] if pruning else [_plan_summary(plan, seconds)]
-    notes = _plan_notes(plan, console.width, pruning=pruning, allocation=checked.spec.compress.allocation)
+    notes = _plan_notes(plan, console.width, pruning=pruning, allocation=compress.allocation,
+                        admm=compress.method == "cstar")
+    if compress.method == "auto":
+        notes.append(f"auto: `cstar compile` probes {', '.join(compress.candidates)} at this budget "
+                     f"({si(plan.params_after)} conv and linear weights; the ranks above are low-rank's), each "
+                     f"fine-tuned {plural(compress.probe_epochs, 'epoch')} and scored on "
+                     f"{compress.probe_holdout:.0%} of the training set held out, and compiles the most robust")
     for line in [*notes, *summary]:
         console.out(wrapped(line, console.width))
     if latency is not None:
@@ -106,16 +113,19 @@ def _treatment(layer: LayerPlan, wide: bool, pruning: bool) -> str:
     return f"{layer.method} {'x'.join(map(str, layer.ranks))}"
 
 
-def _plan_notes(plan: Plan, width: int, *, pruning: bool = False, allocation: str = "uniform") -> list[str]:
+def _plan_notes(plan: Plan, width: int, *, pruning: bool = False, allocation: str = "uniform",
+                admm: bool = False) -> list[str]:
     """What a narrow table leaves out, said once under it: why each dense layer is dense, and which
     rule chose the ranks of the others."""
     if pruning:
         pruned = sum(not _prune_keeps(layer) for layer in plan.layers)
         layers = plural(pruned, "pruned layer")
-        how = (f"removes one share of the output channels of each of the {layers} (smallest L1 norm first)"
-               if allocation == "uniform" else f"ranks the output channels of the {layers} together by L1 norm "
-               "(each layer's divided by its mean) and removes the smallest")
-        return [f"channel-prune: `cstar compile` {how}, until the conv and linear weights are "
+        order = "least weight across its dependency group" if admm else "smallest L1 norm first"
+        how = (f"removes one share of the output channels of each of the {layers} ({order})"
+               if allocation == "uniform" or admm else f"ranks the output channels of the {layers} together by "
+               "L1 norm (each layer's divided by its mean) and removes the smallest")
+        who = "cstar onto channels: the ADMM phase, then the compile," if admm else "channel-prune: `cstar compile`"
+        return [f"{who} {how}, until the conv and linear weights are "
                 f"at most {si(plan.params_after)} ({plan.params_before / max(1, plan.params_after):.2f}x fewer); "
                 "no ranks apply, and the MACs are known after compiling"]
     lines: list[str] = []
