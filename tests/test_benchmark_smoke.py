@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.usefixtures("keep_threads")
 ROW_KEYS = {"model", "target_ratio", "params_ratio", "macs_ratio", "dense_ms", "factorized_ms", "speedup", "threads",
             "mode", "target_speedup", "target_met", "dense_iqr_ms", "factorized_iqr_ms", "repeats", "warmup"}
 
@@ -31,13 +33,6 @@ def _benchmark(name: str):
 @pytest.fixture(scope="module")
 def latency():
     yield from _benchmark("latency")
-
-
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_core_rows_are_well_formed(latency):

@@ -5,14 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 from cstar_dsl.cli import main
 from cstar_dsl.lang.validate import load_spec
 from cstar_dsl.plan.diff import Change, spec_changes
-
-ROOT = Path(__file__).resolve().parent.parent
-SPECS = ROOT / "specs"
+from tests.helpers import DIGITS, MNIST, ROOT, SPECS, variant
 
 
 def test_settings_of_a_variant_against_its_base():
@@ -25,21 +22,19 @@ def test_settings_of_a_variant_against_its_base():
 
 
 def test_same_meaning_written_differently_is_no_change(tmp_path):
-    text = (SPECS / "digits.cstar").read_text()
-    variant = text.replace("eps = 0.1", "eps = 1e-1").replace("steps = 7", "steps = 7\n  restarts = 1")
-    (tmp_path / "v.cstar").write_text(variant)
-    assert spec_changes(load_spec(SPECS / "digits.cstar"), load_spec(tmp_path / "v.cstar")) == []
+    same = variant(tmp_path, DIGITS, "threat {\n  eps = 1e-1\n  restarts = 1\n}\n")  # restarts = 1 is the default
+    assert spec_changes(load_spec(DIGITS), load_spec(same)) == []
 
 
 def test_rules_and_requirements_added_and_removed(tmp_path):
-    text = (SPECS / "digits.cstar").read_text()
-    variant = text.replace('keep = ["fc"]  # the 10-way classifier is tiny',
-                           'keep = ["fc"]\n\n  layer type Conv2d {\n    min_rank = 4\n  }')
-    variant = variant.replace("  require robust >= 40%\n", "")
-    (tmp_path / "v.cstar").write_text(variant)
-    changes = spec_changes(load_spec(SPECS / "digits.cstar"), load_spec(tmp_path / "v.cstar"))
-    assert Change("compress.layers.type Conv2d", None, "min_rank = 4") in changes
-    assert Change("evaluate.requirements.robust", ">= 40%", None) in changes
+    # specs/mnist.cstar requires nothing: a variant adds a rule and a requirement, the reverse diff removes them
+    more = variant(tmp_path, MNIST, "compress {\n  layer type Conv2d {\n    min_rank = 4\n  }\n}\n\n"
+                                    "evaluate {\n  require robust >= 40%\n}\n")
+    added, removed = spec_changes(load_spec(MNIST), load_spec(more)), spec_changes(load_spec(more), load_spec(MNIST))
+    assert added == [Change("compress.layers.type Conv2d", None, "min_rank = 4"),
+                     Change("evaluate.requirements.robust", None, ">= 40%")]
+    assert removed == [Change("compress.layers.type Conv2d", "min_rank = 4", None),
+                       Change("evaluate.requirements.robust", ">= 40%", None)]
 
 
 def test_cli_json_has_settings_layers_and_totals(capsys):
@@ -52,7 +47,7 @@ def test_cli_json_has_settings_layers_and_totals(capsys):
 
 
 def test_standard_input_resolves_extend_next_to_the_other_file():
-    variant = (SPECS / "resnet18-8x.cstar").read_text().replace("8x params", "4x params")
+    variant = 'extend "resnet18-8x.cstar"\n\ncompress {\n  budget = 4x params\n}\n'  # relative: read from stdin
     result = subprocess.run([sys.executable, "-m", "cstar_dsl", "diff", "--settings-only", "-",
                              str(SPECS / "resnet18-8x.cstar")], input=variant, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr

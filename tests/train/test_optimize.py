@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -11,16 +9,13 @@ from cstar_dsl.api import build_model
 from cstar_dsl.lang.validate import load_spec
 from cstar_dsl.train.data import datasets
 from cstar_dsl.train.optimize import TrainingDiverged, adversarial_epoch, make_optimizer, make_schedule, training_attack
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import DIGITS, variant
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    text = (ROOT / "specs" / "digits.cstar").read_text().replace('"cstar:digits-cnn"', '"cstar:mlp"')
-    spec_path = tmp_path_factory.mktemp("spec") / "mlp-digits.cstar"
-    spec_path.write_text(text)
-    spec = load_spec(spec_path)
+    folder = tmp_path_factory.mktemp("spec")
+    spec = load_spec(variant(folder, DIGITS, 'model {\n  arch = "cstar:mlp"\n}\n', "mlp-digits.cstar"))
     x, y = datasets(spec).train.tensors
     return spec, [(x[i:i + 64], y[i:i + 64]) for i in range(0, 512, 64)]
 

@@ -17,80 +17,12 @@ import torch
 from safetensors.torch import load_file
 
 from cstar_dsl import files
-from cstar_dsl.cli import main
 from cstar_dsl.deploy.artifacts import load
 from cstar_dsl.files import FileProblem
 from cstar_dsl.lang.validate import load_spec
 from cstar_dsl.train import checkpoint
 from cstar_dsl.train.data import datasets
-
-TINY = """
-model {{
-  arch = "cstar:mlp"
-  classes = 10
-  input = [1, 8, 8]
-}}
-
-data {{
-  dataset = digits
-  batch_size = 128
-  augment = {augment}
-}}
-
-threat {{
-  norm = linf
-  eps = 0.1
-  step = 0.05
-  steps = 2
-}}
-
-compress {{
-  method = {method}
-  budget = 4x params
-  keep = ["fc3"]
-}}
-
-train {{
-  seed = 0
-  device = cpu
-  pretrain {{
-    epochs = {pretrain}
-    lr = {lr}
-  }}
-{admm}
-  finetune {{
-    epochs = {finetune}
-    lr = 0.01
-  }}
-}}
-
-evaluate {{
-  attacks = [pgd(steps = 3), fgsm]
-  samples = 120
-{requirements}
-}}
-"""
-ADMM = """  admm {{
-    epochs = {epochs}
-    lr = 0.01
-    rho = 0.01
-    rho_schedule = geometric(factor = 2, max = 0.05)
-    interval = {interval}
-  }}"""
-
-
-def write_spec(folder: Path, *, method: str = "cstar", pretrain: int = 1, admm: int = 2, finetune: int = 1,
-               lr: float = 0.05, interval: str = "1 epoch", requirements: str = "", augment: str = "none",
-               name: str = "tiny.cstar") -> Path:
-    phases = ADMM.format(epochs=admm, interval=interval) if method == "cstar" else ""
-    path = folder / name
-    path.write_text(TINY.format(method=method, pretrain=pretrain, lr=lr, admm=phases, finetune=finetune,
-                                requirements=requirements, augment=augment))
-    return path
-
-
-def compile_cli(*args: str | Path) -> int:
-    return main(["compile", *map(str, args), "--quiet"])
+from tests.helpers import compile_cli, image_folders, tiny_cifar10, variant, write_spec
 
 
 @pytest.fixture(scope="module")
@@ -192,10 +124,9 @@ def test_baselines_compile_and_load(tmp_path, method):
 
 
 def test_channel_prune_ranks_channels_globally_by_their_taylor_scores_on_the_adversarial_loss(tmp_path):
-    write_spec(tmp_path, method="channel-prune", finetune=1)
-    variant = tmp_path / "taylor.cstar"
-    variant.write_text('extend "tiny.cstar"\n\ncompress {\n  allocation = global\n  importance = taylor\n}\n')
-    assert compile_cli(variant, "--out", tmp_path / "run") == 0
+    tiny = write_spec(tmp_path, method="channel-prune", finetune=1)
+    taylor = variant(tmp_path, tiny, "compress {\n  allocation = global\n  importance = taylor\n}\n")
+    assert compile_cli(taylor, "--out", tmp_path / "run") == 0
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["compression"]["params_compressed"] <= report["compression"]["params_dense"] / 4
     rules = {layer["rule"] for layer in report["layers"] if layer["method"] == "pruned"}
@@ -224,12 +155,11 @@ def test_a_diverging_loss_stops_with_the_phase_and_epoch_and_keeps_the_checkpoin
 
 
 def test_a_missing_data_folder_points_at_the_recipe(tmp_path, capsys):
-    spec = write_spec(tmp_path)
-    text = spec.read_text().replace("dataset = digits", f'dataset = mnist\n  root = "{tmp_path / "nowhere"}"')
-    spec.write_text(text.replace("[1, 8, 8]", "[1, 28, 28]"))
+    mnist = f'model {{\n  input = [1, 28, 28]\n}}\n\ndata {{\n  dataset = mnist\n  root = "{tmp_path}/nowhere"\n}}\n'
+    spec = variant(tmp_path, write_spec(tmp_path), mnist, name="mnist.cstar")
     assert compile_cli(spec, "--out", tmp_path / "run") == 1
     output = capsys.readouterr().out
-    assert "error[data-not-found]" in output and "tiny.cstar:" in output
+    assert "error[data-not-found]" in output and "mnist.cstar:" in output  # the file that set the root
 
 
 def test_an_unfinished_run_needs_resume_or_force(tmp_path, capsys):
@@ -241,9 +171,9 @@ def test_an_unfinished_run_needs_resume_or_force(tmp_path, capsys):
 
 
 def test_resume_refuses_a_changed_recipe(tmp_path, capsys):
-    spec = write_spec(tmp_path, lr=1e30)
+    spec = variant(tmp_path, write_spec(tmp_path, lr=1e30))
     compile_cli(spec, "--out", tmp_path / "run")
-    spec.write_text(spec.read_text().replace("budget = 4x params", "budget = 8x params"))
+    variant(tmp_path, tmp_path / "tiny.cstar", "compress {\n  budget = 8x params\n}\n")  # the same file, edited
     capsys.readouterr()
     assert compile_cli(spec, "--out", tmp_path / "run", "--resume") == 4
     assert "the recipe changed" in capsys.readouterr().out
@@ -303,16 +233,13 @@ def test_resume_after_a_kill_ends_with_the_same_weights(tmp_path):
 def test_compile_trains_on_image_folders_and_cifar_batches(tmp_path):
     """The loaders that are not in memory (ImageNet-style folders) and CIFAR's pickled batches
     both feed a whole compile: data order, per-item augmentation, evaluation and artifacts."""
-    from test_data_formats import _image_folders, _tiny_cifar10
-
-    _image_folders(tmp_path / "folders", {"cat": 6, "dog": 6}, {"cat": 2, "dog": 2})
-    _tiny_cifar10(tmp_path / "cifar")
-    for dataset, root, classes in (("imagenet", tmp_path / "folders", 2), ("cifar10", tmp_path / "cifar", 10)):
-        spec = write_spec(tmp_path, pretrain=1, admm=1, finetune=1, augment="standard", name=f"{dataset}.cstar")
-        text = spec.read_text().replace("dataset = digits", f'dataset = {dataset}\n  root = "{root}"')
-        text = text.replace("[1, 8, 8]", "[3, 8, 8]" if dataset == "imagenet" else "[3, 32, 32]")
-        spec.write_text(text.replace("classes = 10", f"classes = {classes}").replace("batch_size = 128",
-                                                                                     "batch_size = 4"))
+    image_folders(tmp_path / "folders", {"cat": 6, "dog": 6}, {"cat": 2, "dog": 2})
+    tiny_cifar10(tmp_path / "cifar")
+    tiny = write_spec(tmp_path, pretrain=1, admm=1, finetune=1, augment="standard")
+    for dataset, root, classes, shape in (("imagenet", tmp_path / "folders", 2, "[3, 8, 8]"),
+                                          ("cifar10", tmp_path / "cifar", 10, "[3, 32, 32]")):
+        spec = variant(tmp_path, tiny, f'model {{\n  classes = {classes}\n  input = {shape}\n}}\n\n'
+                       f'data {{\n  dataset = {dataset}\n  root = "{root}"\n  batch_size = 4\n}}\n', f"{dataset}.cstar")
         assert compile_cli(spec, "--out", tmp_path / dataset) == 0, dataset
         report = json.loads((tmp_path / dataset / "report.json").read_text())
         assert report["data"]["name"] == dataset and report["data"]["test_size"] > 0
@@ -321,8 +248,8 @@ def test_compile_trains_on_image_folders_and_cifar_batches(tmp_path):
 
 
 def test_bf16_training_compiles_and_evaluates_in_float32(tmp_path):
-    spec = write_spec(tmp_path, pretrain=1, admm=1, finetune=1)
-    spec.write_text(spec.read_text().replace("  device = cpu", "  device = cpu\n  precision = bf16"))
+    tiny = write_spec(tmp_path, pretrain=1, admm=1, finetune=1)
+    spec = variant(tmp_path, tiny, "train {\n  precision = bf16\n}\n")
     assert compile_cli(spec, "--out", tmp_path / "run") == 0
     model = load(tmp_path / "run")
     assert {p.dtype for p in model.parameters()} == {torch.float32}  # autocast never changes the weights

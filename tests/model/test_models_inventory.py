@@ -9,7 +9,6 @@ suggests marking it a leaf; the inventory's facts are checked by hand on a tiny 
 from __future__ import annotations
 
 import pickle
-import re
 import textwrap
 from pathlib import Path
 
@@ -26,9 +25,7 @@ from cstar_dsl.lang.validate import check_file, load_spec
 from cstar_dsl.model import inventory
 from cstar_dsl.model import zoo as models
 from cstar_dsl.model.decompose import spectra
-
-ROOT = Path(__file__).resolve().parent.parent
-DIGITS = (ROOT / "specs" / "digits.cstar").read_text()
+from tests.helpers import DIGITS, line_of, variant
 
 
 def model_spec(arch: str, classes: int = 10, shape: tuple[int, int, int] = (3, 32, 32), **options) -> ModelSpec:
@@ -40,15 +37,10 @@ def count(model: nn.Module) -> int:
 
 
 def digits_recipe(folder: Path, model_lines: str = "", name: str = "recipe.cstar", arch: str = "cstar:digits-cnn",
-                  extra_compress: str = "") -> Path:
-    """specs/digits.cstar with another model block (extra lines appended to it)."""
-    block = f'model {{\n  arch = "{arch}"\n  classes = 10\n  input = [1, 8, 8]\n{model_lines}}}\n'
-    text = re.sub(r"(?ms)^model \{\n.*?^\}\n", lambda _: block, DIGITS, count=1)
-    if extra_compress:
-        text = re.sub(r"(?ms)^compress \{\n.*?^\}\n", lambda _: extra_compress, text, count=1)
-    path = folder / name
-    path.write_text(text)
-    return path
+                  compress_lines: str = "") -> Path:
+    """specs/digits.cstar with another model (and more `model` lines), and these `compress` lines."""
+    compress = f"\ncompress {{\n{compress_lines}}}\n" if compress_lines else ""
+    return variant(folder, DIGITS, f'model {{\n  arch = "{arch}"\n{model_lines}}}\n{compress}', name)
 
 
 # ================================================================== registry
@@ -129,7 +121,7 @@ def test_unsupported_stem_points_at_the_stem_line(tmp_path):
         api.build_model(checked.spec)
     diagnostic = checked.diagnostic(caught.value)
     assert diagnostic.code == "unsupported-stem"
-    assert (diagnostic.span.line, diagnostic.span.column) == (8, 10)  # the value of `stem = cifar`
+    assert (diagnostic.span.line, diagnostic.span.column) == (line_of(path, "stem = cifar"), 10)  # its value
 
 
 def test_imported_models_need_permission():
@@ -255,11 +247,12 @@ def test_a_missing_weights_file(tmp_path):
 def test_the_cli_reports_bad_weights_at_the_weights_line(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "garbage.pt").write_bytes(b"garbage" * 50)
-    digits_recipe(tmp_path, '  weights = "garbage.pt"\n')
+    path = digits_recipe(tmp_path, '  weights = "garbage.pt"\n')
     assert main(["plan", "recipe.cstar"]) == 1
     out = capsys.readouterr().out
     assert "error[unreadable-weights]: cannot read garbage.pt" in out
-    assert " --> recipe.cstar:8:13" in out and "Traceback" not in out
+    line = line_of(path, 'weights = "garbage.pt"')
+    assert f" --> recipe.cstar:{line}:13" in out and "Traceback" not in out
 
 
 # ==================================================================== tracing
@@ -308,7 +301,8 @@ def branchy(tmp_path, monkeypatch):
 
 
 def test_an_untraceable_module_is_named_with_a_leaf_suggestion(branchy):
-    checked = check_file(digits_recipe(branchy, arch="branchy_model:build"), allow_import=True)
+    path = digits_recipe(branchy, arch="branchy_model:build")
+    checked = check_file(path, allow_import=True)
     model = api.build_model(checked.spec, allow_import=True)
     with pytest.raises(SpecProblem) as caught:
         api.make_plan(checked.spec, model)
@@ -317,7 +311,7 @@ def test_an_untraceable_module_is_named_with_a_leaf_suggestion(branchy):
     assert "`blocks.1` (Gate)" in problem.message
     assert 'leaf = ["blocks.1"]' in (problem.help or "")
     diagnostic = checked.diagnostic(problem)
-    assert diagnostic.span.line == 5  # `arch = "branchy_model:build"` in the model block
+    assert diagnostic.span.line == line_of(path, 'arch = "branchy_model:build"')
 
 
 def test_the_untraceable_note_points_at_the_models_source_line(branchy):
@@ -332,7 +326,7 @@ def test_the_untraceable_note_points_at_the_models_source_line(branchy):
 @pytest.mark.parametrize("leaf", ["blocks.1", "Gate"])
 def test_marking_it_a_leaf_makes_it_traceable(branchy, leaf):
     path = digits_recipe(branchy, f'  leaf = ["{leaf}"]\n', arch="branchy_model:build",
-                         extra_compress="compress {\n  method = cstar\n  budget = 1.5x params\n}\n")
+                         compress_lines="  budget = 1.5x params\n  keep = []\n")
     spec = check_file(path, allow_import=True).spec
     assert spec.model.leaf == (leaf,)
     model = api.build_model(spec, allow_import=True)

@@ -11,9 +11,7 @@ from pydantic import ValidationError
 from cstar_dsl.lang.errors import CStarError
 from cstar_dsl.lang.spec import EnergyPolicy, LimitBudget, PgdAttack, RatioBudget, Spec
 from cstar_dsl.lang.validate import check_file, load_spec
-
-SPECS = Path(__file__).resolve().parent.parent / "specs"
-DIGITS = (SPECS / "digits.cstar").read_text()
+from tests.helpers import DIGITS, SPECS, line_of, variant
 
 
 def _write(tmp_path: Path, text: str, name: str = "r.cstar") -> Path:
@@ -22,15 +20,9 @@ def _write(tmp_path: Path, text: str, name: str = "r.cstar") -> Path:
     return path
 
 
-def _replace_block(text: str, block: str, body: str) -> str:
-    start = text.index(f"\n{block} {{") + 1
-    end = text.index("\n}\n", start) + 3
-    return text[:start] + body + text[end:]
-
-
-def _codes(tmp_path: Path, text: str, **options) -> list[tuple[str, int]]:
+def _codes(path: Path, **options) -> list[tuple[str, int]]:
     with pytest.raises(CStarError) as caught:
-        check_file(_write(tmp_path, text), **options)
+        check_file(path, **options)
     return [(d.code, d.span.line if d.span else 0) for d in caught.value.diagnostics]
 
 
@@ -57,8 +49,8 @@ def test_units_and_fractions(tmp_path):
     assert spec.threat.eps == pytest.approx(8 / 255)
     vgg = load_spec(SPECS / "vgg16.cstar")
     assert vgg.compress.budget == LimitBudget(metric="macs", limit=80e6)
-    text = DIGITS.replace("policy = global", "policy = energy(95%)")
-    assert load_spec(_write(tmp_path, text)).compress.policy == EnergyPolicy(threshold=0.95)
+    energy = variant(tmp_path, DIGITS, "compress {\n  policy = energy(95%)\n}\n")
+    assert load_spec(energy).compress.policy == EnergyPolicy(threshold=0.95)
 
 
 def test_spec_is_frozen_and_rejects_unknown_fields_from_python():
@@ -100,9 +92,8 @@ def test_extend_overrides_blocks_keys_rules_and_requirements(tmp_path):
 
 def test_extend_paths_resolve_against_the_file_that_wrote_them(tmp_path):
     (tmp_path / "base").mkdir()
-    base = DIGITS.replace("dataset = digits", 'dataset = mnist\n  root = "mnist"')
-    base = base.replace("split = 80%", "split = official").replace("[1, 8, 8]", "[1, 28, 28]")
-    _write(tmp_path / "base", base, "b.cstar")
+    mnist = 'model {\n  input = [1, 28, 28]\n}\n\ndata {\n  dataset = mnist\n  root = "mnist"\n  split = official\n}\n'
+    variant(tmp_path / "base", DIGITS, mnist, "b.cstar")
     child = _write(tmp_path, 'extend "base/b.cstar"\n')
     assert load_spec(child).data.root == (tmp_path / "base" / "mnist").resolve()
 
@@ -114,40 +105,41 @@ def test_extend_cycle_and_missing_base(tmp_path):
         check_file(tmp_path / "a.cstar")
     (diagnostic,) = caught.value.diagnostics
     assert diagnostic.code == "extend-cycle" and "a.cstar -> " in diagnostic.notes[0]
-    assert _codes(tmp_path, 'extend "nowhere.cstar"\n') == [("extend-not-found", 1)]
+    assert _codes(_write(tmp_path, 'extend "nowhere.cstar"\n')) == [("extend-not-found", 1)]
 
 
 def test_every_semantic_error_of_a_file_is_reported_together(tmp_path):
-    text = DIGITS.replace("eps = 0.1", "eps = -0.1").replace("batch_size = 64", "batch_size = 0")
-    text = text.replace("budget = 4x params", "budget = 4")
-    text = text.replace('arch = "cstar:digits-cnn"', 'arch = "cstar:digit-cnn"')
-    codes = _codes(tmp_path, text)
-    assert codes == [("unknown-model", 5), ("out-of-range", 13), ("eps-not-positive", 19), ("missing-unit", 26)]
+    path = variant(tmp_path, DIGITS, 'model {\n  arch = "cstar:digit-cnn"\n}\n\ndata {\n  batch_size = 0\n}\n\n'
+                   "threat {\n  eps = -0.1\n}\n\ncompress {\n  budget = 4\n}\n")
+    assert _codes(path) == [("unknown-model", line_of(path, 'arch = "cstar:digit-cnn"')),
+                            ("out-of-range", line_of(path, "batch_size = 0")),
+                            ("eps-not-positive", line_of(path, "eps = -0.1")),
+                            ("missing-unit", line_of(path, "budget = 4"))]
 
 
 def test_rule_that_contradicts_keep(tmp_path):
     rules = 'keep = ["fc", "conv*"]\n\n  layer "conv1" {\n    rank = 2\n  }\n\n  layer "fc" {\n    dense = true\n  }'
-    text = DIGITS.replace('keep = ["fc"]  # the 10-way classifier is tiny', rules)
-    assert _codes(tmp_path, text) == [("rule-contradicts-keep", 30)]
+    path = variant(tmp_path, DIGITS, f"compress {{\n  {rules}\n}}\n")
+    assert _codes(path) == [("rule-contradicts-keep", line_of(path, 'layer "conv1" {'))]
 
 
 def test_import_models_need_explicit_permission(tmp_path):
-    text = DIGITS.replace('"cstar:digits-cnn"', '"my_models.nets:small_cnn"')
-    assert _codes(tmp_path, text) == [("import-not-allowed", 5)]
-    assert check_file(_write(tmp_path, text), allow_import=True).spec.model.arch == "my_models.nets:small_cnn"
+    path = variant(tmp_path, DIGITS, 'model {\n  arch = "my_models.nets:small_cnn"\n}\n')
+    assert _codes(path) == [("import-not-allowed", line_of(path, 'arch = "my_models.nets:small_cnn"'))]
+    assert check_file(path, allow_import=True).spec.model.arch == "my_models.nets:small_cnn"
 
 
 def test_method_phase_checks(tmp_path):
-    no_admm = _replace_block(DIGITS, "train", "train {\n  finetune {\n    epochs = 1\n    lr = 0.1\n  }\n}\n")
-    assert _codes(tmp_path, no_admm) == [("missing-phase", 31)]
-    baseline = DIGITS.replace("method = cstar", "method = svd-finetune")
-    (warning,) = check_file(_write(tmp_path, baseline)).warnings
+    no_admm = variant(tmp_path, DIGITS, "train {\n  admm = none\n}\n", "no-admm.cstar")
+    assert _codes(no_admm) == [("missing-phase", line_of(no_admm, "train {"))]
+    baseline = variant(tmp_path, DIGITS, "compress {\n  method = svd-finetune\n}\n", "baseline.cstar")
+    (warning,) = check_file(baseline).warnings
     assert warning.code == "phase-ignored" and warning.severity == "warning"
 
 
 def test_module_prefixes_are_normalized(tmp_path):
-    text = DIGITS.replace('keep = ["fc"]', 'keep = ["module.fc"]\n\n  layer "_orig_mod.conv1" {\n    rank = 2\n  }')
-    spec = load_spec(_write(tmp_path, text))
+    prefixed = 'compress {\n  keep = ["module.fc"]\n\n  layer "_orig_mod.conv1" {\n    rank = 2\n  }\n}\n'
+    spec = load_spec(variant(tmp_path, DIGITS, prefixed))
     assert spec.compress.keep == ("fc",)
     assert spec.compress.layers[0].selector.pattern == "conv1"
     assert spec.compress.layers[0].selector.matches("module.conv1", "Conv2d")

@@ -26,8 +26,8 @@ from cstar_dsl.lang.errors import CStarError
 from cstar_dsl.lang.fmt import format_document, format_text
 from cstar_dsl.lang.parse import MAX_DEPTH, parse
 from cstar_dsl.lang.validate import Checked, check_file
+from tests.helpers import SPECS
 
-SPECS = Path(__file__).resolve().parent.parent / "specs"
 # read once: strategies must not see a spec change halfway through a run
 SPEC_TEXTS = {p.name: p.read_text(encoding="utf-8") for p in sorted(SPECS.glob("*.cstar"))}
 SPEC_NAMES = sorted(SPEC_TEXTS)

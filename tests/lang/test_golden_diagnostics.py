@@ -24,9 +24,9 @@ import pytest
 from cstar_dsl.lang.errors import CStarError, Diagnostic
 from cstar_dsl.lang.render import render
 from cstar_dsl.lang.validate import check_file
+from tests.helpers import FIXTURES, PACKAGE
 
-FIXTURES = Path(__file__).parent / "fixtures" / "invalid"
-SOURCE = Path(__file__).parent.parent / "cstar_dsl"
+INVALID = FIXTURES / "invalid"
 UPDATE = os.environ.get("CSTAR_UPDATE_GOLDEN") == "1"
 
 # Every code a recipe file can produce. The corpus must keep at least one case for each, so that
@@ -66,7 +66,7 @@ KNOWN_BUGS: dict[str, tuple[type[BaseException], str]] = {}
 
 
 def _cases() -> list[str]:
-    recipes = sorted(p for p in FIXTURES.glob("*.cstar") if not p.name.startswith("_"))
+    recipes = sorted(p for p in INVALID.glob("*.cstar") if not p.name.startswith("_"))
     return [p.stem for p in recipes if UPDATE or p.with_suffix(".txt").is_file()]
 
 
@@ -90,7 +90,7 @@ _found: dict[str, tuple[Diagnostic, ...]] = {}
 def diagnostics_of(case: str, monkeypatch: pytest.MonkeyPatch) -> tuple[Diagnostic, ...]:
     """What checking ``<case>.cstar`` from inside the fixture folder reports (errors, else warnings)."""
     if case not in _found:
-        monkeypatch.chdir(FIXTURES)
+        monkeypatch.chdir(INVALID)
         try:
             checked = check_file(f"{case}.cstar")
         except CStarError as error:
@@ -107,7 +107,7 @@ def diagnostics_of(case: str, monkeypatch: pytest.MonkeyPatch) -> tuple[Diagnost
 @pytest.mark.parametrize("case", _params())
 def test_golden_full_render(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     rendered = render(diagnostics_of(case, monkeypatch), "full")
-    expected_path = FIXTURES / f"{case}.txt"
+    expected_path = INVALID / f"{case}.txt"
     if UPDATE:
         expected_path.write_text(rendered, encoding="utf-8", newline="")
         return
@@ -146,7 +146,7 @@ def test_corpus_covers_every_code() -> None:
     covered: set[str] = set()
     for case in CASES:
         if case not in KNOWN_BUGS:
-            covered |= _codes_in((FIXTURES / f"{case}.txt").read_text(encoding="utf-8"))
+            covered |= _codes_in((INVALID / f"{case}.txt").read_text(encoding="utf-8"))
     missing = EXPECTED_CODES - covered
     assert not missing, f"no golden case produces: {', '.join(sorted(missing))}"
     unlisted = covered - EXPECTED_CODES
@@ -157,7 +157,7 @@ def test_every_code_in_the_source_is_expected() -> None:
     """A code added to cstar_dsl needs a golden case (and a place in EXPECTED_CODES)."""
     patterns = (r'Diagnostic\(\s*"([a-z][a-z-]*)"', r'\bfail\(\s*"([a-z][a-z-]*)"', r'\bcode\s*=\s*"([a-z][a-z-]*)"')
     found: set[str] = set()
-    for path in SOURCE.rglob("*.py"):
+    for path in PACKAGE.rglob("*.py"):
         text = path.read_text(encoding="utf-8")
         for pattern in patterns:
             found.update(re.findall(pattern, text))

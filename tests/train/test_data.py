@@ -11,22 +11,17 @@ import torch
 from cstar_dsl.lang.problems import SpecProblem
 from cstar_dsl.lang.validate import check_file, load_spec
 from cstar_dsl.train.data import datasets
+from tests.helpers import DIGITS, MNIST, SHARED_DATA, line_of, variant
 
-ROOT = Path(__file__).resolve().parent.parent
-DIGITS = (ROOT / "specs" / "digits.cstar").read_text()
-SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist-10k"
+SHARED_MNIST = SHARED_DATA / "mnist-10k"
 
 
-def _recipe(tmp_path: Path, data_block: str, seed: int = 0) -> Path:
-    start = DIGITS.index("\ndata {") + 1
-    end = DIGITS.index("\n}\n", start) + 3
-    text = DIGITS[:start] + data_block + DIGITS[end:]
-    text = text.replace("seed = 0", f"seed = {seed}")
-    if "dataset = mnist" in data_block:  # the model's input must be what the data set delivers
-        text = text.replace("input = [1, 8, 8]", "input = [1, 28, 28]")
-    path = tmp_path / "r.cstar"
-    path.write_text(text)
-    return path
+def _recipe(tmp_path: Path, data: str, seed: int = 0) -> Path:
+    """specs/digits.cstar with these `data` lines and seed; for MNIST, the input and split MNIST has."""
+    model = ""
+    if "dataset = mnist" in data:  # the model's input must be what the data set delivers
+        model, data = "model {\n  input = [1, 28, 28]\n}\n\n", data + "  split = official\n"
+    return variant(tmp_path, DIGITS, f"{model}data {{\n{data}}}\n\ntrain {{\n  seed = {seed}\n}}\n")
 
 
 def _write_idx(folder: Path, prefix: str, images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -49,9 +44,9 @@ def _tiny_mnist(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_digits_split_is_seeded_and_in_unit_range(tmp_path):
-    first = datasets(load_spec(ROOT / "specs" / "digits.cstar"))
-    again = datasets(load_spec(ROOT / "specs" / "digits.cstar"))
-    other = datasets(load_spec(_recipe(tmp_path, "data {\n  dataset = digits\n}\n", seed=1)))
+    first = datasets(load_spec(DIGITS))
+    again = datasets(load_spec(DIGITS))
+    other = datasets(load_spec(_recipe(tmp_path, "  dataset = digits\n", seed=1)))
     assert (len(first.train), len(first.test)) == (1438, 359)  # 80% of 1,797
     assert torch.equal(first.train.tensors[1], again.train.tensors[1])
     assert not torch.equal(first.train.tensors[1], other.train.tensors[1])
@@ -60,13 +55,13 @@ def test_digits_split_is_seeded_and_in_unit_range(tmp_path):
 
 
 def test_digits_split_share(tmp_path):
-    sets = datasets(load_spec(_recipe(tmp_path, "data {\n  dataset = digits\n  split = 50%\n}\n")))
+    sets = datasets(load_spec(_recipe(tmp_path, "  split = 50%\n")))
     assert abs(len(sets.train) - len(sets.test)) <= 1
 
 
 def test_mnist_reads_idx_files_in_torchvision_layout(tmp_path):
     images, labels = _tiny_mnist(tmp_path / "mnist")
-    sets = datasets(load_spec(_recipe(tmp_path, 'data {\n  dataset = mnist\n  root = "mnist"\n}\n')))
+    sets = datasets(load_spec(_recipe(tmp_path, '  dataset = mnist\n  root = "mnist"\n')))
     assert (len(sets.train), len(sets.test)) == (12, 5)
     x, y = sets.train.tensors
     assert x.shape == (12, 1, 28, 28) and torch.equal(y, labels)
@@ -75,13 +70,13 @@ def test_mnist_reads_idx_files_in_torchvision_layout(tmp_path):
 
 
 def test_missing_data_folder_points_at_the_root_line(tmp_path):
-    path = _recipe(tmp_path, 'data {\n  dataset = mnist\n  root = "nowhere"\n}\n')
+    path = _recipe(tmp_path, '  dataset = mnist\n  root = "nowhere"\n')
     checked = check_file(path)
     with pytest.raises(SpecProblem) as caught:
         datasets(checked.spec)
     diagnostic = checked.diagnostic(caught.value)
     assert diagnostic.code == "data-not-found"
-    assert (diagnostic.span.line, diagnostic.span.column) == (12, 10)
+    assert (diagnostic.span.line, diagnostic.span.column) == (line_of(path, 'root = "nowhere"'), 10)
     assert "MNIST/raw/" in diagnostic.help and "download = true" in diagnostic.help
 
 
@@ -89,7 +84,7 @@ def test_malformed_idx_file_is_a_clear_error(tmp_path):
     _tiny_mnist(tmp_path / "mnist")
     (tmp_path / "mnist" / "MNIST" / "raw" / "train-images-idx3-ubyte").write_bytes(b"\x00\x01garbage")
     with pytest.raises(SpecProblem) as caught:
-        datasets(load_spec(_recipe(tmp_path, 'data {\n  dataset = mnist\n  root = "mnist"\n}\n')))
+        datasets(load_spec(_recipe(tmp_path, '  dataset = mnist\n  root = "mnist"\n')))
     assert caught.value.code == "data-unreadable"
 
 
@@ -102,6 +97,6 @@ def test_every_registry_data_set_has_a_loader():
 
 @pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason="the shared MNIST-10k folder is not next to this checkout")
 def test_the_benchmark_data_loads():
-    sets = datasets(load_spec(ROOT / "specs" / "mnist.cstar"))
+    sets = datasets(load_spec(MNIST))
     assert (len(sets.train), len(sets.test)) == (8000, 2000)
     assert set(sets.test.tensors[1].tolist()) == set(range(10))

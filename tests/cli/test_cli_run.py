@@ -6,16 +6,16 @@ import json
 
 import onnx
 import pytest
-from test_compile import compile_cli, write_spec
 
 from cstar_dsl.cli import main
+from tests.helpers import compile_cli, variant, write_spec
 
 
 @pytest.fixture(scope="module")
 def run_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("run")
-    spec = write_spec(folder, pretrain=1, admm=1, finetune=1)
-    spec.write_text(spec.read_text() + "\nexport {\n  formats = [safetensors, onnx]\n}\n")
+    tiny = write_spec(folder, pretrain=1, admm=1, finetune=1)
+    spec = variant(folder, tiny, "export {\n  formats = [safetensors, onnx]\n}\n")
     assert compile_cli(spec, "--out", folder / "out") == 0
     return folder / "out"
 

@@ -4,7 +4,6 @@ folds batch norms, merges redundant 1x1 convs and lowers module calls to functio
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +13,9 @@ import cstar_dsl
 from cstar_dsl.deploy import inference
 from cstar_dsl.deploy.inference import InferenceReport, optimize_for_inference, to_torchscript
 from cstar_dsl.model.factorized import LowRankLinear, Tucker2Conv2d
+from tests.helpers import DIGITS
 
 TOLERANCE = 1e-4
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _bn(channels: int) -> nn.BatchNorm2d:
@@ -245,7 +244,7 @@ def test_unbatched_input_and_clashing_names(matmul_1x1):
 
 def test_factorized_recipe_model():
     """The whole pipeline on the digits recipe: load, build, plan, factorize, optimize."""
-    spec = cstar_dsl.load_spec(ROOT / "specs" / "digits.cstar")
+    spec = cstar_dsl.load_spec(DIGITS)
     torch.manual_seed(0)
     model = cstar_dsl.build_model(spec)
     for module in model.modules():  # trained-looking batch norm statistics

@@ -14,36 +14,19 @@ import torch
 from torch import nn
 
 from cstar_dsl.deploy import export as export_module
-from cstar_dsl.deploy.artifacts import ArtifactError, load, model_description, save_model
+from cstar_dsl.deploy.artifacts import ArtifactError, load
 from cstar_dsl.deploy.export import FORMATS, TOLERANCE, Exported, ExportError, export
-from cstar_dsl.lang.spec import ModelSpec
-from cstar_dsl.model.rewrite import factorize_ranks
-from cstar_dsl.model.zoo import Normalized, build_model
-
-SPEC = ModelSpec(arch="cstar:digits-cnn", classes=10, input=(1, 8, 8))
-RANKS = {"features.3": (8, 8), "features.7": (8, 16), "fc": (4,)}
-MEAN, STD = (0.3,), (0.37,)
-
-
-def _save(folder: Path, factorized: bool) -> Path:
-    net = build_model(SPEC)
-    if factorized:
-        net = factorize_ranks(net, RANKS)
-        structure = {"kind": "factorized", "ranks": {name: list(r) for name, r in RANKS.items()}}
-    else:
-        structure = {"kind": "dense"}
-    save_model(folder, Normalized(net, MEAN, STD), model_description(SPEC, "cstar", structure, MEAN, STD))
-    return folder
+from tests.helpers import save_model_folder
 
 
 @pytest.fixture(scope="module")
 def factorized(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _save(tmp_path_factory.mktemp("factorized"), factorized=True)
+    return save_model_folder(tmp_path_factory.mktemp("factorized"), factorized=True)
 
 
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _save(tmp_path_factory.mktemp("dense"), factorized=False)
+    return save_model_folder(tmp_path_factory.mktemp("dense"), factorized=False)
 
 
 @pytest.fixture(scope="module")

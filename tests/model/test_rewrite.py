@@ -9,7 +9,6 @@ dense), with their batch-norm statistics randomized so that every layer matters 
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 
 import pytest
@@ -21,18 +20,11 @@ from cstar_dsl.lang.validate import load_spec
 from cstar_dsl.model.factorized import LowRankLinear, Tucker2Conv2d
 from cstar_dsl.plan.allocate import LayerPlan, Plan, factorized_params, full_ranks
 from cstar_dsl.plan.layers import LayerInfo
+from tests.helpers import DIGITS, SPECS, variant
 
-ROOT = Path(__file__).resolve().parent.parent
-SPECS = ROOT / "specs"
-MOBILENET_MODEL = ('model {\n  arch = "torchvision:mobilenet_v2"\n  classes = 10\n  input = [3, 32, 32]\n'
-                   "  stem = cifar\n}\n")
-MOBILENET_COMPRESS = "compress {\n  method = cstar\n  budget = 2x params\n  policy = global\n}\n"
-
-
-def _swap_block(text: str, name: str, block: str) -> str:
-    replaced, count = re.subn(rf"(?ms)^{name} \{{\n.*?^\}}\n", lambda _: block, text, count=1)
-    assert count == 1
-    return replaced
+# specs/resnet18-imagenet.cstar has no layer rule naming a ResNet layer, so MobileNet can take its settings
+MOBILENET = ('model {\n  arch = "torchvision:mobilenet_v2"\n  classes = 10\n  input = [3, 32, 32]\n'
+             "  stem = cifar\n}\n\ncompress {\n  budget = 2x params\n  keep = []\n  min_rank = 1\n}\n")
 
 
 def _spec(arch: str, folder: Path):
@@ -40,10 +32,7 @@ def _spec(arch: str, folder: Path):
         return load_spec(SPECS / "resnet18.cstar")
     if arch == "vgg16_bn":
         return load_spec(SPECS / "vgg16.cstar")
-    text = _swap_block((SPECS / "resnet18.cstar").read_text(), "model", MOBILENET_MODEL)
-    path = folder / "mobilenet.cstar"
-    path.write_text(_swap_block(text, "compress", MOBILENET_COMPRESS))
-    return load_spec(path)
+    return load_spec(variant(folder, SPECS / "resnet18-imagenet.cstar", MOBILENET, "mobilenet.cstar"))
 
 
 def randomize_norms(model: nn.Module, seed: int = 1) -> None:
@@ -228,10 +217,8 @@ def test_leaf_modules_are_kept_whole_and_the_rest_factorized(tmp_path):
     from cstar_dsl.model import inventory
     from cstar_dsl.plan import allocate as planning
 
-    text = (SPECS / "digits.cstar").read_text().replace('input = [1, 8, 8]', 'input = [1, 8, 8]\n  leaf = ["gate"]')
-    text = _swap_block(text, "compress", "compress {\n  method = cstar\n  budget = 1.1x params\n  hooi_sweeps = 2\n}\n")
-    (tmp_path / "leaf.cstar").write_text(text)
-    spec = load_spec(tmp_path / "leaf.cstar")
+    leaf = 'model {\n  leaf = ["gate"]\n}\n\ncompress {\n  budget = 1.1x params\n  keep = []\n  hooi_sweeps = 2\n}\n'
+    spec = load_spec(variant(tmp_path, DIGITS, leaf, "leaf.cstar"))
     torch.manual_seed(0)
     model = _Net().eval()
     found = inventory.collect(model, spec.model.input, spec.model.leaf)
@@ -246,7 +233,7 @@ def test_leaf_modules_are_kept_whole_and_the_rest_factorized(tmp_path):
 
 
 def test_hooi_sweeps_from_the_spec_are_used():
-    spec = load_spec(SPECS / "digits.cstar")
+    spec = load_spec(DIGITS)
     torch.manual_seed(0)
     model = api.build_model(spec)
     plan = api.make_plan(spec, model)

@@ -8,79 +8,51 @@ import os
 import pickle
 import struct
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, TensorDataset
 
 from cstar_dsl.lang.problems import SpecProblem
 from cstar_dsl.lang.validate import check_file, load_spec
 from cstar_dsl.train.data import STATISTICS, augment, datasets, loader_batches
+from tests.helpers import (
+    RESNET18,
+    SHARED_DATA,
+    cifar_batch,
+    cifar_pixels,
+    dump_pickle,
+    image_folders,
+    tiny_cifar10,
+    variant,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-RESNET18 = (ROOT / "specs" / "resnet18.cstar").read_text()
-SHARED_CIFAR10 = ROOT.parent / "shared" / "data" / "cifar10"
+SHARED_CIFAR10 = SHARED_DATA / "cifar10"
 CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 
 
 # ----------------------------------------------------------------------- writers
 
 
-def _recipe(tmp_path: Path, data_block: str, *, input_shape: str = "[3, 32, 32]", classes: int = 10) -> Path:
-    """specs/resnet18.cstar with another data block (and input size, class count)."""
-    start = RESNET18.index("\ndata {") + 1
-    end = RESNET18.index("\n}\n", start) + 3
-    text = RESNET18[:start] + data_block + RESNET18[end:]
-    text = text.replace("input = [3, 32, 32]", f"input = {input_shape}").replace("classes = 10", f"classes = {classes}")
-    path = tmp_path / "r.cstar"
-    path.write_text(text)
-    return path
+def _recipe(tmp_path: Path, data: str, *, input_shape: str = "[3, 32, 32]", classes: int = 10) -> Path:
+    """specs/resnet18.cstar with these `data` lines, input size and class count."""
+    model = f"model {{\n  classes = {classes}\n  input = {input_shape}\n}}\n\n"
+    return variant(tmp_path, RESNET18, f"{model}data {{\n{data}}}\n")
 
 
 def _cifar_block(dataset: str, root: Path, extra: str = "") -> str:
-    return f'data {{\n  dataset = {dataset}\n  root = "{root}"\n{extra}}}\n'
-
-
-def _batch(pixels: np.ndarray, labels: list[int], key: bytes = b"labels", **more: Any) -> dict[bytes, Any]:
-    """A batch as the real files hold it: bytes keys, a uint8 N x 3072 array, a list of labels."""
-    return {b"batch_label": b"a tiny batch", key: labels, b"data": pixels,
-            b"filenames": [f"image_{i}.png".encode() for i in range(len(labels))], **more}
-
-
-def _dump(path: Path, value: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as stream:
-        pickle.dump(value, stream, protocol=2)
-
-
-def _pixels(count: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (count, 3072), dtype=np.uint8)
-
-
-def _tiny_cifar10(root: Path, per_batch: int = 2, tests: int = 3) -> tuple[np.ndarray, list[int]]:
-    """Five train batches, a test batch and batches.meta in cifar-10-batches-py/; the train pixels and labels."""
-    folder = root / "cifar-10-batches-py"
-    pixels, labels = _pixels(5 * per_batch, 0), [i % 10 for i in range(5 * per_batch)]
-    for i, name in enumerate(CIFAR10_TRAIN):
-        part = slice(i * per_batch, (i + 1) * per_batch)
-        _dump(folder / name, _batch(pixels[part], labels[part]))
-    _dump(folder / "test_batch", _batch(_pixels(tests, 1), [9 - i % 10 for i in range(tests)]))
-    _dump(folder / "batches.meta", {b"label_names": [f"class{i}".encode() for i in range(10)],
-                                    b"num_cases_per_batch": per_batch, b"num_vis": 3072})
-    return pixels, labels
+    return f'  dataset = {dataset}\n  root = "{root}"\n{extra}'
 
 
 def _tiny_cifar100(root: Path) -> None:
     folder = root / "cifar-100-python"
     for name, count in (("train", 6), ("test", 4)):
         fine = [(37 * i) % 100 for i in range(count)]
-        _dump(folder / name, _batch(_pixels(count, count), fine, key=b"fine_labels",
-                                    coarse_labels=[label // 5 for label in fine]))
-    _dump(folder / "meta", {b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
-                            b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)]})
+        dump_pickle(folder / name, cifar_batch(cifar_pixels(count, count), fine, key=b"fine_labels",
+                                               coarse_labels=[label // 5 for label in fine]))
+    dump_pickle(folder / "meta", {b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
+                                  b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)]})
 
 
 class _Python2Pickler(pickle._Pickler):  # type: ignore[name-defined]  # the pure-Python pickler can be extended
@@ -117,18 +89,6 @@ class _Calls:
         return self.function, self.args
 
 
-def _image_folders(root: Path, train: dict[str, int], val: dict[str, int]) -> None:
-    """ImageNet's layout: root/train/<class>/*, root/val/<class>/*, tiny PNG and JPEG images."""
-    for part, counts in (("train", train), ("val", val)):
-        for index, (name, count) in enumerate(counts.items()):
-            (root / part / name).mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                colour = (40 * index + 20, 10 * i, 200 - 30 * index)
-                suffix = "png" if i % 2 else "JPEG"
-                Image.new("RGB", (40 + 4 * i, 30), colour).save(root / part / name / f"{name}_{i}.{suffix}",
-                                                                 format="PNG" if suffix == "png" else "JPEG")
-
-
 def _problem(spec_path: Path) -> SpecProblem:
     with pytest.raises(SpecProblem) as caught:
         datasets(load_spec(spec_path))
@@ -139,7 +99,7 @@ def _problem(spec_path: Path) -> SpecProblem:
 
 
 def test_cifar10_reads_the_torchvision_layout(tmp_path):
-    pixels, labels = _tiny_cifar10(tmp_path / "cifar")
+    pixels, labels = tiny_cifar10(tmp_path / "cifar")
     sets = datasets(load_spec(_recipe(tmp_path, _cifar_block("cifar10", tmp_path / "cifar"))))
     assert isinstance(sets.train, TensorDataset) and (len(sets.train), len(sets.test)) == (10, 3)  # official split
     x, y = sets.train.tensors
@@ -151,13 +111,13 @@ def test_cifar10_reads_the_torchvision_layout(tmp_path):
 
 
 def test_cifar_pixels_land_at_their_channel_row_and_column(tmp_path):
-    _tiny_cifar10(tmp_path / "cifar")
+    tiny_cifar10(tmp_path / "cifar")
     marked = np.zeros((1, 3072), dtype=np.uint8)
     # Each row holds the red plane, then green, then blue, each plane row-major over 32 x 32.
     marked[0, 0 * 1024 + 5 * 32 + 7] = 255  # red, row 5, column 7
     marked[0, 1 * 1024 + 31 * 32 + 0] = 102  # green, row 31, column 0
     marked[0, 2 * 1024 + 0 * 32 + 31] = 51  # blue, row 0, column 31
-    _dump(tmp_path / "cifar" / "cifar-10-batches-py" / "test_batch", _batch(marked, [3]))
+    dump_pickle(tmp_path / "cifar" / "cifar-10-batches-py" / "test_batch", cifar_batch(marked, [3]))
     image = datasets(load_spec(_recipe(tmp_path, _cifar_block("cifar10", tmp_path / "cifar")))).test.tensors[0][0]
     assert image[0, 5, 7] == 1.0 and image[1, 31, 0] == pytest.approx(0.4) and image[2, 0, 31] == pytest.approx(0.2)
     assert image.count_nonzero() == 3
@@ -173,9 +133,9 @@ def test_cifar100_uses_the_fine_labels(tmp_path):
 
 
 def test_python2_pickles_like_the_real_files_load(tmp_path):
-    pixels, _ = _tiny_cifar10(tmp_path / "cifar")
+    pixels, _ = tiny_cifar10(tmp_path / "cifar")
     stream = io.BytesIO()
-    _Python2Pickler(stream, protocol=2).dump(_batch(pixels[:2], [4, 2]))
+    _Python2Pickler(stream, protocol=2).dump(cifar_batch(pixels[:2], [4, 2]))
     assert b"numpy.core.multiarray" in stream.getvalue() and b"_codecs" not in stream.getvalue()
     (tmp_path / "cifar" / "cifar-10-batches-py" / "test_batch").write_bytes(stream.getvalue())
     test = datasets(load_spec(_recipe(tmp_path, _cifar_block("cifar10", tmp_path / "cifar")))).test
@@ -184,7 +144,7 @@ def test_python2_pickles_like_the_real_files_load(tmp_path):
 
 
 def test_cifar_augmentation_keeps_the_shape(tmp_path):
-    _tiny_cifar10(tmp_path / "cifar")
+    tiny_cifar10(tmp_path / "cifar")
     images = datasets(load_spec(_recipe(tmp_path, _cifar_block("cifar10", tmp_path / "cifar")))).train.tensors[0]
     out = augment(images[:4], "cifar10", torch.Generator().manual_seed(0))
     assert out.shape == (4, 3, 32, 32) and 0 <= out.min() and out.max() <= 1
@@ -203,7 +163,7 @@ def test_missing_cifar_folder_names_the_layout(tmp_path):
 
 
 def test_a_missing_cifar10_batch_is_named(tmp_path):
-    _tiny_cifar10(tmp_path / "cifar")
+    tiny_cifar10(tmp_path / "cifar")
     (tmp_path / "cifar" / "cifar-10-batches-py" / "data_batch_4").unlink()
     problem = _problem(_recipe(tmp_path, _cifar_block("cifar10", tmp_path / "cifar")))
     assert problem.code == "data-not-found" and "missing: data_batch_4" in problem.help
@@ -216,9 +176,9 @@ def test_a_missing_cifar10_batch_is_named(tmp_path):
     (lambda marker: _Calls(codecs.encode, "text", "rot13"), "rot13"),
 ], ids=["print", "os.system", "other-codec"])
 def test_a_pickle_that_calls_a_function_is_refused_unexecuted(tmp_path, capsys, call, named):
-    _tiny_cifar10(tmp_path / "cifar")
+    tiny_cifar10(tmp_path / "cifar")
     marker = tmp_path / "executed"
-    _dump(tmp_path / "cifar" / "cifar-10-batches-py" / "data_batch_2", _batch(call(marker), [1]))
+    dump_pickle(tmp_path / "cifar" / "cifar-10-batches-py" / "data_batch_2", cifar_batch(call(marker), [1]))
     problem = _problem(_recipe(tmp_path, _cifar_block("cifar10", tmp_path / "cifar")))
     assert problem.code == "data-unreadable" and named in problem.message and "data_batch_2" in problem.message
     assert "PWNED" not in capsys.readouterr().out and not marker.exists()
@@ -226,19 +186,19 @@ def test_a_pickle_that_calls_a_function_is_refused_unexecuted(tmp_path, capsys, 
 
 @pytest.mark.parametrize("damage", ["truncated", "wrong-shape", "bad-labels", "not-a-dict", "meta"])
 def test_malformed_cifar_files_are_unreadable(tmp_path, damage):
-    _tiny_cifar10(tmp_path / "cifar")
+    tiny_cifar10(tmp_path / "cifar")
     folder = tmp_path / "cifar" / "cifar-10-batches-py"
     if damage == "truncated":
         data = (folder / "data_batch_3").read_bytes()
         (folder / "data_batch_3").write_bytes(data[:len(data) // 2])
     elif damage == "wrong-shape":
-        _dump(folder / "data_batch_3", _batch(np.zeros((2, 3000), dtype=np.uint8), [0, 1]))
+        dump_pickle(folder / "data_batch_3", cifar_batch(np.zeros((2, 3000), dtype=np.uint8), [0, 1]))
     elif damage == "bad-labels":
-        _dump(folder / "data_batch_3", _batch(_pixels(2, 0), [0, 10]))
+        dump_pickle(folder / "data_batch_3", cifar_batch(cifar_pixels(2, 0), [0, 10]))
     elif damage == "not-a-dict":
-        _dump(folder / "data_batch_3", [1, 2, 3])
+        dump_pickle(folder / "data_batch_3", [1, 2, 3])
     else:
-        _dump(folder / "batches.meta", {b"label_names": [b"one", b"two"]})
+        dump_pickle(folder / "batches.meta", {b"label_names": [b"one", b"two"]})
     problem = _problem(_recipe(tmp_path, _cifar_block("cifar10", tmp_path / "cifar")))
     assert (problem.code, problem.loc) == ("data-unreadable", ("data", "root"))
     assert ("batches.meta" if damage == "meta" else "data_batch_3") in problem.message
@@ -251,7 +211,7 @@ def test_download_fetches_the_archive_and_still_reads_it_restricted(tmp_path, mo
 
     def fake_download(url: str, root: str, **options: object) -> None:
         fetched.append((url, options["md5"]))
-        _tiny_cifar10(Path(root))
+        tiny_cifar10(Path(root))
 
     monkeypatch.setattr(utils, "download_and_extract_archive", fake_download)
     spec = load_spec(_recipe(tmp_path, _cifar_block("cifar10", tmp_path / "fresh", "  download = true\n")))
@@ -273,7 +233,7 @@ def test_a_failed_download_points_at_the_download_line(tmp_path, monkeypatch):
 
 
 def test_a_resnet18_recipe_loads_its_cifar_folder(tmp_path):
-    _tiny_cifar10(tmp_path / "cifar")
+    tiny_cifar10(tmp_path / "cifar")
     spec = load_spec(_recipe(tmp_path, _cifar_block("cifar10", tmp_path / "cifar", "  batch_size = 4\n")))
     assert (spec.model.arch, spec.model.stem, spec.model.input) == ("torchvision:resnet18", "cifar", (3, 32, 32))
     sets = datasets(spec)
@@ -293,11 +253,11 @@ def test_the_real_cifar10_loads(tmp_path):
 
 
 def _folder_block(root: Path, extra: str = "") -> str:
-    return f'data {{\n  dataset = imagenet\n  root = "{root}"\n{extra}}}\n'
+    return f'  dataset = imagenet\n  root = "{root}"\n{extra}'
 
 
 def test_image_folders_load_with_the_standard_transforms(tmp_path):
-    _image_folders(tmp_path / "net", {"cat": 3, "dog": 2}, {"cat": 1, "dog": 2})
+    image_folders(tmp_path / "net", {"cat": 3, "dog": 2}, {"cat": 1, "dog": 2})
     spec = load_spec(_recipe(tmp_path, _folder_block(tmp_path / "net"), input_shape="[3, 24, 20]", classes=2))
     sets = datasets(spec)
     assert (len(sets.train), len(sets.test)) == (5, 3) and sets.train.classes == sets.test.classes == ["cat", "dog"]
@@ -312,28 +272,28 @@ def test_image_folders_load_with_the_standard_transforms(tmp_path):
 
 
 def test_image_folders_without_augmentation_crop_the_center(tmp_path):
-    _image_folders(tmp_path / "net", {"cat": 2, "dog": 1}, {"cat": 1, "dog": 1})
+    image_folders(tmp_path / "net", {"cat": 2, "dog": 1}, {"cat": 1, "dog": 1})
     block = _folder_block(tmp_path / "net", "  augment = none\n")
     sets = datasets(load_spec(_recipe(tmp_path, block, input_shape="[3, 16, 16]", classes=2)))
     assert torch.equal(sets.train[0][0], sets.train[0][0]) and sets.train[0][0].shape == (3, 16, 16)
 
 
 def test_image_folders_with_different_classes_are_unreadable(tmp_path):
-    _image_folders(tmp_path / "net", {"cat": 1, "dog": 1}, {"cat": 1, "emu": 1})
+    image_folders(tmp_path / "net", {"cat": 1, "dog": 1}, {"cat": 1, "emu": 1})
     problem = _problem(_recipe(tmp_path, _folder_block(tmp_path / "net"), classes=2))
     assert (problem.code, problem.loc) == ("data-unreadable", ("data", "root"))
     assert "only in train/: dog" in problem.message and "only in val/: emu" in problem.message
 
 
 def test_a_class_folder_without_images_is_unreadable(tmp_path):
-    _image_folders(tmp_path / "net", {"cat": 1, "dog": 1}, {"cat": 1, "dog": 1})
+    image_folders(tmp_path / "net", {"cat": 1, "dog": 1}, {"cat": 1, "dog": 1})
     (tmp_path / "net" / "val" / "dog" / "dog_0.JPEG").unlink()
     problem = _problem(_recipe(tmp_path, _folder_block(tmp_path / "net"), classes=2))
     assert problem.code == "data-unreadable" and "dog" in problem.message
 
 
 def test_missing_image_folders_name_the_layout(tmp_path):
-    _image_folders(tmp_path / "net", {"cat": 1, "dog": 1}, {})
+    image_folders(tmp_path / "net", {"cat": 1, "dog": 1}, {})
     problem = _problem(_recipe(tmp_path, _folder_block(tmp_path / "net"), classes=2))
     assert (problem.code, problem.loc) == ("data-not-found", ("data", "root"))
     assert "missing: val/" in problem.help and "train/<class>/" in problem.help and "image-net.org" in problem.help
@@ -371,7 +331,7 @@ def test_loader_batches_follow_the_given_order():
 
 
 def test_loader_batches_of_image_folders(tmp_path):
-    _image_folders(tmp_path / "net", {"cat": 2, "dog": 2}, {"cat": 1, "dog": 1})
+    image_folders(tmp_path / "net", {"cat": 2, "dog": 2}, {"cat": 1, "dog": 1})
     test = datasets(load_spec(_recipe(tmp_path, _folder_block(tmp_path / "net"), input_shape="[3, 8, 8]",
                                       classes=2))).test
     (images, labels), = loader_batches(test, torch.tensor([1, 0]), 4, 0)

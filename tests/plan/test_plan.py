@@ -50,9 +50,8 @@ from cstar_dsl.lang.validate import check_file, load_spec
 from cstar_dsl.plan import allocate as planning
 from cstar_dsl.plan.allocate import factorized_macs, factorized_params, full_ranks
 from cstar_dsl.plan.layers import LayerInfo
+from tests.helpers import DIGITS, RESNET18, variant
 
-ROOT = Path(__file__).resolve().parent.parent
-DIGITS = (ROOT / "specs" / "digits.cstar").read_text()
 _FOLDER = Path(tempfile.mkdtemp(prefix="cstar-test-plan-"))
 atexit.register(shutil.rmtree, _FOLDER, ignore_errors=True)
 
@@ -64,18 +63,11 @@ FEW = settings(PROPERTY, max_examples=30)
 # ------------------------------------------------------------------ recipes
 
 
-def recipe(compress: str) -> str:
-    """specs/digits.cstar with its `compress` block replaced."""
-    text, count = re.subn(r"(?ms)^compress \{\n.*?^\}\n", lambda _: compress.rstrip("\n") + "\n", DIGITS, count=1)
-    assert count == 1, "specs/digits.cstar has no top-level compress block"
-    return text
-
-
 def compress_block(budget: str = "4x params", policy: str = "global", keep: tuple[str, ...] = (),
                    min_rank: int | None = None, rules: tuple[tuple[str, tuple[str, ...]], ...] = ()) -> str:
-    lines = ["compress {", "  method = cstar", f"  budget = {budget}", f"  policy = {policy}"]
-    if keep:
-        lines.append("  keep = [" + ", ".join(f'"{name}"' for name in keep) + "]")
+    """A `compress` block that sets every key of digits.cstar's, so that merged over it, it replaces it."""
+    lines = ["compress {", "  method = cstar", f"  budget = {budget}", f"  policy = {policy}",
+             "  keep = [" + ", ".join(f'"{name}"' for name in keep) + "]"]
     if min_rank is not None:
         lines.append(f"  min_rank = {min_rank}")
     for selector, settings_ in rules:
@@ -86,8 +78,7 @@ def compress_block(budget: str = "4x params", policy: str = "global", keep: tupl
 @functools.cache
 def spec_for(block: str) -> Spec:
     """The Spec of digits.cstar with this compress block, validated from a file like any recipe."""
-    path = _FOLDER / f"r{hashlib.sha1(block.encode()).hexdigest()[:16]}.cstar"
-    path.write_text(recipe(block))
+    path = variant(_FOLDER, DIGITS, block, f"r{hashlib.sha1(block.encode()).hexdigest()[:16]}.cstar")
     return check_file(path).spec
 
 
@@ -727,7 +718,7 @@ def resnet18():
     from cstar_dsl import api
 
     torch.manual_seed(0)
-    the_spec = load_spec(ROOT / "specs" / "resnet18.cstar")
+    the_spec = load_spec(RESNET18)
     return the_spec, api.build_model(the_spec)
 
 
@@ -754,7 +745,7 @@ def test_digits_plan_meets_its_budget():
     from cstar_dsl import api
 
     torch.manual_seed(0)
-    the_spec = load_spec(ROOT / "specs" / "digits.cstar")
+    the_spec = load_spec(DIGITS)
     plan = api.make_plan(the_spec, api.build_model(the_spec))
     assert 4 <= plan.ratio <= 4 * 1.03
     decided = {layer.name: layer for layer in plan.layers}

@@ -28,23 +28,22 @@ from cstar_dsl.lang.spec import FgsmAttack, ModelSpec, PgdAttack, Spec
 from cstar_dsl.lang.validate import check_file, load_spec
 from cstar_dsl.model import zoo as models
 from cstar_dsl.train.data import datasets
+from tests.helpers import DIGITS, SPECS, variant
 
-SPECS = Path(__file__).resolve().parent.parent / "specs"
 MEAN, STD = (0.3,), (0.37,)
 SAMPLES = 200
 
 
-def _digits_spec() -> Spec:
-    text = (SPECS / "digits.cstar").read_text(encoding="utf-8")
-    text = text.replace('"cstar:digits-cnn"', '"cstar:mlp"').replace('keep = ["fc"]', 'keep = ["fc3"]')
-    return check_file(SPECS / "digits.cstar", text=text.encode()).spec
+def _digits_spec(folder: Path) -> Spec:
+    mlp = 'model {\n  arch = "cstar:mlp"\n}\n\ncompress {\n  keep = ["fc3"]\n}\n'
+    return check_file(variant(folder, DIGITS, mlp, "mlp-digits.cstar")).spec
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run folder as `cstar compile` writes it, with a plainly trained MLP (no compression) so that
     accuracies mean something: about 98% clean and 58% under PGD-20 at eps 0.1."""
-    spec = _digits_spec()
+    spec = _digits_spec(tmp_path_factory.mktemp("spec"))
     model = models.Normalized(models.build_model(ModelSpec(arch="cstar:mlp", classes=10, input=(1, 8, 8))), MEAN, STD)
     images, labels = datasets(spec).train.tensors
     generator = torch.Generator().manual_seed(0)

@@ -6,38 +6,27 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from cstar_dsl.cli import main
 from cstar_dsl.plan.allocate import LayerPlan
+from tests.helpers import DIGITS, DOCS, line_of, run_cli
 
-ROOT = Path(__file__).resolve().parent.parent
-SPECS = ROOT / "specs"
 TOP_KEYS = {"spec", "model", "seconds", "schema", "policy", "budget", "metric", "target", "totals", "layers",
             "warnings"}
+BUDGET_LINE = line_of(DIGITS, "budget = 4x params")  # digits.cstar's, which the variants below keep
 TOTAL_KEYS = {"params_before", "params_after", "macs_before", "macs_after", "other_params", "ratio"}
 
 
-@pytest.fixture
-def folder(tmp_path, monkeypatch):
-    """A working folder holding a copy of specs/digits.cstar, for recipes that extend it."""
-    shutil.copy(SPECS / "digits.cstar", tmp_path / "digits.cstar")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("COLUMNS", "200")  # a wide table, so that layer names are not cut
-    return tmp_path
-
-
-def write(folder: Path, name: str, text: str) -> str:
-    (folder / name).write_text(text)
+def write(name: str, text: str) -> str:
+    """Writes a recipe into the working folder (`digits_folder`); its name, as the CLI is given it."""
+    Path(name).write_text(text)
     return name
 
 
-def test_plan_prints_the_table_and_totals(folder, capsys):
+def test_plan_prints_the_table_and_totals(digits_folder, capsys):
     assert main(["plan", "digits.cstar"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("digits.cstar: cstar:digits-cnn")
@@ -58,7 +47,7 @@ def test_plan_prints_the_table_and_totals(folder, capsys):
     assert "note: no starting weights" in out
 
 
-def test_plan_json_has_the_documented_keys(folder, capsys):
+def test_plan_json_has_the_documented_keys(digits_folder, capsys):
     assert main(["plan", "--format", "json", "digits.cstar"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert set(data) == TOP_KEYS
@@ -82,7 +71,7 @@ def test_plan_json_has_the_documented_keys(folder, capsys):
 
 
 def test_docs_plan_md_documents_the_json_keys():
-    text = (ROOT / "docs" / "plan.md").read_text()
+    text = (DOCS / "plan.md").read_text()
     section = text[text.index("## JSON"):text.index("\n## ", text.index("## JSON") + 1)]
     documented = {name for line in section.splitlines() if line.startswith("| `")
                   for name in re.findall(r"`([a-z_]+)`", line.split("|")[1])}
@@ -91,8 +80,7 @@ def test_docs_plan_md_documents_the_json_keys():
 
 
 def _plan_json() -> dict[str, object]:
-    result = subprocess.run([sys.executable, "-m", "cstar_dsl", "plan", "--format", "json", "specs/digits.cstar"],
-                            capture_output=True, text=True, cwd=ROOT)
+    result = run_cli("plan", "--format", "json", "specs/digits.cstar")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     data.pop("seconds")
@@ -103,9 +91,8 @@ def test_plan_is_reproducible_across_runs():
     assert _plan_json() == _plan_json()
 
 
-def test_a_rule_that_matches_nothing_points_at_the_rule(folder, capsys):
-    name = write(folder, "typo.cstar", 'extend "digits.cstar"\n\ncompress {\n  layer "featurs.3" {\n    rank = 4\n'
-                                       "  }\n}\n")
+def test_a_rule_that_matches_nothing_points_at_the_rule(digits_folder, capsys):
+    name = write("typo.cstar", 'extend "digits.cstar"\n\ncompress {\n  layer "featurs.3" {\n    rank = 4\n  }\n}\n')
     assert main(["plan", name]) == 1
     out = capsys.readouterr().out
     assert out.startswith('error[selector-matches-nothing]: layer rule "featurs.3" matches no Linear or Conv2d layer')
@@ -115,16 +102,16 @@ def test_a_rule_that_matches_nothing_points_at_the_rule(folder, capsys):
     assert "= help:" in out and "Traceback" not in out
 
 
-def test_a_keep_entry_that_matches_nothing_points_at_keep(folder, capsys):
-    name = write(folder, "keep.cstar", 'extend "digits.cstar"\n\ncompress {\n  keep = ["fc", "feature.7"]\n}\n')
+def test_a_keep_entry_that_matches_nothing_points_at_keep(digits_folder, capsys):
+    name = write("keep.cstar", 'extend "digits.cstar"\n\ncompress {\n  keep = ["fc", "feature.7"]\n}\n')
     assert main(["plan", "--format", "json", name]) == 1
     [diagnostic] = json.loads(capsys.readouterr().out)
     assert diagnostic["code"] == "selector-matches-nothing" and diagnostic["label"] == 'did you mean "features.7"?'
     assert (diagnostic["file"], diagnostic["line"]) == ("keep.cstar", 4)
 
 
-def test_an_infeasible_budget_points_at_the_budget(folder, capsys):
-    name = write(folder, "tight.cstar", 'extend "digits.cstar"\n\ncompress {\n  budget = 1000x params\n}\n')
+def test_an_infeasible_budget_points_at_the_budget(digits_folder, capsys):
+    name = write("tight.cstar", 'extend "digits.cstar"\n\ncompress {\n  budget = 1000x params\n}\n')
     assert main(["plan", name]) == 1
     out = capsys.readouterr().out
     match = re.match(r"error\[infeasible-budget\]: the budget 1000x params cannot be met: "
@@ -132,49 +119,43 @@ def test_an_infeasible_budget_points_at_the_budget(folder, capsys):
     assert match, out
     assert f"^^^^^^^^^^^^ at most {match.group(1)}x here" in out
     # the stated ratio is reachable
-    write(folder, "reachable.cstar", f'extend "digits.cstar"\n\ncompress {{\n  budget = {match.group(1)}x params\n}}\n')
+    write("reachable.cstar", f'extend "digits.cstar"\n\ncompress {{\n  budget = {match.group(1)}x params\n}}\n')
     assert main(["plan", "--format", "json", "reachable.cstar"]) == 0
     assert json.loads(capsys.readouterr().out)["totals"]["ratio"] >= float(match.group(1))
 
 
-def _budget_line(folder: Path) -> int:
-    return next(i for i, line in enumerate((folder / "digits.cstar").read_text().splitlines(), 1)
-                if line.strip().startswith("budget ="))
-
-
-def test_a_problem_caused_by_a_variant_points_at_the_base_line_it_concerns(folder, capsys):
+def test_a_problem_caused_by_a_variant_points_at_the_base_line_it_concerns(digits_folder, capsys):
     # The variant raises the floor; the budget the floor makes infeasible was written in digits.cstar.
-    name = write(folder, "floor.cstar", 'extend "digits.cstar"\n\ncompress {\n  min_rank = 60\n}\n')
+    name = write("floor.cstar", 'extend "digits.cstar"\n\ncompress {\n  min_rank = 60\n}\n')
     assert main(["plan", name]) == 1
     out = capsys.readouterr().out
     assert out.startswith("error[infeasible-budget]: the budget 4x params cannot be met")
-    assert f" --> digits.cstar:{_budget_line(folder)}:12\n" in out
+    assert f" --> digits.cstar:{BUDGET_LINE}:12\n" in out
 
 
-def test_plan_format_concise_prints_concise_diagnostics(folder, capsys):
-    name = write(folder, "floor.cstar", 'extend "digits.cstar"\n\ncompress {\n  min_rank = 60\n}\n')
+def test_plan_format_concise_prints_concise_diagnostics(digits_folder, capsys):
+    name = write("floor.cstar", 'extend "digits.cstar"\n\ncompress {\n  min_rank = 60\n}\n')
     assert main(["plan", "--format", "concise", name]) == 1
-    assert capsys.readouterr().out.startswith(f"digits.cstar:{_budget_line(folder)}:12: error[infeasible-budget]")
+    assert capsys.readouterr().out.startswith(f"digits.cstar:{BUDGET_LINE}:12: error[infeasible-budget]")
 
 
-def test_plan_json_errors_are_diagnostics(folder, capsys):
-    name = write(folder, "tight.cstar", 'extend "digits.cstar"\n\ncompress {\n  budget = 1000x params\n}\n')
+def test_plan_json_errors_are_diagnostics(digits_folder, capsys):
+    name = write("tight.cstar", 'extend "digits.cstar"\n\ncompress {\n  budget = 1000x params\n}\n')
     assert main(["plan", "--format", "json", name]) == 1
     [diagnostic] = json.loads(capsys.readouterr().out)
     assert (diagnostic["code"], diagnostic["file"], diagnostic["line"], diagnostic["column"]) == (
         "infeasible-budget", "tight.cstar", 4, 12)
 
 
-def test_an_invalid_recipe_is_reported_before_planning(folder, capsys):
-    name = write(folder, "bad.cstar", 'extend "digits.cstar"\n\ncompress {\n  polcy = global\n}\n')
+def test_an_invalid_recipe_is_reported_before_planning(digits_folder, capsys):
+    name = write("bad.cstar", 'extend "digits.cstar"\n\ncompress {\n  polcy = global\n}\n')
     assert main(["plan", name]) == 1
     out = capsys.readouterr().out
     assert "error[unknown-key]" in out and " --> bad.cstar:4:3" in out
 
 
 def test_plan_usage_errors_exit_2():
-    result = subprocess.run([sys.executable, "-m", "cstar_dsl", "plan", "no-such-file.cstar"], capture_output=True,
-                            text=True, cwd=ROOT)
+    result = run_cli("plan", "no-such-file.cstar")
     assert result.returncode == 2 and "no such file" in result.stderr
 
 

@@ -11,14 +11,9 @@ from pathlib import Path
 import pytest
 
 from cstar_dsl.cli import main
+from tests.helpers import ROOT, SPECS, run_cli
 
-ROOT = Path(__file__).resolve().parent.parent
-SPECS = ROOT / "specs"
 BAD = 'model {\n  arch = "cstar:digits-cnn"\n  clases = 10\n}\n'
-
-
-def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cstar_dsl", *args], capture_output=True, text=True, cwd=ROOT)
 
 
 def test_check_valid_specs_prints_one_line_each(capsys):
@@ -57,7 +52,7 @@ def test_check_concise_format(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize("args", [["check"], ["check", "missing.cstar"], ["frobnicate"], ["fmt", "--bogus", "x"], []])
 def test_usage_errors_exit_2(args):
-    result = _run(*args)
+    result = run_cli(*args)
     assert result.returncode == 2, result
     assert "Traceback" not in result.stderr
 
@@ -71,7 +66,7 @@ def test_bad_input_never_gives_a_traceback(tmp_path, content):
     path = tmp_path / "x.cstar"
     path.write_bytes(content)
     for command in (["check"], ["fmt", "--check"]):
-        result = _run(*command, str(path))
+        result = run_cli(*command, path)
         assert "Traceback" not in result.stderr + result.stdout
         if content or command == ["check"]:  # an empty file is already formatted
             assert result.returncode == 1, result

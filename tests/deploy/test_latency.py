@@ -7,8 +7,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,17 +15,13 @@ from torch import nn
 import cstar_dsl
 from cstar_dsl.cli import main
 from cstar_dsl.deploy import latency
+from tests.helpers import DIGITS, DOCS
 
-ROOT = Path(__file__).resolve().parent.parent
 LATENCY_KEYS = {"dense_ms", "compressed_ms", "speedup", "threads", "batch", "cpu", "cores", "form"}
 TIMING_KEYS = {"median", "q1", "q3", "minimum", "cpu_median", "repeats"}
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("keep_threads")
 
 
 def _recorder(order: list[str], name: str):
@@ -76,7 +70,7 @@ def test_compare_latency_times_both_and_leaves_them_and_the_threads_alone():
 
 
 def _digits(method: str | None = None):
-    spec = cstar_dsl.load_spec(ROOT / "specs" / "digits.cstar")
+    spec = cstar_dsl.load_spec(DIGITS)
     if method:
         spec = spec.model_copy(update={"compress": spec.compress.model_copy(update={"method": method})})
     return spec
@@ -103,15 +97,7 @@ def test_measure_latency_times_the_model_the_plan_makes(method, monkeypatch):
     assert weights >= plan.params_after * 0.9
 
 
-@pytest.fixture
-def folder(tmp_path, monkeypatch):
-    shutil.copy(ROOT / "specs" / "digits.cstar", tmp_path / "digits.cstar")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("COLUMNS", "200")
-    return tmp_path
-
-
-def test_plan_latency_prints_what_the_budget_buys_in_time(folder, capsys):
+def test_plan_latency_prints_what_the_budget_buys_in_time(digits_folder, capsys):
     assert main(["plan", "digits.cstar", "--latency"]) == 0
     out = capsys.readouterr().out
     line = re.search(r"^latency: (\d+\.\d\d) ms -> (\d+\.\d\d) ms, (\d+\.\d\d)x faster \(MACs (\d+\.\d\d)x\); "
@@ -122,28 +108,28 @@ def test_plan_latency_prints_what_the_budget_buys_in_time(folder, capsys):
     assert line.group(4) == summary.group(1)
 
 
-def test_plan_latency_in_json(folder, capsys):
+def test_plan_latency_in_json(digits_folder, capsys):
     assert main(["plan", "digits.cstar", "--latency", "--threads", "2", "--format", "json"]) == 0
     data = json.loads(capsys.readouterr().out)["latency"]
     assert set(data) == LATENCY_KEYS and data["threads"] == 2 and data["batch"] == 1
     assert data["compressed_ms"]["repeats"] == 30
 
 
-def test_plan_without_latency_times_nothing(folder, capsys, monkeypatch):
+def test_plan_without_latency_times_nothing(digits_folder, capsys, monkeypatch):
     monkeypatch.setattr(latency, "compare_latency", lambda *a, **k: pytest.fail("timed without --latency"))
     assert main(["plan", "digits.cstar", "--format", "json"]) == 0
     assert "latency" not in json.loads(capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("threads", ["0", "two"])
-def test_plan_threads_must_be_a_positive_number(folder, capsys, threads):
+def test_plan_threads_must_be_a_positive_number(digits_folder, capsys, threads):
     with pytest.raises(SystemExit) as stop:
         main(["plan", "digits.cstar", "--latency", "--threads", threads])
     assert stop.value.code == 2 and "--threads" in capsys.readouterr().err
 
 
 def test_docs_plan_md_documents_the_latency_keys():
-    text = (ROOT / "docs" / "plan.md").read_text()
+    text = (DOCS / "plan.md").read_text()
     start = text.index("## Latency")
     section = text[start:text.index("\n## ", start + 1)]
     documented = {name for line in section.splitlines() if line.startswith("| `")
