@@ -20,15 +20,12 @@ from cstar_dsl.model import zoo
 from cstar_dsl.model.channel_cut import cut_channels
 from cstar_dsl.model.prune import channel_prune, weight_params
 from cstar_dsl.train.optimize import TrainingDiverged
-
-DIGITS = Path(__file__).resolve().parent.parent / "specs" / "digits.cstar"
+from tests.helpers import DIGITS, line_of, variant
 
 
 def _recipe(folder: Path, name: str, compress: str = "method = auto", train: str = "admm = none") -> Path:
     """A fast recipe over the digits example: its MLP, two-step attacks, one epoch per phase."""
-    path = folder / f"{name}.cstar"
-    path.write_text(f"""extend "{DIGITS}"
-model {{
+    return variant(folder, DIGITS, f"""model {{
   arch = "cstar:mlp"
 }}
 threat {{
@@ -50,8 +47,7 @@ evaluate {{
 export {{
   formats = [safetensors]
 }}
-""")
-    return path
+""", f"{name}.cstar")
 
 
 @pytest.mark.parametrize("size, share", [(10, 0.1), (1437, 0.1), (7, 0.5), (3, 0.01), (5, 0.99)])
@@ -165,7 +161,7 @@ def test_probe_settings_are_checked_at_their_line(tmp_path: Path, setting: str, 
         check_file(recipe)
     [diagnostic] = raised.value.diagnostics
     assert diagnostic.code == code and words in diagnostic.message + (diagnostic.label or "")
-    assert diagnostic.span is not None and diagnostic.span.line == 11
+    assert diagnostic.span is not None and diagnostic.span.line == line_of(recipe, setting)
 
 
 @pytest.mark.parametrize("compress, key", [
