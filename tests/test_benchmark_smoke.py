@@ -183,3 +183,6 @@ def test_the_gpu_script_runs_every_part_at_toy_size_on_the_cpu(gpu_benchmark, tm
     cell_recipe = (cells / "cstar-16x" / "spec.cstar").read_text()
     assert '"/' not in cell_recipe and "allocation" not in cell_recipe
     assert "allocation = global" in (cells / "channel-prune-global-64x" / "spec.cstar").read_text()
+    # one recipe a cell: the cell's folder is the run folder, so the compile's copy is the recipe itself
+    assert sorted(path.name for path in (cells / "cstar-16x").rglob("spec.cstar")) == ["spec.cstar"]
+    assert (cells / "cstar-16x" / "report.json").is_file() and (cells / "cstar-16x" / "model.json").is_file()
