@@ -6,7 +6,7 @@ Files that are not cases (the bases that ``extend`` cases use) live in ``fixture
 
 To (re)write the expectations after a deliberate change of wording, run
 
-    CSTAR_UPDATE_GOLDEN=1 .venv/bin/python -m pytest -q tests/test_golden_diagnostics.py
+    CSTAR_UPDATE_GOLDEN=1 .venv/bin/python -m pytest -q tests/lang/test_golden_diagnostics.py
 
 and read every changed ``.txt`` in the diff before committing it: a golden file is only as good
 as the review it got. In that mode a new ``<case>.cstar`` without a ``.txt`` gets one too.
@@ -55,8 +55,8 @@ EXPECTED_CODES = frozenset({
 })
 # Codes about the file itself, with no position; a fixture cannot produce them (test_file_level_errors).
 FILE_LEVEL_CODES = frozenset({"file-not-found", "unreadable-file", "unwritable-file"})
-# Failures of a run, not of a recipe: no recipe file produces them (tests/test_compile.py and
-# tests/test_cli_run.py do).
+# Failures of a run, not of a recipe: no recipe file produces them (tests/driver/test_compile.py and
+# tests/cli/test_cli_run.py do).
 RUN_CODES = frozenset({"run-failed", "export-failed", "eval-failed", "eval-interrupted"})
 
 # Cases whose current behaviour is a known bug: a traceback instead of a diagnostic, or an invalid
