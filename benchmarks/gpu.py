@@ -5,7 +5,7 @@
 
 It does three things, each written to gpu.json as soon as it is done, so a run cut short keeps what it measured:
 
-1. `tests`: runs the tests that need a GPU (tests/test_gpu.py and the GPU case of tests/test_robustness.py).
+1. `tests`: runs the tests that need a GPU (tests/test_gpu.py and the GPU case of tests/eval/test_robustness.py).
 2. `throughput`: PGD-7 adversarial-training images per second for the CIFAR ResNet-18 recipe
    (specs/resnet18.cstar) on CIFAR-format data made on the fly: dense, factorized and channel-pruned at 16x,
    fp32 against bf16 autocast, with and without channels_last.
@@ -46,7 +46,7 @@ BENCHMARKS = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 from mnist import Bench  # noqa: E402  (the MNIST benchmark beside this file)
 
-GPU_TESTS = ["tests/test_gpu.py", "tests/test_robustness.py::test_the_attacks_run_on_the_gpu_when_asked"]
+GPU_TESTS = ["tests/test_gpu.py", "tests/eval/test_robustness.py::test_the_attacks_run_on_the_gpu_when_asked"]
 MNIST_METHODS = ("dense", "svd-finetune", "cstar", "channel-prune", "channel-prune-global", "channel-prune-taylor",
                  "channel-prune-global-taylor")
 STRUCTURES = ("dense", "factorized", "pruned")

@@ -221,7 +221,8 @@ def run_cell(method: str, ratio: int, setting: Setting = DEFAULT, bench: Bench =
     spec_path.write_text(variant(method, ratio, setting, folder, bench))
     spec = check_file(spec_path).spec
     started = time.perf_counter()
-    compiled = compile_spec(spec, CompileOptions(out=folder / "run", force=True,
+    # The cell's folder is its run folder: the recipe written there is the copy the compile keeps, one recipe a cell.
+    compiled = compile_spec(spec, CompileOptions(out=folder, force=True,
                                                  spec_name=os.path.relpath(spec_path),
                                                  spec_text=spec_path.read_text()))
     report = compiled.report

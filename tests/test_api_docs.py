@@ -6,12 +6,12 @@ from __future__ import annotations
 import contextlib
 import io
 import re
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-API = ROOT / "docs" / "api.md"
+from tests.helpers import DOCS, ROOT
+
+API = DOCS / "api.md"
 FENCE = re.compile(r"^```python\n(.*?)^```$", re.M | re.S)
 
 

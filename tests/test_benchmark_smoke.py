@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.usefixtures("keep_threads")
 ROW_KEYS = {"model", "target_ratio", "params_ratio", "macs_ratio", "dense_ms", "factorized_ms", "speedup", "threads",
             "mode", "target_speedup", "target_met", "dense_iqr_ms", "factorized_iqr_ms", "repeats", "warmup"}
 
@@ -31,13 +33,6 @@ def _benchmark(name: str):
 @pytest.fixture(scope="module")
 def latency():
     yield from _benchmark("latency")
-
-
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_core_rows_are_well_formed(latency):
@@ -188,3 +183,6 @@ def test_the_gpu_script_runs_every_part_at_toy_size_on_the_cpu(gpu_benchmark, tm
     cell_recipe = (cells / "cstar-16x" / "spec.cstar").read_text()
     assert '"/' not in cell_recipe and "allocation" not in cell_recipe
     assert "allocation = global" in (cells / "channel-prune-global-64x" / "spec.cstar").read_text()
+    # one recipe a cell: the cell's folder is the run folder, so the compile's copy is the recipe itself
+    assert sorted(path.name for path in (cells / "cstar-16x").rglob("spec.cstar")) == ["spec.cstar"]
+    assert (cells / "cstar-16x" / "report.json").is_file() and (cells / "cstar-16x" / "model.json").is_file()

@@ -23,7 +23,7 @@ page), ``encoding: CODEC`` (how the example is written to disk), ``format: full|
 `--format` of the rendered output).
 
 After a deliberate change to a message, regenerate the rendered outputs of docs/errors.md with
-``.venv/bin/python tests/test_docs.py --update`` and review the diff.
+``.venv/bin/python -m tests.test_docs --update`` (from the repository root) and review the diff.
 """
 
 from __future__ import annotations
@@ -50,11 +50,8 @@ from cstar_dsl.lang import registry
 from cstar_dsl.lang.errors import CStarError
 from cstar_dsl.lang.fmt import format_text
 from cstar_dsl.lang.validate import check_file
+from tests.helpers import DOCS, PACKAGE, ROOT, SPECS
 
-ROOT = Path(__file__).resolve().parent.parent
-DOCS = ROOT / "docs"
-SPECS = ROOT / "specs"
-PACKAGE = ROOT / "cstar_dsl"
 LANGUAGE = DOCS / "language.md"
 ERRORS = DOCS / "errors.md"
 ARCHITECTURE = DOCS / "architecture.md"
@@ -71,7 +68,7 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # missing FILE argument with a usage error before reading it. Tested here through the API.
 API_ONLY_CODES = {"file-not-found", "unreadable-file", "unwritable-file"}
 # The commands' own failures (compile's out folder, lock, checkpoint, divergence; export; eval): the CLI module
-# that `cstar check` loads emits them, but only those commands reach them; tests/test_cli_run.py shows each.
+# that `cstar check` loads emits them, but only those commands reach them; tests/cli/test_cli_run.py shows each.
 RUN_CODES = {"run-failed", "export-failed", "eval-failed", "eval-interrupted"}
 
 
@@ -353,7 +350,7 @@ def test_error_example_output_is_what_cstar_check_prints(example: Example, tmp_p
     exit_code, printed = run_cli(example, tmp_path, ERROR_EXAMPLES)
     assert exit_code == (EXIT_INVALID if "error" in example.marker else EXIT_OK)
     assert printed == example.output.body, (
-        f"{example.id}: the rendered output is out of date; run `.venv/bin/python tests/test_docs.py --update`")
+        f"{example.id}: the rendered output is out of date; run `.venv/bin/python -m tests.test_docs --update`")
 
 
 def test_every_emitted_code_has_a_section() -> None:
@@ -415,5 +412,5 @@ def update_outputs() -> int:
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["--update"]:
-        sys.exit("usage: python tests/test_docs.py --update")
+        sys.exit("usage: python -m tests.test_docs --update")
     sys.exit(update_outputs())

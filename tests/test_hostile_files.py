@@ -20,26 +20,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_compile import compile_cli, write_spec
-from test_export import _save
 
 from cstar_dsl import files
 from cstar_dsl.cli import main
 from cstar_dsl.deploy import export as export_module
 from cstar_dsl.deploy.export import ExportError
+from tests.helpers import DIGITS, RESNET18, ROOT, compile_cli, run_cli, save_model_folder, variant, write_spec
 
-ROOT = Path(__file__).resolve().parent.parent
 SECRET = "SECRET-LINE-MUST-NOT-LEAK"
-RECIPE = (ROOT / "specs" / "digits.cstar").read_text()
 UGLY = "model   {\n    classes=10\n}\n"
 ROOT_USER = os.geteuid() == 0
-
-
-def _cli(*args: str | Path, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
-    """The CLI in its own process: a regression that blocks on a FIFO fails the test, never hangs it."""
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "cstar_dsl", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=environment, timeout=120)
 
 
 def _clean(result: subprocess.CompletedProcess[str]) -> str:
@@ -66,8 +56,7 @@ def _secret(folder: Path, name: str = "passwd.txt") -> Path:
 
 
 def _recipe_with_weights(folder: Path) -> None:
-    line = "  input = [1, 8, 8]\n"
-    (folder / "r.cstar").write_text(RECIPE.replace(line, line + '  weights = "w.pt"\n'))
+    variant(folder, DIGITS, 'model {\n  weights = "w.pt"\n}\n')
 
 
 def _only(folder: Path, *names: str) -> None:
@@ -77,7 +66,7 @@ def _only(folder: Path, *names: str) -> None:
 
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _save(tmp_path_factory.mktemp("model"), factorized=False)
+    return save_model_folder(tmp_path_factory.mktemp("model"), factorized=False)
 
 
 # ------------------------------------------------------------------ 1. writing: only regular files it owns
@@ -103,7 +92,7 @@ def test_paths_under_kernel_file_systems_are_never_written(target: str):
 
 def test_export_never_replaces_a_fifo(model_folder: Path, tmp_path: Path):
     fifo = _fifo(tmp_path / "model.onnx")
-    result = _cli("export", model_folder, "--format", "safetensors", "--out", fifo)
+    result = run_cli("export", model_folder, "--format", "safetensors", "--out", fifo)
     assert result.returncode == 4 and "a FIFO (named pipe), not a regular file" in _clean(result)
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
     _only(tmp_path, "model.onnx")
@@ -220,7 +209,7 @@ def test_compile_refuses_an_out_folder_it_may_not_write(tmp_path: Path, kind: st
     else:
         (tmp_path / "blocker").write_text("precious")
         out = tmp_path / "blocker" / "run"
-    result = _cli("compile", spec, "--out", out, "--quiet")
+    result = run_cli("compile", spec, "--out", out, "--quiet")
     assert result.returncode == 4, result
     output = _clean(result)
     assert "error[run-failed]" in output and expected in output
@@ -238,7 +227,7 @@ def test_extend_of_a_file_that_is_no_recipe_never_quotes_it(tmp_path: Path):
     recipe = tmp_path / "r.cstar"
     recipe.write_text(f'extend "{secret}"\n')
     for fmt in ("full", "concise", "json"):
-        result = _cli("check", "--format", fmt, recipe, cwd=tmp_path)
+        result = run_cli("check", "--format", fmt, recipe, cwd=tmp_path)
         assert result.returncode == 1 and "not-a-recipe" in _clean(result)
 
 
@@ -246,7 +235,7 @@ def test_extend_through_a_cstar_symlink_to_another_file_is_refused(tmp_path: Pat
     _secret(tmp_path)
     (tmp_path / "base.cstar").symlink_to("passwd.txt")
     (tmp_path / "r.cstar").write_text('extend "base.cstar"\n')
-    result = _cli("check", "r.cstar", cwd=tmp_path)
+    result = run_cli("check", "r.cstar", cwd=tmp_path)
     assert result.returncode == 1 and "error[not-a-recipe]" in _clean(result)
 
 
@@ -255,14 +244,14 @@ def test_a_command_line_file_that_is_no_recipe_is_not_quoted(tmp_path: Path, nam
     _secret(tmp_path)
     (tmp_path / "link.cstar").symlink_to("passwd.txt")
     for command in ("check", "plan", "compile"):
-        result = _cli(command, named, cwd=tmp_path)
+        result = run_cli(command, named, cwd=tmp_path)
         assert result.returncode == 1 and "error[not-a-recipe]" in _clean(result), (command, result)
 
 
 def test_extend_of_a_binary_file_is_refused_without_reading_it(tmp_path: Path):
     (tmp_path / "blob.bin").write_bytes(b"\x00\x01" + SECRET.encode() + b"\xff" * 64)
     (tmp_path / "r.cstar").write_text('extend "blob.bin"\n')
-    result = _cli("check", "r.cstar", cwd=tmp_path)
+    result = run_cli("check", "r.cstar", cwd=tmp_path)
     assert result.returncode == 1 and "error[not-a-recipe]" in _clean(result)
 
 
@@ -274,7 +263,7 @@ def test_a_special_file_on_the_command_line_is_a_usage_error(tmp_path: Path, kin
     path = tmp_path / "r.cstar"
     {"fifo": _fifo, "loop": _loop, "device": lambda p: p.symlink_to("/dev/zero")}[kind](path)
     for command in (["check"], ["fmt"], ["fmt", "--check"], ["plan"]):
-        result = _cli(*command, path)
+        result = run_cli(*command, path)
         assert result.returncode == 2 and "cstar: error:" in _clean(result), (command, result)
 
 
@@ -283,7 +272,7 @@ def test_extend_of_a_special_file_fails_at_once(tmp_path: Path, kind: str):
     base = tmp_path / "base.cstar"
     {"fifo": _fifo, "loop": _loop, "device": lambda p: p.symlink_to("/dev/zero")}[kind](base)
     (tmp_path / "r.cstar").write_text('extend "base.cstar"\n')
-    result = _cli("check", "r.cstar", cwd=tmp_path)
+    result = run_cli("check", "r.cstar", cwd=tmp_path)
     assert result.returncode == 1 and "error[extend-not-found]" in _clean(result)
     assert {"fifo": "a FIFO", "loop": "a symlink loop", "device": "a character device"}[kind] in result.stdout
 
@@ -293,7 +282,7 @@ def test_weights_that_are_a_special_file_fail_at_once(tmp_path: Path, kind: str)
     weights = tmp_path / "w.pt"
     {"fifo": _fifo, "loop": _loop, "folder": Path.mkdir}[kind](weights)
     _recipe_with_weights(tmp_path)
-    result = _cli("plan", "r.cstar", cwd=tmp_path)
+    result = run_cli("plan", "r.cstar", cwd=tmp_path)
     assert result.returncode == 1, result
     assert "error[unreadable-weights]" in _clean(result) and "not a regular file" in result.stdout
 
@@ -305,26 +294,25 @@ def test_eval_and_export_of_a_run_folder_with_a_fifo_fail_at_once(model_folder: 
     (run / "report.json").write_text("{}")
     (run / name).unlink()
     _fifo(run / name)
-    result = _cli("eval", run)
+    result = run_cli("eval", run)
     assert result.returncode == 4 and "error[eval-failed]" in _clean(result)
     if name != "report.json":
-        result = _cli("export", run, "--format", "safetensors", "--out", tmp_path / "x.safetensors")
+        result = run_cli("export", run, "--format", "safetensors", "--out", tmp_path / "x.safetensors")
         assert result.returncode == 4 and "error[export-failed]" in _clean(result)
 
 
 @pytest.mark.parametrize("folder", ["fifo", "loop"])
 def test_eval_of_a_special_run_folder_fails_at_once(tmp_path: Path, folder: str):
     path = {"fifo": _fifo, "loop": _loop}[folder](tmp_path / "run")
-    result = _cli("eval", path)
+    result = run_cli("eval", path)
     assert result.returncode == 4 and "error[eval-failed]" in _clean(result)
 
 
 def test_a_data_root_that_is_a_fifo_fails_at_once(tmp_path: Path):
     _fifo(tmp_path / "data")
-    spec = write_spec(tmp_path)
-    spec.write_text(spec.read_text().replace("dataset = digits", 'dataset = mnist\n  root = "data"')
-                    .replace("[1, 8, 8]", "[1, 28, 28]"))
-    result = _cli("compile", spec, "--out", tmp_path / "run", "--quiet")
+    mnist = 'model {\n  input = [1, 28, 28]\n}\n\ndata {\n  dataset = mnist\n  root = "data"\n}\n'
+    spec = variant(tmp_path, write_spec(tmp_path), mnist, "mnist.cstar")
+    result = run_cli("compile", spec, "--out", tmp_path / "run", "--quiet")
     assert result.returncode == 1 and "error[data-not-found]" in _clean(result)
 
 
@@ -336,7 +324,7 @@ def test_resume_from_a_fifo_checkpoint_or_lock_fails_at_once(tmp_path: Path, nam
     _fifo(out / "checkpoint.pt")
     if name == "lock.json":
         _fifo(out / "lock.json")
-    result = _cli("compile", spec, "--out", out, "--resume", "--quiet")
+    result = run_cli("compile", spec, "--out", out, "--resume", "--quiet")
     assert result.returncode == 4 and "error[run-failed]" in _clean(result)
     assert stat.S_ISFIFO(os.lstat(out / name).st_mode)
 
@@ -349,7 +337,7 @@ def test_export_of_a_model_with_nan_outputs_fails(tmp_path: Path, capsys: pytest
 
     folder = tmp_path / "nan"
     folder.mkdir()
-    _save(folder, factorized=False)
+    save_model_folder(folder, factorized=False)
     state = load_file(str(folder / "model.safetensors"))
     state = {name: torch.full_like(t, float("nan")) if t.is_floating_point() else t for name, t in state.items()}
     save_file(state, str(folder / "model.safetensors"))
@@ -436,11 +424,11 @@ def test_eval_of_a_run_whose_data_folder_is_gone(model_folder: Path, tmp_path: P
 
     run = tmp_path / "run"
     shutil.copytree(model_folder, run)
-    resolved = check_file(ROOT / "specs" / "digits.cstar").spec.model_dump(mode="json")
+    resolved = check_file(DIGITS).spec.model_dump(mode="json")
     resolved["data"].update(dataset="mnist", root=str(tmp_path / "gone"), download=False)
     (run / "report.json").write_text(json.dumps({"resolved": resolved}))
     for fmt in ("table", "json"):
-        result = _cli("eval", run, "--format", fmt)
+        result = run_cli("eval", run, "--format", fmt)
         assert result.returncode == 4, result
         output = _clean(result)
         if fmt == "json":
@@ -463,7 +451,7 @@ def test_ctrl_c_during_eval_sanity_exits_130(model_folder: Path, monkeypatch, ca
 
 @pytest.mark.parametrize("opset", ["99", "26"])
 def test_an_opset_out_of_range_leaves_no_library_traceback(model_folder: Path, tmp_path: Path, opset: str):
-    result = _cli("export", model_folder, "--opset", opset, "--out", tmp_path / "m.onnx")
+    result = run_cli("export", model_folder, "--opset", opset, "--out", tmp_path / "m.onnx")
     assert result.returncode == 4 and "error[export-failed]" in _clean(result)
     assert result.stderr == ""
     _only(tmp_path)
@@ -471,10 +459,9 @@ def test_an_opset_out_of_range_leaves_no_library_traceback(model_folder: Path, t
 
 def test_a_model_that_cannot_run_at_the_input_size_is_a_plan_error(tmp_path: Path):
     # CIFAR-10's 32x32 images, which inception_v3's stem shrinks to nothing
-    (tmp_path / "r.cstar").write_text(f'extend "{ROOT / "specs" / "resnet18.cstar"}"\n\n'
-                                      'model {\n  arch = "torchvision:inception_v3"\n  stem = standard\n}\n\n'
-                                      "compress {\n  keep = []\n}\n")
-    result = _cli("plan", "r.cstar", cwd=tmp_path)
+    variant(tmp_path, RESNET18, 'model {\n  arch = "torchvision:inception_v3"\n  stem = standard\n}\n\n'
+                                "compress {\n  keep = []\n}\n")
+    result = run_cli("plan", "r.cstar", cwd=tmp_path)
     assert result.returncode == 1, result
     assert "error[input-mismatch]" in _clean(result) and "resnet18.cstar:6:11" in result.stdout
 
@@ -488,13 +475,13 @@ def test_a_model_that_cannot_run_at_the_input_size_is_a_plan_error(tmp_path: Pat
     ["eval", "runs/x", "--samples", "0"],
 ])
 def test_contradictory_or_empty_options_are_usage_errors(args: list[str]):
-    result = _cli(*args)
+    result = run_cli(*args)
     assert result.returncode == 2 and "error: " in result.stderr and result.stderr.startswith("usage: cstar")
     _clean(result)
 
 
 def test_eval_json_reports_errors_as_json(tmp_path: Path):
-    result = _cli("eval", tmp_path, "--format", "json")
+    result = run_cli("eval", tmp_path, "--format", "json")
     assert result.returncode == 4
     [diagnostic] = json.loads(result.stdout)
     assert diagnostic["code"] == "eval-failed"
@@ -509,7 +496,7 @@ def test_weights_that_are_not_weights_get_a_real_message(tmp_path: Path, content
     else:
         weights.write_bytes(content)
     _recipe_with_weights(tmp_path)
-    result = _cli("plan", "r.cstar", cwd=tmp_path)
+    result = run_cli("plan", "r.cstar", cwd=tmp_path)
     output = _clean(result)
     assert result.returncode == 1 and "error[unreadable-weights]" in output
     for noise in ("weights_only", "list index out of range", "pop from empty list", "KeyError"):

@@ -15,21 +15,18 @@ from cstar_dsl.lang.errors import CStarError
 from cstar_dsl.lang.spec import ModelSpec
 from cstar_dsl.lang.validate import check_file
 from cstar_dsl.model import zoo as models
-
-SPECS = Path(__file__).resolve().parent.parent / "specs"
-DIGITS = (SPECS / "digits.cstar").read_text(encoding="utf-8")
-
-
-def _recipe(tmp_path: Path, text: str, name: str = "r.cstar") -> Path:
-    path = tmp_path / name
-    path.write_text(text, encoding="utf-8")
-    return path
+from tests.helpers import DIGITS, RESNET18, ROOT, compile_cli, line_of, variant, write_spec
 
 
 def _codes(path: Path) -> list[tuple[str, int, str]]:
     with pytest.raises(CStarError) as raised:
         check_file(path)
     return [(d.code, d.span.line if d.span else 0, d.message) for d in raised.value.diagnostics]
+
+
+def _data(dataset: str, root: str) -> str:
+    """A `data` block for a data set other than digits (which has an official split, not the base's 80%)."""
+    return f'data {{\n  dataset = {dataset}\n  root = "{root}"\n  split = official\n}}\n'
 
 
 # ------------------------------------------------------------ 1. recipe against data
@@ -39,31 +36,32 @@ def _codes(path: Path) -> list[tuple[str, int, str]]:
     ("digits", "[1, 8, 8]", 10), ("mnist", "[1, 28, 28]", 10), ("cifar10", "[3, 32, 32]", 10),
     ("cifar100", "[3, 32, 32]", 100)])
 def test_each_fixed_data_set_accepts_its_own_shape_and_classes(tmp_path, dataset, shape, classes):
-    text = DIGITS.replace("input = [1, 8, 8]", f"input = {shape}").replace("classes = 10", f"classes = {classes}")
-    if dataset != "digits":
-        text = text.replace("dataset = digits", f'dataset = {dataset}\n  root = "data"').replace("split = 80%", "")
-    assert check_file(_recipe(tmp_path, text)).spec.model.input == tuple(json.loads(shape))
+    data = "" if dataset == "digits" else "\n" + _data(dataset, "data")
+    path = variant(tmp_path, DIGITS, f"model {{\n  classes = {classes}\n  input = {shape}\n}}\n{data}")
+    assert check_file(path).spec.model.input == tuple(json.loads(shape))
 
 
 def test_an_mnist_input_on_digits_is_refused_at_the_input_line(tmp_path):
     """Before the check, this compiled and reported 58M MACs for 8x8 images (4.7M in truth)."""
-    found = _codes(_recipe(tmp_path, DIGITS.replace("input = [1, 8, 8]", "input = [1, 28, 28]")))
-    assert found == [("dataset-mismatch", 7, "`input` is [1, 28, 28], but `digits` images are 1x8x8")]
+    path = variant(tmp_path, DIGITS, "model {\n  input = [1, 28, 28]\n}\n")
+    found = _codes(path)
+    assert found == [("dataset-mismatch", line_of(path, "input = [1, 28, 28]"),
+                      "`input` is [1, 28, 28], but `digits` images are 1x8x8")]
 
 
 def test_wrong_channels_and_classes_are_both_reported(tmp_path):
-    text = DIGITS.replace("dataset = digits", 'dataset = cifar10\n  root = "c"').replace("split = 80%", "")
-    text = text.replace("input = [1, 8, 8]", "input = [1, 32, 32]").replace("classes = 10", "classes = 100")
-    found = _codes(_recipe(tmp_path, text))
-    assert [(code, line) for code, line, _ in found] == [("dataset-mismatch", 6), ("dataset-mismatch", 7)]
+    path = variant(tmp_path, DIGITS, "model {\n  classes = 100\n  input = [1, 32, 32]\n}\n\n" + _data("cifar10", "c"))
+    found = _codes(path)
+    lines = [line_of(path, "classes = 100"), line_of(path, "input = [1, 32, 32]")]
+    assert [(code, line) for code, line, _ in found] == [("dataset-mismatch", line) for line in lines]
     assert "`cifar10` has 10 classes" in found[0][2]
 
 
 def test_imagenet_folders_need_rgb_and_any_size_above_the_crop(tmp_path):
-    base = DIGITS.replace("dataset = digits", 'dataset = imagenet\n  root = "i"').replace("split = 80%", "")
-    ok = base.replace("input = [1, 8, 8]", "input = [3, 160, 96]").replace("classes = 10", "classes = 37")
-    assert check_file(_recipe(tmp_path, ok)).spec.model.classes == 37  # the folders decide, at load time
-    found = _codes(_recipe(tmp_path, base.replace("input = [1, 8, 8]", "input = [1, 4, 224]")))
+    imagenet = "\n" + _data("imagenet", "i")
+    ok = variant(tmp_path, DIGITS, "model {\n  classes = 37\n  input = [3, 160, 96]\n}\n" + imagenet, "ok.cstar")
+    assert check_file(ok).spec.model.classes == 37  # the folders decide, at load time
+    found = _codes(variant(tmp_path, DIGITS, "model {\n  input = [1, 4, 224]\n}\n" + imagenet, "small.cstar"))
     assert [m for _, _, m in found] == ["`input` has 1 channel, but `imagenet` images are RGB",
                                          "`input` is 4x224 pixels, too small for `imagenet` crops"]
 
@@ -71,26 +69,23 @@ def test_imagenet_folders_need_rgb_and_any_size_above_the_crop(tmp_path):
 # --------------------------------------------------------------------- 2. absurd sizes
 
 
-@pytest.mark.parametrize(("old", "new", "message"), [
-    ("classes = 10", "classes = 100001", "`classes` must be at most 100000, got 100001"),
-    ("batch_size = 64", "batch_size = 1M", "`batch_size` must be at most 65536, got 1M"),
-    ("epochs = 4", "epochs = " + "1" + "0" * 38, "`epochs` must be at most 100000, got 1" + "0" * 20 + "..."),
-    ("steps = 7", "steps = 1G", "`steps` must be at most 100000, got 1G"),
-    ("min_rank", "min_rank", ""),
-])
-def test_absurd_sizes_are_out_of_range(tmp_path, old, new, message):
-    if old == "min_rank":  # a rank bound in the compress block
-        text = DIGITS.replace('keep = ["fc"]', 'keep = ["fc"]\n  min_rank = 70000')
-        message = "`min_rank` must be at most 65536, got 70000"
-    else:
-        text = DIGITS.replace(old, new, 1)
-    found = _codes(_recipe(tmp_path, text))
+@pytest.mark.parametrize(("overrides", "message"), [
+    ("model {\n  classes = 100001\n}\n", "`classes` must be at most 100000, got 100001"),
+    ("data {\n  batch_size = 1M\n}\n", "`batch_size` must be at most 65536, got 1M"),
+    ("train {\n  finetune {\n    epochs = 1" + "0" * 38 + "\n  }\n}\n",
+     "`epochs` must be at most 100000, got 1" + "0" * 20 + "..."),
+    ("threat {\n  steps = 1G\n}\n", "`steps` must be at most 100000, got 1G"),
+    ("compress {\n  min_rank = 70000\n}\n", "`min_rank` must be at most 65536, got 70000"),  # a rank bound
+], ids=["classes", "batch_size", "epochs", "steps", "min_rank"])
+def test_absurd_sizes_are_out_of_range(tmp_path, overrides, message):
+    found = _codes(variant(tmp_path, DIGITS, overrides))
     assert [(code, m) for code, _, m in found] == [("out-of-range", message)]
 
 
 def test_the_bounds_leave_room_for_real_runs(tmp_path):
-    text = DIGITS.replace("epochs = 4", f"epochs = {limits.MAX_EPOCHS}").replace("batch_size = 64", "batch_size = 4k")
-    assert check_file(_recipe(tmp_path, text)).spec.train.finetune.epochs == limits.MAX_EPOCHS
+    path = variant(tmp_path, DIGITS, f"data {{\n  batch_size = 4k\n}}\n\n"
+                                     f"train {{\n  finetune {{\n    epochs = {limits.MAX_EPOCHS}\n  }}\n}}\n")
+    assert check_file(path).spec.train.finetune.epochs == limits.MAX_EPOCHS
     assert limits.input_problem((3, 2048, 2048)) is None  # 12.6M values
     assert limits.input_problem((3, 16384, 16384)) is not None
     assert "larger than 16384" in limits.input_problem((1, 16385, 1))
@@ -193,8 +188,6 @@ def test_sanity_lines_wrap_at_100_columns():
 @pytest.fixture(scope="module")
 def warned_run(tmp_path_factory):
     """A tiny svd-finetune recipe that keeps its base's `admm` block: checked with a warning."""
-    from test_compile import compile_cli, write_spec
-
     folder = tmp_path_factory.mktemp("warned") / "project"
     folder.mkdir()
     base = write_spec(folder, method="cstar", pretrain=1, admm=1, finetune=1, name="base.cstar")
@@ -224,7 +217,7 @@ def test_a_taken_out_folder_is_refused_before_torch_is_imported(warned_run, tmp_
               f"code = cli.main(['compile', {str(spec)!r}, '--out', {str(out)!r}])\n"
               "print('exit', code, 'torch imported:', 'torch' in sys.modules)\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                            cwd=Path(__file__).resolve().parent.parent)
+                            cwd=ROOT)
     assert "already holds a compiled model" in result.stdout
     assert result.stdout.rstrip().endswith("exit 4 torch imported: False")
 
@@ -233,7 +226,7 @@ def test_the_first_line_comes_before_the_data(tmp_path, capsys, monkeypatch):
     from cstar_dsl import cli
     from cstar_dsl.driver import pipeline
 
-    spec = _recipe(tmp_path, DIGITS)
+    spec = variant(tmp_path, DIGITS)
     seen = []
     monkeypatch.setattr(pipeline, "compile_spec", lambda *a, **k: seen.append(capsys.readouterr().out) or 1 / 0)
     with pytest.raises(ZeroDivisionError):
@@ -244,17 +237,16 @@ def test_the_first_line_comes_before_the_data(tmp_path, capsys, monkeypatch):
 def test_the_spec_hash_does_not_depend_on_where_the_checkout_sits(tmp_path):
     from cstar_dsl.driver.pipeline import spec_identity
 
-    text = DIGITS.replace("dataset = digits", 'dataset = mnist\n  root = "../data/mnist"').replace(
-        "split = 80%", "").replace("[1, 8, 8]", "[1, 28, 28]").replace(
-        'arch = "cstar:digits-cnn"', 'arch = "cstar:digits-cnn"\n  weights = "w/start.safetensors"')
+    model = 'model {\n  input = [1, 28, 28]\n  weights = "w/start.safetensors"\n}\n\n'
     here, there = tmp_path / "a" / "specs", tmp_path / "elsewhere" / "deep" / "specs"
     for folder in (here, there):
         folder.mkdir(parents=True)
-    one, two = (check_file(_recipe(folder, text)).spec for folder in (here, there))
+    one, two = (check_file(variant(folder, DIGITS, model + _data("mnist", "../data/mnist"))).spec
+                for folder in (here, there))
     assert one.data.root != two.data.root  # the resolved paths differ ...
     assert spec_identity(one, here) == spec_identity(two, there)  # ... what the recipe means does not
     assert '"root":"../data/mnist"' in spec_identity(one, here)
-    changed = check_file(_recipe(there, text.replace("../data/mnist", "../data/mnist-10k"))).spec
+    changed = check_file(variant(there, DIGITS, model + _data("mnist", "../data/mnist-10k"))).spec
     assert spec_identity(changed, there) != spec_identity(two, there)
     from cstar_dsl.driver.outputs import recipe_meaning  # what report.json's `resolved` holds
 
@@ -266,8 +258,6 @@ def test_the_spec_hash_does_not_depend_on_where_the_checkout_sits(tmp_path):
 def test_a_run_folder_moved_with_its_recipe_is_accepted_by_its_lock(warned_run, tmp_path):
     """--locked compares the whole lock (the spec hash first) before it re-runs the recipe in place."""
     import shutil
-
-    from test_compile import compile_cli
 
     spec, out = warned_run
     moved = tmp_path / "moved" / "project"
@@ -284,7 +274,7 @@ def test_a_run_folder_moved_with_its_recipe_is_accepted_by_its_lock(warned_run, 
 def resnet_plan():
     from cstar_dsl.api import build_model, make_plan
 
-    spec = check_file(SPECS / "resnet18.cstar").spec
+    spec = check_file(RESNET18).spec
     return make_plan(spec, build_model(spec))
 
 
@@ -349,27 +339,23 @@ def test_a_channel_prune_plan_shows_no_ranks(resnet_plan):
 
 
 def test_a_baseline_variant_drops_the_bases_admm_phase_without_a_warning(tmp_path):
-    (tmp_path / "digits.cstar").write_text(DIGITS)
-    variant = _recipe(tmp_path, 'extend "digits.cstar"\n\ncompress {\n  method = svd-finetune\n}\n\n'
-                                "train {\n  admm = none\n}\n")
-    checked = check_file(variant)
+    baseline = "compress {\n  method = svd-finetune\n}\n"
+    checked = check_file(variant(tmp_path, DIGITS, baseline + "\ntrain {\n  admm = none\n}\n"))
     assert checked.spec.train.admm is None and checked.warnings == ()
     assert checked.spec.train.pretrain is not None and checked.spec.train.finetune.epochs == 4  # the rest stays
-    kept = check_file(_recipe(tmp_path, 'extend "digits.cstar"\n\ncompress {\n  method = svd-finetune\n}\n',
-                              "kept.cstar"))
+    kept = check_file(variant(tmp_path, DIGITS, baseline, "kept.cstar"))
     assert [d.code for d in kept.warnings] == ["phase-ignored"]  # what the drop is for
 
 
 def test_a_drop_is_undone_by_a_later_variant_that_gives_the_block_again(tmp_path):
-    (tmp_path / "digits.cstar").write_text(DIGITS)
-    _recipe(tmp_path, 'extend "digits.cstar"\n\ntrain {\n  pretrain = none\n}\n', "nopre.cstar")
-    again = _recipe(tmp_path, 'extend "nopre.cstar"\n\ntrain {\n  pretrain {\n    epochs = 2\n    lr = 0.1\n  }\n}\n')
+    dropped = variant(tmp_path, DIGITS, "train {\n  pretrain = none\n}\n", "nopre.cstar")
+    again = variant(tmp_path, dropped, "train {\n  pretrain {\n    epochs = 2\n    lr = 0.1\n  }\n}\n")
     pretrain = check_file(again).spec.train.pretrain
     assert (pretrain.epochs, pretrain.lr) == (2, 0.1)  # a fresh block: nothing merged from the dropped one
 
 
-def test_none_stays_an_ordinary_option_elsewhere(tmp_path):
-    assert check_file(_recipe(tmp_path, DIGITS)).spec.data.augment == "none"
+def test_none_stays_an_ordinary_option_elsewhere():
+    assert check_file(DIGITS).spec.data.augment == "none"
 
 
 # ------------------------------------------------------------------------- 6. the plots

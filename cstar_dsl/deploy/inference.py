@@ -22,7 +22,7 @@
    identities and dropouts (identities in eval mode) go.
 
 Every pass keeps the function: the outputs agree with the original model to float rounding
-(``tests/test_inference.py`` bounds the difference by 1e-4). See docs/performance.md for what each
+(``tests/deploy/test_inference.py`` bounds the difference by 1e-4). See docs/performance.md for what each
 pass is worth.
 
 ``to_torchscript(model, example)`` goes one step further for export: the optimized graph, traced

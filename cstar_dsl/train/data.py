@@ -64,7 +64,7 @@ def datasets(spec: Spec) -> Datasets:
             for a download that cannot happen).
     """
     data = spec.data
-    loader = _LOADERS[data.dataset]  # every registry data set has a loader (tests/test_data_formats.py)
+    loader = _LOADERS[data.dataset]  # every registry data set has a loader (tests/train/test_data_formats.py)
     train, test = loader(spec)
     default_mean, default_std = STATISTICS[data.dataset]
     return Datasets(data.dataset, train, test, data.mean or default_mean, data.std or default_std)

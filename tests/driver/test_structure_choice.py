@@ -1,0 +1,260 @@
+"""`method = auto`: candidate structures probed on held-out training images, the most robust one compiled."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import cstar_dsl
+from cstar_dsl.driver import probe
+from cstar_dsl.driver.probe import Candidate, StructureChoice, split_holdout
+from cstar_dsl.driver.state import CompileError, Progress
+from cstar_dsl.lang.errors import CStarError
+from cstar_dsl.lang.spec import ModelSpec
+from cstar_dsl.lang.validate import check_file
+from cstar_dsl.model import zoo
+from cstar_dsl.model.channel_cut import cut_channels
+from cstar_dsl.model.prune import channel_prune, weight_params
+from cstar_dsl.train.optimize import TrainingDiverged
+from tests.helpers import DIGITS, line_of, variant
+
+
+def _recipe(folder: Path, name: str, compress: str = "method = auto", train: str = "admm = none") -> Path:
+    """A fast recipe over the digits example: its MLP, two-step attacks, one epoch per phase."""
+    return variant(folder, DIGITS, f"""model {{
+  arch = "cstar:mlp"
+}}
+threat {{
+  step = 0.05
+  steps = 2
+}}
+compress {{
+  {compress}
+  keep = ["fc3"]
+}}
+train {{
+  pretrain {{ epochs = 1 }}
+  finetune {{ epochs = 1 }}
+  {train}
+}}
+evaluate {{
+  attacks = [pgd(steps = 2)]
+}}
+export {{
+  formats = [safetensors]
+}}
+""", f"{name}.cstar")
+
+
+@pytest.mark.parametrize("size, share", [(10, 0.1), (1437, 0.1), (7, 0.5), (3, 0.01), (5, 0.99)])
+def test_holdout_splits_the_training_indices_in_two(size: int, share: float) -> None:
+    fit, held = split_holdout(size, share, seed=0)
+    assert sorted(fit.tolist() + held.tolist()) == list(range(size))
+    assert len(held) >= 1 and len(fit) >= 1
+    assert abs(len(held) - size * share) <= max(1, size * share)
+    again, held_again = split_holdout(size, share, seed=0)
+    assert torch.equal(fit, again) and torch.equal(held, held_again)
+
+
+def test_holdout_depends_on_the_seed() -> None:
+    assert not torch.equal(split_holdout(1000, 0.1, 0)[1], split_holdout(1000, 0.1, 1)[1])
+
+
+def test_choice_survives_a_checkpoint_round_trip() -> None:
+    choice = StructureChoice("prune-global", (Candidate("low-rank", 10, 20, 0.9, 0.5, 1.0),
+                                              Candidate("prune-global", 11, 21, None, None, 2.0)), 144, 1, 3.0)
+    assert StructureChoice.from_dict(choice.to_dict()) == choice
+
+
+def test_auto_compiles_exactly_what_the_winning_method_compiles(tmp_path: Path) -> None:
+    auto = cstar_dsl.compile(_recipe(tmp_path, "auto"), tmp_path / "auto")
+    choice = auto.report["structure_choice"]
+    assert [c["name"] for c in choice["candidates"]] == ["low-rank", "prune-uniform", "prune-global"]
+    assert all(0 <= c["robust"] <= c["clean"] + 1e-9 for c in choice["candidates"])
+    assert choice["winner"] in {c["name"] for c in choice["candidates"]}
+    assert auto.report["timings"]["phases"]["probe"] == pytest.approx(choice["seconds"])
+    method = {"low-rank": "method = svd-finetune", "prune-uniform": "method = channel-prune",
+              "prune-global": "method = channel-prune\n  allocation = global"}[choice["winner"]]
+    named = cstar_dsl.compile(_recipe(tmp_path, "named", method), tmp_path / "named")
+    ours, theirs = (load_file(tmp_path / run / "model.safetensors") for run in ("auto", "named"))
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[key], theirs[key]) for key in ours)
+    assert auto.report["accuracy"] == named.report["accuracy"]
+    markdown = (tmp_path / "auto" / "report.md").read_text()
+    assert "## Structure choice" in markdown and f"`{choice['winner']}` (chosen)" in markdown
+    assert cstar_dsl.load(tmp_path / "auto") is not None
+
+
+def test_the_probe_sees_training_images_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, list[torch.Tensor]] = {"fit": [], "held": []}
+    real_batches, real_accuracy = probe.batches, probe.accuracy
+
+    def fit_batches(context, generator):  # type: ignore[no-untyped-def]
+        for x, y in real_batches(context, generator):
+            seen["fit"].append(x.flatten(1))
+            yield x, y
+
+    def held_accuracy(model, batches, attack=None, generator=None):  # type: ignore[no-untyped-def]
+        seen["held"] += [x.flatten(1) for x, _ in batches]
+        return real_accuracy(model, batches, attack, generator)
+
+    monkeypatch.setattr(probe, "batches", fit_batches)
+    monkeypatch.setattr(probe, "accuracy", held_accuracy)
+    recipe = _recipe(tmp_path, "auto", "method = auto\n  candidates = [prune-uniform]\n  probe_holdout = 20%")
+    cstar_dsl.compile(recipe, tmp_path / "out")
+    data = cstar_dsl.datasets(check_file(recipe).spec)
+    train, test = data.train.tensors[0].flatten(1), data.test.tensors[0].flatten(1)
+    fit, held = torch.cat(seen["fit"]), torch.cat(seen["held"])
+
+    def rows_in(rows: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+        return (torch.cdist(rows, pool) < 1e-6).any(1)
+
+    assert rows_in(fit, train).all() and rows_in(held, train).all()
+    assert not rows_in(held, test).any() and not rows_in(fit, test).any()
+    assert not rows_in(held, fit).any()  # scored on images the probe never trained on
+    assert len(held.unique(dim=0)) == pytest.approx(0.2 * len(train), abs=2)
+
+
+def test_a_diverging_candidate_loses_and_the_rest_still_compete(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    real_epoch = probe.adversarial_epoch
+
+    def low_rank_diverges(model, batches, optimizer, attack, *, phase, epoch, **options):  # type: ignore[no-untyped-def]
+        if phase == "probe low-rank":
+            raise TrainingDiverged(phase, epoch, 0, float("nan"))
+        return real_epoch(model, batches, optimizer, attack, phase=phase, epoch=epoch, **options)
+
+    monkeypatch.setattr(probe, "adversarial_epoch", low_rank_diverges)
+    compiled = cstar_dsl.compile(_recipe(tmp_path, "auto", "method = auto\n  candidates = [low-rank, prune-uniform]"),
+                                 tmp_path / "out")
+    choice = compiled.report["structure_choice"]
+    assert choice["winner"] == "prune-uniform"
+    assert choice["candidates"][0]["robust"] is None
+    assert "diverged" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_every_candidate_diverging_stops_the_compile_with_help(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def diverges(model, batches, optimizer, attack, *, phase, epoch, **options):  # type: ignore[no-untyped-def]
+        raise TrainingDiverged(phase, epoch, 0, float("nan"))
+
+    monkeypatch.setattr(probe, "adversarial_epoch", diverges)
+    with pytest.raises(CompileError, match="every candidate structure diverged") as raised:
+        cstar_dsl.compile(_recipe(tmp_path, "auto", "method = auto\n  candidates = [prune-uniform]"), tmp_path / "out")
+    assert "finetune.lr" in (raised.value.help or "")
+
+
+@pytest.mark.parametrize("setting, code, words", [
+    ("candidates = [low-rank, channels]", "unknown-option", "channels"),
+    ("candidates = []", "out-of-range", "empty"),
+    ("candidates = [low-rank, low-rank]", "duplicate-key", "twice"),
+    ("probe_holdout = 100%", "out-of-range", "strictly between"),
+    ("probe_holdout = 0.1", "missing-unit", "percentage"),
+    ("probe_epochs = 0", "out-of-range", "probe_epochs"),
+])
+def test_probe_settings_are_checked_at_their_line(tmp_path: Path, setting: str, code: str, words: str) -> None:
+    recipe = _recipe(tmp_path, "bad", f"method = auto\n  {setting}")
+    with pytest.raises(CStarError) as raised:
+        check_file(recipe)
+    [diagnostic] = raised.value.diagnostics
+    assert diagnostic.code == code and words in diagnostic.message + (diagnostic.label or "")
+    assert diagnostic.span is not None and diagnostic.span.line == line_of(recipe, setting)
+
+
+@pytest.mark.parametrize("compress, key", [
+    ("method = channel-prune\n  probe_epochs = 2", "probe_epochs"),
+    ("method = svd-finetune\n  candidates = [low-rank]", "candidates"),
+    ("method = auto\n  allocation = global", "allocation"),
+])
+def test_settings_a_method_does_not_use_are_warned_about(tmp_path: Path, compress: str, key: str) -> None:
+    checked = check_file(_recipe(tmp_path, "warned", compress))
+    assert [(w.code, f"`{key}`" in w.message) for w in checked.warnings] == [("setting-ignored", True)]
+
+
+@pytest.mark.parametrize("arch, shape", [("cstar:mnist-cnn", (1, 28, 28)), ("torchvision:resnet18", (3, 32, 32)),
+                                         ("torchvision:mobilenet_v2", (3, 32, 32))])
+def test_the_channel_cut_is_the_uniform_prune_and_its_own_projection(arch: str, shape: tuple[int, ...]) -> None:
+    net = zoo.build_model(ModelSpec(arch=arch, classes=10, input=shape), seed=0)
+    example = torch.zeros(1, *shape)
+    pruned = channel_prune(net, example, weight_params(net) // 16)
+    weights = {name: m.weight.detach() for name, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    cut = cut_channels(net, example, pruned.pruning_ratio, weights)
+    applied = cut.apply(net)
+    assert weight_params(applied) == pruned.params
+    assert applied(example).shape == (1, 10)
+    assert all(w.shape == pruned_w.shape for w, pruned_w in zip(applied.state_dict().values(),
+                                                                pruned.model.state_dict().values(), strict=True))
+    z = cut.project(weights)
+    removed = sum(int((w != z[name]).any(dim=tuple(range(1, w.dim()))).sum()) for name, w in weights.items())
+    assert removed > 0 and all(z[name].norm() < weights[name].norm() + 1e-6 for name in weights)
+    again = cut_channels(net, example, pruned.pruning_ratio, z)
+    assert sorted(map(repr, again.items)) == sorted(map(repr, cut.items))  # Z's zeros are what is cut
+    assert torch.equal(torch.cat([v.flatten() for v in again.project(z).values()]),
+                       torch.cat([v.flatten() for v in z.values()]))
+
+
+def test_cstar_onto_channels_compiles_a_pruned_model_at_the_budget(tmp_path: Path) -> None:
+    recipe = _recipe(tmp_path, "channels", "method = cstar\n  structure = prune-uniform",
+                     "admm {\n    epochs = 2\n    lr = 0.01\n    rho = 0.5\n  }")
+    compiled = cstar_dsl.compile(recipe, tmp_path / "out")
+    admm_rows = [row for row in compiled.report["history"] if row["phase"] == "admm"]
+    assert len(admm_rows) == 2 and admm_rows[1]["residual"] < admm_rows[0]["residual"]
+    compression = compiled.report["compression"]
+    assert compression["ratio"] >= 4
+    layers = {layer["name"]: layer for layer in compiled.report["layers"]}
+    assert layers["fc3"]["shape_after"][0] == 10  # the output layer keeps its classes; its inputs follow fc2's cut
+    assert all(layer["shape_after"][0] < layer["shape"][0] for name, layer in layers.items() if name != "fc3")
+    loaded = cstar_dsl.load(tmp_path / "out")
+    x = torch.rand(3, 1, 8, 8)
+    assert torch.allclose(loaded(x), compiled.model(x), atol=1e-5)
+
+
+class _StopAfter(Progress):
+    """Interrupts a compile once ``phase`` has finished its first epoch (a checkpoint is then on disk)."""
+
+    def __init__(self, phase: str) -> None:
+        self.phase = phase
+
+    def epoch_done(self, row: dict[str, object]) -> None:
+        if row["phase"] == self.phase:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("compress, train, phase", [
+    ("method = cstar\n  structure = prune-uniform", "admm {\n    epochs = 2\n    lr = 0.01\n  }", "admm"),
+    ("method = auto\n  candidates = [low-rank, prune-uniform]", "admm = none", "finetune"),
+])
+def test_a_resumed_run_ends_as_an_uninterrupted_one(tmp_path: Path, compress: str, train: str, phase: str) -> None:
+    recipe = _recipe(tmp_path, "resumed", compress, train)
+    whole = cstar_dsl.compile(recipe, tmp_path / "whole")
+    with pytest.raises(KeyboardInterrupt):
+        cstar_dsl.compile(recipe, tmp_path / "cut", progress=_StopAfter(phase))
+    resumed = cstar_dsl.compile(recipe, tmp_path / "cut", resume=True)
+    ours, theirs = (load_file(tmp_path / run / "model.safetensors") for run in ("whole", "cut"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)
+    assert _scores(resumed.report["structure_choice"]) == _scores(whole.report["structure_choice"])
+    assert resumed.report["layers"] == whole.report["layers"]
+
+
+def _scores(choice: dict | None) -> object:
+    """A choice without its timings, which no two runs share."""
+    if choice is None:
+        return None
+    return choice["winner"], [{k: v for k, v in c.items() if k != "seconds"} for c in choice["candidates"]]
+
+
+@pytest.mark.parametrize("compress, train, words", [
+    ("method = auto\n  candidates = [prune-global, low-rank]", "admm = none",
+     "auto: `cstar compile` probes prune-global, low-rank at this budget"),
+    ("method = cstar\n  structure = prune-uniform", "admm {\n    epochs = 1\n    lr = 0.01\n  }",
+     "cstar onto channels: the ADMM phase, then the compile, removes one share"),
+])
+def test_plan_says_what_the_compile_will_do(tmp_path: Path, capsys: pytest.CaptureFixture[str], compress: str,
+                                            train: str, words: str) -> None:
+    from cstar_dsl.cli import main
+
+    assert main(["plan", str(_recipe(tmp_path, "planned", compress, train))]) == 0
+    assert words in " ".join(capsys.readouterr().out.split())
