@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +12,8 @@ from torch import nn
 from ..model import inventory, rewrite
 from ..model import zoo as models
 from ..plan.costs import energy_kept
-from ..plan.plans import Plan
+from ..plan.layers import LayerInfo
+from ..plan.plans import LayerPlan, Plan
 from ..train import distributed
 from ..train.optimize import training_attack
 from .admm_steps import admm_weights, choose_ranks, replan
@@ -50,12 +51,12 @@ def _energy_of_weights(context: Context, run: Run, ranks: dict[str, tuple[int, .
     assert run.plan is not None
     weights = {name: w.detach().cpu() for name, w in admm_weights(run, ranks).items()}
     layers = {layer.name: layer for layer in inventory.with_weights(context.layers, weights)}
-    for entry in run.plan["layers"]:
-        if entry["name"] in ranks:
-            entry["energy_kept"] = energy_kept(layers[entry["name"]], ranks[entry["name"]])
+    run.plan = replace(run.plan, layers=tuple(
+        replace(entry, energy_kept=energy_kept(layers[entry.name], ranks[entry.name])) if entry.name in ranks else entry
+        for entry in run.plan.layers))
 
 
-def _pruned_reason(before: Any, after: Any, pruning_ratio: float, allocation: str) -> str:
+def _pruned_reason(before: LayerInfo, after: LayerInfo | None, pruning_ratio: float, allocation: str) -> str:
     if allocation == "uniform":
         return f"{pruning_ratio:.1%} of channels removed"
     kept = after.shape[0] if after is not None else 0
@@ -79,7 +80,7 @@ def _adversarial_gradients(context: Context, net: nn.Module) -> None:
     net.cpu()
 
 
-def _prune(context: Context, net: nn.Module, plan: Plan) -> tuple[nn.Module, dict[str, Any]]:
+def _prune(context: Context, net: nn.Module, plan: Plan) -> tuple[nn.Module, Plan]:
     """Torch-Pruning filter pruning (L1 or Taylor scores) to the parameter count the factorized model would have."""
     from ..model.prune import prune_to_plan
 
@@ -91,21 +92,17 @@ def _prune(context: Context, net: nn.Module, plan: Plan) -> tuple[nn.Module, dic
     for model in (net, pruned.model):  # the scores are spent: no stale gradient travels on to the device or a step
         model.zero_grad(set_to_none=True)
     after = {layer.name: layer for layer in inventory.collect(pruned.model, spec.model.input, spec.model.leaf).layers}
-    layers = []
-    for layer in context.layers:
-        new = after.get(layer.name)
-        params_after = new.params if new else 0
-        layers.append({"name": layer.name, "type": layer.type_name,
-                       "method": "dense" if new and new.params == layer.params else "pruned",
-                       "shape": list(layer.shape), "shape_after": list(new.shape) if new else None,
-                       "rule": f"channel-prune ({'L1' if importance == 'l1' else 'Taylor'}, {allocation})",
-                       "ranks": None,
-                       "params_before": layer.params, "params_after": params_after,
-                       "macs_before": layer.macs, "macs_after": new.macs if new else 0, "energy_kept": None,
-                       "reason": _pruned_reason(layer, new, pruned.pruning_ratio, allocation)})
-    totals = {"params_before": sum(x["params_before"] for x in layers),
-              "params_after": sum(x["params_after"] for x in layers),
-              "macs_before": sum(x["macs_before"] for x in layers), "macs_after": sum(x["macs_after"] for x in layers),
-              "other_params": context.other_params}
-    totals["ratio"] = totals["params_before"] / max(1, totals["params_after"])
-    return pruned.model, {**plan.to_dict(), "layers": layers, "totals": totals}
+    rule = f"channel-prune ({'L1' if importance == 'l1' else 'Taylor'}, {allocation})"
+    layers = tuple(_pruned_layer(layer, after.get(layer.name), rule,
+                                 _pruned_reason(layer, after.get(layer.name), pruned.pruning_ratio, allocation))
+                   for layer in context.layers)
+    return pruned.model, replace(plan, layers=layers, other_params=context.other_params)
+
+
+def _pruned_layer(layer: LayerInfo, new: LayerInfo | None, rule: str, reason: str) -> LayerPlan:
+    """A layer as pruning left it: ``new`` is None when no channel of it is left."""
+    return LayerPlan(name=layer.name, type_name=layer.type_name, shape=tuple(layer.shape), rule=rule,
+                     method="dense" if new and new.params == layer.params else "pruned", ranks=None, reason=reason,
+                     params_before=layer.params, params_after=new.params if new else 0, macs_before=layer.macs,
+                     macs_after=new.macs if new else 0, energy_kept=None,
+                     shape_after=tuple(new.shape) if new else None)
