@@ -226,19 +226,19 @@ def run_cell(method: str, ratio: int, setting: Setting = DEFAULT, bench: Bench =
                                                  spec_name=os.path.relpath(spec_path),
                                                  spec_text=spec_path.read_text()))
     report = compiled.report
-    history = report["history"]
-    choice, latency = report.get("structure_choice"), report.get("latency")
-    return {"method": method, "target_ratio": ratio, "seed": setting.seed, "ratio": report["compression"]["ratio"],
+    history = report.history
+    choice, latency = report.structure_choice, report.latency
+    return {"method": method, "target_ratio": ratio, "seed": setting.seed, "ratio": report.compression.ratio,
             "schedule": schedule(method, setting),
-            "params": report["compression"]["params_compressed"], "macs": report["compression"]["macs_compressed"],
-            "latency_ms": latency["compressed_ms"]["median"] if latency else None,
-            "chosen": choice["winner"] if choice else None,
-            "probe_seconds": choice["seconds"] if choice else None,
-            "clean": report["accuracy"]["clean"],
-            "robust": next(iter(report["accuracy"]["robust"].values())), "seconds": time.perf_counter() - started,
-            "epoch_seconds": {phase: _mean([r["seconds"] for r in history if r["phase"] == phase])
+            "params": report.compression.params_compressed, "macs": report.compression.macs_compressed,
+            "latency_ms": latency.compressed_ms.median if latency else None,
+            "chosen": choice.winner if choice else None,
+            "probe_seconds": choice.seconds if choice else None,
+            "clean": report.accuracy.clean,
+            "robust": next(iter(report.accuracy.robust.values())), "seconds": time.perf_counter() - started,
+            "epoch_seconds": {phase: _mean([r.seconds for r in history if r.phase == phase])
                               for phase in ("admm", "finetune")},
-            "zstep_seconds": sum(r.get("zstep_seconds", 0.0) for r in history)}
+            "zstep_seconds": sum(r.zstep_seconds or 0.0 for r in history)}
 
 
 def schedule(method: str, setting: Setting = DEFAULT) -> str:

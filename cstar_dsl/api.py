@@ -84,8 +84,8 @@ def compile(spec: Spec | str | Path, out: str | Path, *, resume: bool = False, f
             progress: Progress | None = None) -> Compiled:
     """Run ``cstar compile``: train, compress, evaluate, and write the artifacts into ``out``.
 
-    ``spec`` is a validated ``Spec`` or the path of a recipe. Returns the report (as in
-    ``report.json``) and the compressed model; ``Compiled.unmet`` lists requirements not met.
+    ``spec`` is a validated ``Spec`` or the path of a recipe. Returns the report (the ``RunReport``
+    report.json holds) and the compressed model; ``Compiled.unmet`` lists requirements not met.
     """
     from .driver.pipeline import CompileOptions, compile_spec
     from .lang.validate import load_spec

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cstar_dsl.deploy.artifacts import ArtifactError, load, model_description, save_model, size_problem
+from cstar_dsl.driver.report_model import Accuracy, EpochRow, LayerReport
 from cstar_dsl.lang import limits
 from cstar_dsl.lang.errors import CStarError
 from cstar_dsl.lang.spec import ModelSpec
@@ -160,12 +161,10 @@ def test_the_log_says_1_epoch_of_1_step():
 
 def test_the_final_table_has_a_header_for_every_column():
     from cstar_dsl.cli.compile import _report_table
+    from cstar_dsl.driver.report_model import parse_report
 
-    report = {"spec": "r.cstar", "method": "cstar", "accuracy": {"clean": 0.9, "robust": {"pgd": 0.5}},
-              "compression": {"params_dense": 100, "params_compressed": 25, "ratio": 4.0, "macs_dense": 10,
-                              "macs_compressed": 5}, "data": {"test_size": 9},
-              "timings": {"total_seconds": 3.0}, "machine": {"device": "cpu"}}
-    headers = [column.header for column in _report_table(report).columns]
+    path = Path(__file__).resolve().parent.parent / "benchmarks/results/mnist/cstar-16x/report.json"
+    headers = [column.header for column in _report_table(parse_report(path.read_text(), path)).columns]
     assert all(headers) and headers == ["measure", "value"]
 
 
@@ -361,14 +360,15 @@ def test_none_stays_an_ordinary_option_elsewhere():
 # ------------------------------------------------------------------------- 6. the plots
 
 
-HISTORY = [{"phase": phase, "epoch": epoch, "loss": loss, "clean": 0.9, "robust": 0.5, "seconds": 1.0,
-            **({"rho": rho, "residual": 0.5 / (epoch + 1)} if phase == "admm" else {})}
+HISTORY = [EpochRow(phase=phase, epoch=epoch, loss=loss, clean=0.9, robust=0.5, seconds=1.0, lr=0.01,
+                    **({"rho": rho, "residual": 0.5 / (epoch + 1)} if phase == "admm" else {}))
            for phase, epoch, loss, rho in [("pretrain", 0, 2.0, 0), ("pretrain", 1, 0.06, 0), ("admm", 0, 9.0, 0.2),
                                            ("admm", 1, 3.0, 2.0), ("finetune", 0, 0.1, 0)]]
-LAYERS = [{"name": name, "method": method, "ranks": ranks, "params_before": 1000 * (i + 1),
-           "params_after": 300 * (i + 1), "energy_kept": 0.9 if ranks else None}
-          for i, (name, method, ranks) in enumerate([("features.10", "tucker2", [43, 55]), ("fc", "dense", None),
-                                                      ("features.3", "tucker2", [19, 19])])]
+LAYERS = [LayerReport(name=name, type="Conv2d", shape=(64, 64, 3, 3), rule="policy global", method=method,
+                      ranks=ranks, reason="", params_before=1000 * (i + 1), params_after=300 * (i + 1),
+                      macs_before=0, macs_after=0, energy_kept=0.9 if ranks else None)
+          for i, (name, method, ranks) in enumerate([("features.10", "tucker2", (43, 55)), ("fc", "dense", None),
+                                                      ("features.3", "tucker2", (19, 19))])]
 
 
 def _figure_of(monkeypatch, draw):
@@ -383,7 +383,7 @@ def _figure_of(monkeypatch, draw):
 def test_curves_say_what_they_show(monkeypatch, tmp_path):
     from cstar_dsl.report.document import plot_curves
 
-    test = {"clean": 0.992, "robust": {"pgd": 0.894, "fgsm": 0.922}}
+    test = Accuracy(clean=0.992, robust={"pgd": 0.894, "fgsm": 0.922})
     figure = _figure_of(monkeypatch, lambda: plot_curves(HISTORY, tmp_path / "c.png", test=test))
     accuracy, loss, residual = figure.axes[:3]
     labels = [text.get_text() for ax in figure.axes for text in (ax.get_legend().get_texts() if ax.get_legend()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from rich import box
 from rich.console import Console
@@ -15,6 +15,9 @@ from ..lang.errors import CStarError
 from ..lang.render import render_concise, si
 from .output import EXIT_OK, EXIT_UNMET, USER_ERRORS, exit_code, percent, print_diagnostics, print_error
 from .progress import LogProgress, RichProgress
+
+if TYPE_CHECKING:
+    from ..driver.report_model import RunReport
 
 
 def run_compile(args: argparse.Namespace, console: Console) -> int:
@@ -66,15 +69,15 @@ def run_compile(args: argparse.Namespace, console: Console) -> int:
                     f"`cstar compile {path} --out {options.out} --resume` continues from it")
         return exit_code(interrupt)
     console.print(_report_table(compiled.report))
-    exported = [e["file"] for e in compiled.report.get("exports", []) if e["format"] != "safetensors"]
+    exported = [e.file for e in compiled.report.exports if e.format != "safetensors"]
     after_model = OUTPUTS.index(DESCRIPTION) + 1  # the exported models follow the model's own two files
     written = [*OUTPUTS[:after_model], *exported, *OUTPUTS[after_model:]]
     console.out(f"wrote {options.out}/: {', '.join(written)}")
-    for requirement in compiled.report["requirements"]:
-        verdict = "met" if requirement["met"] else "NOT MET"
-        console.out(f"require {requirement['metric']} {requirement['op']} {requirement['value']:.1%}: "
-                    f"{percent(requirement['measured'])} ({verdict})",
-                    style=None if requirement["met"] else "bold red")
+    for requirement in compiled.report.requirements:
+        verdict = "met" if requirement.met else "NOT MET"
+        console.out(f"require {requirement.metric} {requirement.op} {requirement.value:.1%}: "
+                    f"{percent(requirement.measured)} ({verdict})",
+                    style=None if requirement.met else "bold red")
     return EXIT_UNMET if compiled.unmet else EXIT_OK
 
 
@@ -91,24 +94,24 @@ def _without_nproc(arguments: list[str]) -> list[str]:
     return kept
 
 
-def _report_table(report: dict[str, Any]) -> Table:
-    compression = report["compression"]
-    choice = report.get("structure_choice")
-    method = report["method"] + (f" (chose {choice['winner']} by its probe)" if choice else "")
-    table = Table(title=f"{report['spec']}: {method}", title_justify="left", box=box.SIMPLE_HEAD)
+def _report_table(report: RunReport) -> Table:
+    compression = report.compression
+    choice = report.structure_choice
+    method = report.method + (f" (chose {choice.winner} by its probe)" if choice else "")
+    table = Table(title=f"{report.spec}: {method}", title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("measure")
     table.add_column("value", justify="right")
-    table.add_row("params (conv + linear)", f"{si(compression['params_dense'])} -> "
-                  f"{si(compression['params_compressed'])} ({compression['ratio']:.2f}x)")
-    table.add_row("MACs", f"{si(compression['macs_dense'])} -> {si(compression['macs_compressed'])} "
-                  f"({compression['macs_dense'] / max(1, compression['macs_compressed']):.2f}x)")
-    latency = report.get("latency")
+    table.add_row("params (conv + linear)", f"{si(compression.params_dense)} -> "
+                  f"{si(compression.params_compressed)} ({compression.ratio:.2f}x)")
+    table.add_row("MACs", f"{si(compression.macs_dense)} -> {si(compression.macs_compressed)} "
+                  f"({compression.macs_ratio:.2f}x)")
+    latency = report.latency
     if latency:
-        table.add_row("latency (batch 1, CPU)", f"{latency['dense_ms']['median']:.3g} ms -> "
-                      f"{latency['compressed_ms']['median']:.3g} ms ({latency['speedup']:.2f}x)")
-    table.add_row("clean accuracy", percent(report["accuracy"]["clean"]))
-    for name, value in report["accuracy"]["robust"].items():
+        table.add_row("latency (batch 1, CPU)", f"{latency.dense_ms.median:.3g} ms -> "
+                      f"{latency.compressed_ms.median:.3g} ms ({latency.speedup:.2f}x)")
+    table.add_row("clean accuracy", percent(report.accuracy.clean))
+    for name, value in report.accuracy.robust.items():
         table.add_row(f"robust: {name}", percent(value))
-    table.add_row("test images", str(report["data"]["test_size"]))
-    table.add_row("time", f"{report['timings']['total_seconds']:.0f} s on {report['machine']['device']}")
+    table.add_row("test images", str(report.data.test_size))
+    table.add_row("time", f"{report.timings.total_seconds:.0f} s on {report.machine.device}")
     return table

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
 from ..lang.render import plural
 
+if TYPE_CHECKING:
+    from ..driver.report_model import EpochRow
 
-def _epoch_line(row: dict[str, Any]) -> str:
-    line = (f"{row['phase']} epoch {row['epoch'] + 1}: loss {row['loss']:.3f}, train clean {row['clean']:.1%}, "
-            f"robust {row['robust']:.1%}, {row['seconds']:.1f} s")
-    if "residual" in row:
-        line += f", rho {row['rho']:.3g}, ||W-Z||/||W|| {row['residual']:.3f}"
+
+def _epoch_line(row: EpochRow) -> str:
+    line = (f"{row.phase} epoch {row.epoch + 1}: loss {row.loss:.3f}, train clean {row.clean:.1%}, "
+            f"robust {row.robust:.1%}, {row.seconds:.1f} s")
+    if row.rho is not None and row.residual is not None:
+        line += f", rho {row.rho:.3g}, ||W-Z||/||W|| {row.residual:.3f}"
     return line
 
 
@@ -39,7 +42,7 @@ class LogProgress:
     def step(self, phase: str, step: int, loss: float) -> None:
         return None
 
-    def epoch_done(self, row: dict[str, Any]) -> None:
+    def epoch_done(self, row: EpochRow) -> None:
         self.console.out(_epoch_line(row))
 
     def phase_done(self, phase: str) -> None:
@@ -75,8 +78,8 @@ class RichProgress(LogProgress):
     def step(self, phase: str, step: int, loss: float) -> None:
         self.bars.update(self.epoch_task, completed=step + 1, status=f"loss {loss:.3f}")
 
-    def epoch_done(self, row: dict[str, Any]) -> None:
-        status = f"train clean {row['clean']:.1%}  robust {row['robust']:.1%}  loss {row['loss']:.3f}"
+    def epoch_done(self, row: EpochRow) -> None:
+        status = f"train clean {row.clean:.1%}  robust {row.robust:.1%}  loss {row.loss:.3f}"
         self.bars.update(self.phase_task, advance=1, status=status)
         self.bars.reset(self.epoch_task)
         self.bars.console.print(_epoch_line(row), highlight=False)

@@ -6,7 +6,7 @@ import copy
 import dataclasses
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -33,10 +33,10 @@ def replan(context: Context, weights: dict[str, Tensor]) -> Plan:
     return planning.make_plan(context.spec, layers, context.other_params)
 
 
-def choose_ranks(context: Context, weights: dict[str, Tensor]) -> tuple[dict[str, tuple[int, ...]], dict[str, Any]]:
+def choose_ranks(context: Context, weights: dict[str, Tensor]) -> tuple[dict[str, tuple[int, ...]], Plan]:
     """The plan's policy on the spectra of ``weights``: the Z-step's ranks, re-chosen every time, and the plan."""
     plan = replan(context, weights)
-    return rewrite.planned_ranks(plan), plan.to_dict()
+    return rewrite.planned_ranks(plan), plan
 
 
 def start_admm(context: Context, run: Run, phase: AdmmSpec) -> None:
@@ -122,12 +122,21 @@ def admm_hooks(context: Context, run: Run, phase: PhaseSpec,
     return extra_loss, after_step if phase.interval.unit == "step" else None
 
 
-def epoch_end(context: Context, run: Run, phase: PhaseSpec, epoch: int) -> dict[str, Any]:
+class AdmmColumns(NamedTuple):
+    """The ADMM columns of an epoch's history row."""
+
+    rho: float
+    residual: float
+    zstep_seconds: float
+    params: int | None
+
+
+def epoch_end(context: Context, run: Run, phase: PhaseSpec, epoch: int) -> AdmmColumns:
     """The Z/U update when the interval counts epochs, and the ADMM columns of the epoch's history row."""
     zstep_seconds = 0.0
     if isinstance(phase, AdmmSpec) and phase.interval.unit == "epoch" and (epoch + 1) % phase.interval.every == 0:
         zstep_seconds = admm_update(context, run, phase)
     assert run.admm is not None
     residuals = admm.residuals(admm_weights(run, run.admm.ranks), run.admm)
-    return {"rho": run.rho, "residual": sum(residuals.values()) / max(1, len(residuals)),
-            "zstep_seconds": zstep_seconds, "params": run.plan["totals"]["params_after"] if run.plan else None}
+    return AdmmColumns(run.rho, sum(residuals.values()) / max(1, len(residuals)), zstep_seconds,
+                       run.plan.params_after if run.plan else None)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,8 @@ from ..model.channel_cut import cut_channels
 from ..model.prune import Pruned, kept_whole, prune_to_plan, weight_params
 from ..plan.allocate import make_plan
 from ..plan.costs import energy_kept
-from ..plan.plans import Plan
+from ..plan.layers import LayerInfo
+from ..plan.plans import LayerPlan, Plan
 from ..train import distributed
 from ..train.optimize import training_attack
 from .admm_steps import admm_weights, replan
@@ -90,7 +91,7 @@ def build_structure(context: Context, net: nn.Module, structure: str, plan: Plan
         factorized = rewrite.factorize_ranks(net, ranks, leaves=context.spec.model.leaf,
                                              sweeps=context.spec.compress.hooi_sweeps)
         description = {"kind": "factorized", "ranks": {k: list(v) for k, v in ranks.items()}}
-        return Built(factorized, plan.to_dict(), description)
+        return Built(factorized, plan, description)
     pruned, pruned_plan = prune_structure(context, net, plan, "global" if structure == "prune-global" else "uniform")
     return Built(pruned.model, pruned_plan, {"kind": "pruned"})
 
@@ -100,12 +101,12 @@ def _energy_of_weights(context: Context, run: Run, ranks: dict[str, tuple[int, .
     assert run.plan is not None
     weights = {name: w.detach().cpu() for name, w in admm_weights(run, ranks).items()}
     layers = {layer.name: layer for layer in inventory.with_weights(context.layers, weights)}
-    for entry in run.plan["layers"]:
-        if entry["name"] in ranks:
-            entry["energy_kept"] = energy_kept(layers[entry["name"]], ranks[entry["name"]])
+    run.plan = replace(run.plan, layers=tuple(
+        replace(entry, energy_kept=energy_kept(layers[entry.name], ranks[entry.name])) if entry.name in ranks else entry
+        for entry in run.plan.layers))
 
 
-def _pruned_reason(before: Any, after: Any, pruning_ratio: float, allocation: str) -> str:
+def _pruned_reason(before: LayerInfo, after: LayerInfo | None, pruning_ratio: float, allocation: str) -> str:
     if allocation == "uniform":
         return f"{pruning_ratio:.1%} of channels removed"
     kept = after.shape[0] if after is not None else 0
@@ -129,7 +130,7 @@ def _adversarial_gradients(context: Context, net: nn.Module) -> None:
     net.cpu()
 
 
-def prune_structure(context: Context, net: nn.Module, plan: Plan, allocation: str) -> tuple[Pruned, dict[str, Any]]:
+def prune_structure(context: Context, net: nn.Module, plan: Plan, allocation: str) -> tuple[Pruned, Plan]:
     """Torch-Pruning filter pruning (L1 or Taylor scores) to the parameter count the factorized model would have."""
     spec = context.spec
     importance = spec.compress.importance
@@ -143,25 +144,20 @@ def prune_structure(context: Context, net: nn.Module, plan: Plan, allocation: st
     return pruned, _pruned_plan(context, plan, pruned, rule, allocation)
 
 
-def _pruned_plan(context: Context, plan: Plan, pruned: Pruned, rule: str, allocation: str) -> dict[str, Any]:
-    """The plan as report.json holds it, for the pruned model: every layer's shape, params and MACs after."""
+def _pruned_plan(context: Context, plan: Plan, pruned: Pruned, rule: str, allocation: str) -> Plan:
+    """The plan of the pruned model: every layer's shape, params and MACs after."""
     spec = context.spec
     after = {layer.name: layer for layer in inventory.collect(pruned.model, spec.model.input, spec.model.leaf).layers}
-    layers = []
-    for layer in context.layers:
-        new = after.get(layer.name)
-        params_after = new.params if new else 0
-        layers.append({"name": layer.name, "type": layer.type_name,
-                       "method": "dense" if new and new.params == layer.params else "pruned",
-                       "shape": list(layer.shape), "shape_after": list(new.shape) if new else None,
-                       "rule": rule,
-                       "ranks": None,
-                       "params_before": layer.params, "params_after": params_after,
-                       "macs_before": layer.macs, "macs_after": new.macs if new else 0, "energy_kept": None,
-                       "reason": _pruned_reason(layer, new, pruned.pruning_ratio, allocation)})
-    totals = {"params_before": sum(x["params_before"] for x in layers),
-              "params_after": sum(x["params_after"] for x in layers),
-              "macs_before": sum(x["macs_before"] for x in layers), "macs_after": sum(x["macs_after"] for x in layers),
-              "other_params": context.other_params}
-    totals["ratio"] = totals["params_before"] / max(1, totals["params_after"])
-    return {**plan.to_dict(), "layers": layers, "totals": totals}
+    layers = tuple(_pruned_layer(layer, after.get(layer.name), rule,
+                                 _pruned_reason(layer, after.get(layer.name), pruned.pruning_ratio, allocation))
+                   for layer in context.layers)
+    return replace(plan, layers=layers, other_params=context.other_params)
+
+
+def _pruned_layer(layer: LayerInfo, new: LayerInfo | None, rule: str, reason: str) -> LayerPlan:
+    """A layer as pruning left it: ``new`` is None when no channel of it is left."""
+    return LayerPlan(name=layer.name, type_name=layer.type_name, shape=tuple(layer.shape), rule=rule,
+                     method="dense" if new and new.params == layer.params else "pruned", ranks=None, reason=reason,
+                     params_before=layer.params, params_after=new.params if new else 0, macs_before=layer.macs,
+                     macs_after=new.macs if new else 0, energy_kept=None,
+                     shape_after=tuple(new.shape) if new else None)

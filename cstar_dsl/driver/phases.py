@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from ..lang.spec import PhaseSpec, Spec
@@ -12,6 +10,7 @@ from ..train.optimize import TrainingDiverged, adversarial_epoch, training_attac
 from . import admm_steps
 from .batches import batches, epoch_seed
 from .compress import compress
+from .report_model import EpochRow
 from .resume import save_checkpoint
 from .state import CompileError, Context, Progress, Run, start_optimizer
 
@@ -81,10 +80,10 @@ def _epoch(context: Context, run: Run, name: str, phase: PhaseSpec, epoch: int, 
     run.schedule.step()
     n = result.samples
     loss, clean, robust, seen = distributed.sum_all([result.loss * n, result.clean * n, result.robust * n, n], world)
-    row: dict[str, Any] = {"phase": name, "epoch": epoch, "loss": loss / max(1, seen), "clean": clean / max(1, seen),
-                           "robust": robust / max(1, seen), "seconds": result.seconds, "lr": lr}
-    if name == "admm":
-        row.update(admm_steps.epoch_end(context, run, phase, epoch))
+    admm = admm_steps.epoch_end(context, run, phase, epoch) if name == "admm" else None
+    row = EpochRow(phase=name, epoch=epoch, loss=loss / max(1, seen), clean=clean / max(1, seen),
+                   robust=robust / max(1, seen), seconds=result.seconds, lr=lr,
+                   **({} if admm is None else admm._asdict()))
     run.phase_seconds[name] = run.phase_seconds.get(name, 0.0) + result.seconds
     run.history.append(row)
     progress.epoch_done(row)

@@ -23,7 +23,7 @@ from ..model import inventory
 from ..model import zoo as models
 from ..train import checkpoint, distributed
 from ..train.data import Datasets, datasets
-from .outputs import OUTPUTS, REPORT_SCHEMA, build_report, recipe_folder, spec_identity, write_artifacts
+from .outputs import OUTPUTS, REPORT_SCHEMA, build_report, recipe_folder, spec_identity, write_model, write_report
 from .phases import phases, train
 from .resume import prepare_out
 from .state import Compiled, CompileError, CompileOptions, Context, Progress
@@ -75,9 +75,11 @@ def _compile(spec: Spec, options: CompileOptions, progress: Progress, world: dis
         progress.stage("timing the dense and the compressed model (batch 1, CPU)")
         timed = compare_latency(dense, run.model, torch.zeros(1, *spec.model.input), leaves=spec.model.leaf)
     progress.stage("writing the artifacts")
-    built = build_report(context, run, result, time.perf_counter() - started, timed)
+    seconds = time.perf_counter() - started  # the run's time, as before the report listed the exports
+    exports = write_model(context, run) if world.is_main else ()  # the report lists the files rank 0 wrote
+    built = build_report(context, run, result, seconds, timed, exports)
     if world.is_main:
-        write_artifacts(context, run, built, lock)
+        write_report(context, built, lock)
     distributed.barrier(world)
     return Compiled(options.out, built, run.model.cpu().eval())
 

@@ -16,10 +16,12 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from ..eval.evaluation import test_batches
 from ..model import zoo as models
+from ..plan.plans import Plan
 from ..train import distributed
 from ..train.attacks import accuracy
 from ..train.optimize import TrainingDiverged, adversarial_epoch, make_optimizer, make_schedule, training_attack
 from .batches import batches, epoch_seed
+from .report_model import Candidate, StructureChoice
 from .state import CompileError, Context, place
 
 # The probe's seeds stand apart from those of the recipe's phases (indices 0-2), so it draws its own batches.
@@ -28,43 +30,11 @@ _PROBE_PHASE = 99
 
 @dataclass(frozen=True)
 class Built:
-    """A compressed network, its plan as report.json holds it, and how model.json describes its structure."""
+    """A compressed network, its plan, and how model.json describes its structure."""
 
     net: nn.Module
-    plan: dict[str, Any]
+    plan: Plan
     structure: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One structure's probe: its cost and its accuracy on the held-out training images (None: it diverged)."""
-
-    name: str
-    params: int
-    macs: int
-    clean: float | None
-    robust: float | None
-    seconds: float
-
-
-@dataclass(frozen=True)
-class StructureChoice:
-    """Which structure won, and every candidate's score, as the report lists them."""
-
-    winner: str
-    candidates: tuple[Candidate, ...]
-    holdout: int  # training images held out to score the candidates
-    epochs: int  # adversarial fine-tuning epochs each candidate got
-    seconds: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"winner": self.winner, "holdout": self.holdout, "epochs": self.epochs, "seconds": self.seconds,
-                "candidates": [dataclasses.asdict(candidate) for candidate in self.candidates]}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> StructureChoice:
-        return cls(data["winner"], tuple(Candidate(**c) for c in data["candidates"]), data["holdout"],
-                   data["epochs"], data["seconds"])
 
 
 def split_holdout(size: int, share: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,8 +67,8 @@ def choose_structure(context: Context, build: Callable[[str], Built],
                            help="lower `train.finetune.lr`, the rate the probe fine-tunes at")
     best = max(scored, key=lambda c: (c.robust, c.clean, -results.index(c)))
     winner = _agreed(context, results.index(best))
-    choice = StructureChoice(results[winner].name, tuple(results), len(held), compress.probe_epochs,
-                             time.perf_counter() - started)
+    choice = StructureChoice(winner=results[winner].name, holdout=len(held), epochs=compress.probe_epochs,
+                             seconds=time.perf_counter() - started, candidates=tuple(results))
     return choice, built[choice.winner]
 
 
@@ -109,7 +79,7 @@ def _probe(context: Context, name: str, built: Built, held: Any) -> Candidate:
     optimizer = make_optimizer(phase, model.parameters())
     schedule = make_schedule(phase, optimizer)
     attack = training_attack(spec.threat)
-    totals = built.plan["totals"]
+    plan = built.plan
     try:
         for epoch in range(phase.epochs):
             seed = epoch_seed(spec.train.seed, _PROBE_PHASE, epoch)
@@ -119,12 +89,12 @@ def _probe(context: Context, name: str, built: Built, held: Any) -> Candidate:
                               precision=torch.bfloat16 if spec.train.precision == "bf16" else None)
             schedule.step()
     except TrainingDiverged:
-        return Candidate(name, totals["params_after"], totals["macs_after"], None, None,
-                         time.perf_counter() - started)
+        return Candidate(name=name, params=plan.params_after, macs=plan.macs_after, clean=None, robust=None,
+                         seconds=time.perf_counter() - started)
     generator = torch.Generator(device=context.device).manual_seed(spec.train.seed)
     robust = accuracy(model, held, attack, generator)
-    return Candidate(name, totals["params_after"], totals["macs_after"], accuracy(model, held), robust,
-                     time.perf_counter() - started)
+    return Candidate(name=name, params=plan.params_after, macs=plan.macs_after, clean=accuracy(model, held),
+                     robust=robust, seconds=time.perf_counter() - started)
 
 
 def _subset(dataset: Dataset, indices: torch.Tensor) -> Dataset:

@@ -5,18 +5,23 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pydantic import TypeAdapter
 from torch import nn
 
 from .. import files
 from ..deploy.artifacts import build_structure
 from ..model import zoo as models
+from ..plan.plans import Plan
 from ..train import admm, checkpoint, distributed
 from .outputs import OUTPUTS
-from .probe import StructureChoice
+from .report_model import EpochRow, StructureChoice
 from .runfolder import folder_problem
 from .state import Context, Run, place, start_optimizer
 
 CHECKPOINT_FORMAT = "cstar.checkpoint/1"
+# The checkpoint keeps the plan and the history as JSON text: torch.load(weights_only=True) unpickles no classes.
+_PLAN = TypeAdapter(Plan)
+_HISTORY = TypeAdapter(list[EpochRow])
 
 
 def prepare_out(context: Context, lock: dict[str, Any], net: nn.Module) -> Run:
@@ -67,10 +72,11 @@ def _restore(context: Context, state: dict[str, Any], net: nn.Module) -> Run:
     model.load_state_dict(state["model"])
     run = Run(phase_index=state["phase_index"], next_epoch=state["next_epoch"], net=net,
               model=place(model, context.device), structure=structure, rho=state["rho"],
-              plan=json.loads(state["plan"]) if state["plan"] else None, history=json.loads(state["history"]),
+              plan=_PLAN.validate_json(state["plan"]) if state["plan"] else None,
+              history=_HISTORY.validate_json(state["history"]),
               phase_seconds=json.loads(state["phase_seconds"]))
     if state.get("choice"):
-        run.choice = StructureChoice.from_dict(json.loads(state["choice"]))
+        run.choice = StructureChoice.model_validate_json(state["choice"])
     if state["admm"] is not None:
         saved = state["admm"]
         ranks = {name: tuple(r) for name, r in json.loads(saved["ranks"]).items()}
@@ -105,9 +111,9 @@ def save_checkpoint(context: Context, run: Run) -> None:
             "ranks": json.dumps({k: list(v) for k, v in run.admm.ranks.items()}),
             "pruning_ratio": run.admm.pruning_ratio},
         "rho": run.rho,
-        "plan": json.dumps(run.plan) if run.plan else "",
-        "choice": json.dumps(run.choice.to_dict()) if run.choice else "",
-        "history": json.dumps(run.history),
+        "plan": _PLAN.dump_json(run.plan).decode() if run.plan else "",
+        "choice": run.choice.model_dump_json() if run.choice else "",
+        "history": _HISTORY.dump_json(run.history).decode(),
         "phase_seconds": json.dumps(run.phase_seconds),
         "rng": checkpoint.rng_state(),
     }

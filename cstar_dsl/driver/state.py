@@ -11,9 +11,11 @@ from torch import nn
 
 from ..errors import RunError
 from ..lang.spec import PhaseSpec, Spec
+from ..plan.plans import Plan
 from ..train import admm, distributed
 from ..train.data import Datasets, dataset_size
 from ..train.optimize import make_optimizer, make_schedule
+from .report_model import EpochRow, Requirement, RunReport
 
 if TYPE_CHECKING:
     from .probe import StructureChoice
@@ -45,22 +47,22 @@ class Progress:
 
     def step(self, phase: str, step: int, loss: float) -> None: ...
 
-    def epoch_done(self, row: dict[str, Any]) -> None: ...
+    def epoch_done(self, row: EpochRow) -> None: ...
 
     def phase_done(self, phase: str) -> None: ...
 
 
 @dataclass(frozen=True)
 class Compiled:
-    """What a compile produced: the out folder, the report (as in report.json) and the model."""
+    """What a compile produced: the out folder, the report (what report.json holds) and the model."""
 
     out: Path
-    report: dict[str, Any]
+    report: RunReport
     model: nn.Module
 
     @property
-    def unmet(self) -> list[dict[str, Any]]:
-        return [r for r in self.report["requirements"] if not r["met"]]
+    def unmet(self) -> tuple[Requirement, ...]:
+        return self.report.unmet
 
 
 @dataclass
@@ -77,9 +79,9 @@ class Run:
     schedule: torch.optim.lr_scheduler.LRScheduler | None = None
     admm: admm.AdmmState | None = None
     rho: float = 0.0
-    plan: dict[str, Any] | None = None
+    plan: Plan | None = None
     choice: StructureChoice | None = None  # method auto: the probed candidates and the winner
-    history: list[dict[str, Any]] = field(default_factory=list)
+    history: list[EpochRow] = field(default_factory=list)
     phase_seconds: dict[str, float] = field(default_factory=dict)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from torch import nn
 
 from .. import __version__, files
 from ..deploy.artifacts import ArtifactError, load
+from ..driver.report_model import ReportError, parse_report
 from ..errors import RunError
 from ..lang.problems import SpecProblem
 from ..lang.spec import EvaluateSpec, Spec
@@ -57,23 +57,22 @@ def resolved_spec(folder: Path, *, allow_import: bool = False) -> Spec:
     """The validated recipe a run folder's ``report.json`` recorded (its ``resolved`` key).
 
     Raises:
-        ArtifactError: the report is missing or unreadable, or its recipe no longer validates.
+        ArtifactError: the report is missing, unreadable or not a run report, or its recipe no longer validates.
     """
     path = Path(folder) / "report.json"
     try:
         files.require_file(path, "report")
-        report = json.loads(path.read_text(encoding="utf-8"))
+        report = parse_report(path.read_bytes(), path)
     except FileNotFoundError:
         raise ArtifactError(f"{folder} holds no report.json, which records the recipe to evaluate with") from None
     except files.FileProblem as problem:
         raise ArtifactError(str(problem)) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except OSError as error:
         raise ArtifactError(f"cannot read {path}: {error}") from None
-    resolved = report.get("resolved") if isinstance(report, dict) else None
-    if not isinstance(resolved, dict):
-        raise ArtifactError(f"{path} records no resolved recipe (its `resolved` key)")
+    except ReportError as error:
+        raise ArtifactError(str(error)) from None
     try:
-        return Spec.model_validate(resolved, context={"allow_import": allow_import})
+        return Spec.model_validate(report.resolved, context={"allow_import": allow_import})
     except ValidationError as error:
         raise ArtifactError(f"the recipe recorded in {path} does not validate: {error}") from None
 

@@ -15,7 +15,7 @@ class LayerPlan:
     type_name: str
     shape: tuple[int, ...]
     rule: str
-    method: str  # "svd", "tucker2" or "dense"
+    method: str  # "svd", "tucker2" or "dense"; "pruned" once the channel-prune baseline has pruned it
     ranks: Ranks | None
     reason: str
     params_before: int
@@ -23,6 +23,16 @@ class LayerPlan:
     macs_before: int
     macs_after: int
     energy_kept: float | None
+    shape_after: tuple[int, ...] | None = None  # the shape channel pruning left (pruned plans only)
+
+    def to_dict(self) -> dict[str, object]:
+        """The layer's JSON form; ``shape_after`` only where pruning set it."""
+        data = {**asdict(self), "ranks": list(self.ranks) if self.ranks else None, "shape": list(self.shape)}
+        if self.shape_after is None:
+            del data["shape_after"]
+        else:
+            data["shape_after"] = list(self.shape_after)
+        return data
 
 
 @dataclass(frozen=True)
@@ -73,7 +83,6 @@ class Plan:
                 "macs_before": self.macs_before, "macs_after": self.macs_after,
                 "other_params": self.other_params, "ratio": self.ratio,
             },
-            "layers": [{**asdict(layer), "ranks": list(layer.ranks) if layer.ranks else None,
-                        "shape": list(layer.shape)} for layer in self.layers],
+            "layers": [layer.to_dict() for layer in self.layers],
             "warnings": list(self.warnings),
         }

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..lang.render import si
-from .values import ARROW, DASH, _count, _mapping, _num, _phases, _records, _text, _total
+from .values import ARROW, _count, _phases, _total
 
 if TYPE_CHECKING:  # matplotlib is imported inside the plot functions: importing this module stays cheap
     from matplotlib.axes import Axes
+
+    from ..driver.report_model import Accuracy, EpochRow, LayerReport
 
 DPI = 120
 MAX_FIGURE_WIDTH = 20.0  # inches: a 200-layer network still gives a figure a browser can show
@@ -23,7 +25,7 @@ BEFORE_COLOUR = "#BBBBBB"
 FONT_SAFE_BELOW = 0x0530  # code points below Armenian: Latin, IPA, Greek, Cyrillic
 
 
-def plot_curves(history: Sequence[Mapping[str, Any]], path: Path, test: Mapping[str, Any] | None = None) -> None:
+def plot_curves(history: Sequence[EpochRow], path: Path, test: Accuracy | None = None) -> None:
     """Training curves as a PNG: train accuracies, loss, and ADMM residual when recorded; phases marked.
 
     ``test`` is the report's ``accuracy`` (clean, and robust per attack): the test set is evaluated
@@ -31,12 +33,12 @@ def plot_curves(history: Sequence[Mapping[str, Any]], path: Path, test: Mapping[
     """
     from matplotlib.figure import Figure
 
-    rows = _records(history)
+    rows = list(history)
     if not rows:
         _save_message("no training epochs", path)
         return
     epochs = list(range(1, len(rows) + 1))
-    with_residual = any(_finite(row.get("residual")) is not None for row in rows)
+    with_residual = any(_finite(row.residual) is not None for row in rows)
     panels = 3 if with_residual else 2
     fig = Figure(figsize=(5.0 * panels, 4.2), layout="constrained")
     axes = fig.subplots(1, panels, squeeze=False)[0]
@@ -44,15 +46,16 @@ def plot_curves(history: Sequence[Mapping[str, Any]], path: Path, test: Mapping[
     markers = len(rows) <= 60  # a one-epoch phase is a single point: invisible without a marker
 
     accuracy = axes[0]
-    for key, label in (("clean", "train clean"), ("robust", "train robust (PGD examples trained on)")):
-        _line(accuracy, epochs, [_scaled(row.get(key), 100) for row in rows], label, markers)
+    _line(accuracy, epochs, [_scaled(row.clean, 100) for row in rows], "train clean", markers)
+    _line(accuracy, epochs, [_scaled(row.robust, 100) for row in rows], "train robust (PGD examples trained on)",
+          markers)
     _test_points(accuracy, len(rows), test)
     accuracy.set_ylim(-2, 102)
     _decorate(accuracy, "Accuracy: training batches per epoch", "accuracy (%)", spans, len(rows))
 
     loss = axes[1]
-    values = [_finite(row.get("loss")) for row in rows]
-    admm = any(row.get("phase") == "admm" for row in rows)
+    values = [_finite(row.loss) for row in rows]
+    admm = any(row.phase == "admm" for row in rows)
     label = ("adversarial loss; in admm epochs\nplus the penalty " + r"$\rho/2\,\|W-Z+U\|^2$") if admm else (
         "adversarial loss")
     _line(loss, epochs, values, label, markers, colour="#D55E00")
@@ -64,11 +67,12 @@ def plot_curves(history: Sequence[Mapping[str, Any]], path: Path, test: Mapping[
     fig.savefig(path, dpi=DPI)
 
 
-def _test_points(ax: Axes, last: int, test: Mapping[str, Any] | None) -> None:
+def _test_points(ax: Axes, last: int, test: Accuracy | None) -> None:
     """The final test-set accuracies as labelled points just after the last epoch."""
-    accuracy = _mapping(test)
-    robust = [_finite(value) for value in _mapping(accuracy.get("robust")).values()]
-    points = [("test clean", _finite(accuracy.get("clean")), "#0072B2", "*"),
+    if test is None:
+        return
+    robust = [_finite(value) for value in test.robust.values()]
+    points = [("test clean", _finite(test.clean), "#0072B2", "*"),
               ("test robust (worst attack)", min((v for v in robust if v is not None), default=None), "#E69F00", "*")]
     for label, value, colour, marker in points:
         if value is not None:
@@ -76,7 +80,7 @@ def _test_points(ax: Axes, last: int, test: Mapping[str, Any] | None) -> None:
                     label=f"{label}, after training: {value:.1%}", linestyle="none", clip_on=False)
 
 
-def _plain_ticks(ax: Axes, shown: Any = None) -> None:
+def _plain_ticks(ax: Axes, shown: Callable[[float], str] | None = None) -> None:
     """Log-axis ticks as plain numbers (0.2, 1, 2; or 10k with ``shown=si``), not 2x10^-1: a reader
     should not have to decode them. Minor ticks are labelled at 2 and 5 only, so they never crowd."""
     from matplotlib.ticker import FuncFormatter
@@ -91,15 +95,14 @@ def _plain_ticks(ax: Axes, shown: Any = None) -> None:
     ax.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: label(value, True)))
 
 
-def _residual_panel(ax: Axes, rows: Sequence[Mapping[str, Any]], spans: list[tuple[str, int, int]],
-                    markers: bool) -> None:
-    epochs = [index for index, row in enumerate(rows, 1) if _finite(row.get("residual")) is not None]
-    residuals = [_finite(rows[index - 1].get("residual")) for index in epochs]
+def _residual_panel(ax: Axes, rows: Sequence[EpochRow], spans: list[tuple[str, int, int]], markers: bool) -> None:
+    epochs = [index for index, row in enumerate(rows, 1) if _finite(row.residual) is not None]
+    residuals = [_finite(rows[index - 1].residual) for index in epochs]
     _line(ax, epochs, residuals, r"residual $\|W-Z\|/\|W\|$", markers, colour="#009E73")
     _log_if_spread(ax, residuals)
     _decorate(ax, "ADMM residual", "mean residual", spans, len(rows), legend=False)
     handles, labels = ax.get_legend_handles_labels()
-    rhos = [_finite(rows[index - 1].get("rho")) for index in epochs]
+    rhos = [_finite(rows[index - 1].rho) for index in epochs]
     if any(rho is not None for rho in rhos):
         # rho grows by orders of magnitude under a geometric schedule: its own axis keeps both curves readable.
         twin = ax.twinx()
@@ -138,7 +141,7 @@ def _decorate(ax: Axes, title: str, ylabel: str, spans: list[tuple[str, int, int
         ax.legend(fontsize=8, loc="best")
 
 
-def _phase_spans(rows: Sequence[Mapping[str, Any]]) -> list[tuple[str, int, int]]:
+def _phase_spans(rows: Sequence[EpochRow]) -> list[tuple[str, int, int]]:
     """(label, first epoch, last epoch) per run of consecutive epochs of one phase, 1-based."""
     spans: list[tuple[str, int, int]] = []
     first = 1
@@ -156,11 +159,11 @@ def _log_if_spread(ax: Axes, values: Sequence[float | None], spread: float = 50.
         _plain_ticks(ax)
 
 
-def plot_ranks(layers: Sequence[Mapping[str, Any]], path: Path) -> None:
+def plot_ranks(layers: Sequence[LayerReport], path: Path) -> None:
     """Parameters before and after per layer as a PNG (log bars), with the energy kept on a twin axis."""
     from matplotlib.figure import Figure
 
-    rows = sorted(_records(layers), key=lambda row: _natural(_text(row.get("name"))))  # one order for every method
+    rows = sorted(layers, key=lambda row: _natural(row.name))  # one order for every method
     if not rows:
         _save_message("no layers", path)
         return
@@ -168,12 +171,12 @@ def plot_ranks(layers: Sequence[Mapping[str, Any]], path: Path) -> None:
     width = min(MAX_FIGURE_WIDTH, max(6.0, 2.0 + 0.3 * count))
     fig = Figure(figsize=(width, 5.5), layout="constrained")
     ax = fig.subplots()
-    before = [_positive(row.get("params_before")) for row in rows]
-    after = [_positive(row.get("params_after")) for row in rows]
+    before = [_positive(row.params_before) for row in rows]
+    after = [_positive(row.params_after) for row in rows]
     _bars(ax, [index - 0.2 for index in range(count)], before, "params before", BEFORE_COLOUR)
-    methods = list(dict.fromkeys(_plot_text(row.get("method")) for row in rows))
+    methods = list(dict.fromkeys(_plot_text(row.method) for row in rows))
     for colour_index, method in enumerate(methods):
-        picked = [index for index, row in enumerate(rows) if _plot_text(row.get("method")) == method]
+        picked = [index for index, row in enumerate(rows) if _plot_text(row.method) == method]
         _bars(ax, [index + 0.2 for index in picked], [after[index] for index in picked],
               f"after: {method}" + (" (ranks on the bar)" if method in ("svd", "tucker2") else ""),
               PALETTE[colour_index % len(PALETTE)])
@@ -186,10 +189,9 @@ def plot_ranks(layers: Sequence[Mapping[str, Any]], path: Path) -> None:
     ax.set_ylabel("parameters")
     ax.set_xlim(-0.7, count - 0.3)
     ax.set_title(f"Parameters per layer: {_count(_total(before))} {ARROW} {_count(_total(after))}")
-    _layer_ticks(ax, [_plot_text(row.get("name")) for row in rows])
+    _layer_ticks(ax, [_plot_text(row.name) for row in rows])
     handles, labels = ax.get_legend_handles_labels()
-    scored = [(index, _finite(row.get("energy_kept"))) for index, row in enumerate(rows)]
-    energy = [(index, value) for index, value in scored if value is not None]
+    energy = [(index, kept) for index, row in enumerate(rows) if (kept := _finite(row.energy_kept)) is not None]
     if energy:
         twin = ax.twinx()
         twin.plot([index for index, _ in energy], [value for _, value in energy], "D", color="black",
@@ -205,12 +207,11 @@ def plot_ranks(layers: Sequence[Mapping[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=DPI)
 
 
-def _rank_labels(ax: Axes, rows: Sequence[Mapping[str, Any]], after: Sequence[float | None]) -> None:
+def _rank_labels(ax: Axes, rows: Sequence[LayerReport], after: Sequence[float | None]) -> None:
     """What each after-bar is, written on it: its ranks ("14x11"), "dense", or "pruned"."""
     size = 7 if len(rows) <= 40 else 5
     for index, (row, height) in enumerate(zip(rows, after, strict=True)):
-        ranks = row.get("ranks")
-        text = "x".join(map(str, ranks)) if isinstance(ranks, list) and ranks else _plot_text(row.get("method"))
+        text = "x".join(map(str, row.ranks)) if row.ranks else _plot_text(row.method)
         if height is not None and len(rows) <= 100:
             ax.text(index + 0.2, height * 1.15, text, rotation=90, ha="center", va="bottom", fontsize=size)
 
@@ -251,25 +252,23 @@ def _save_message(message: str, path: Path) -> None:
     fig.savefig(path, dpi=DPI)
 
 
-def _plot_text(value: Any) -> str:
+def _plot_text(text: str) -> str:
     """Text safe for a plot: no "$" (which would start mathtext) and no character the font may lack."""
-    text = _text(value)
-    text = "-" if text == DASH else text
+    text = text or "-"
     # Matplotlib warns on a missing glyph; its bundled DejaVu Sans covers Latin, Greek and Cyrillic.
     text = "".join(char if char.isprintable() and ord(char) < FONT_SAFE_BELOW else "?" for char in text)
     return text.replace("$", r"\$")
 
 
-def _finite(value: Any) -> float | None:
-    number = _num(value)
-    return number if number is not None and math.isfinite(number) else None
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
 
 
-def _positive(value: Any) -> float | None:
-    number = _finite(value)
-    return number if number is not None and number > 0 else None
+def _positive(value: int) -> float | None:
+    """A count a log axis can show: none for a layer pruned away."""
+    return float(value) if value > 0 else None
 
 
-def _scaled(value: Any, factor: float) -> float | None:
+def _scaled(value: float | None, factor: float) -> float | None:
     number = _finite(value)
     return None if number is None else number * factor

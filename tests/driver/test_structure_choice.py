@@ -11,7 +11,8 @@ from torch import nn
 
 import cstar_dsl
 from cstar_dsl.driver import probe
-from cstar_dsl.driver.probe import Candidate, StructureChoice, split_holdout
+from cstar_dsl.driver.probe import split_holdout
+from cstar_dsl.driver.report_model import Candidate, EpochRow, StructureChoice
 from cstar_dsl.driver.state import CompileError, Progress
 from cstar_dsl.lang.errors import CStarError
 from cstar_dsl.lang.spec import ModelSpec
@@ -65,27 +66,30 @@ def test_holdout_depends_on_the_seed() -> None:
 
 
 def test_choice_survives_a_checkpoint_round_trip() -> None:
-    choice = StructureChoice("prune-global", (Candidate("low-rank", 10, 20, 0.9, 0.5, 1.0),
-                                              Candidate("prune-global", 11, 21, None, None, 2.0)), 144, 1, 3.0)
-    assert StructureChoice.from_dict(choice.to_dict()) == choice
+    candidates = (Candidate(name="low-rank", params=10, macs=20, clean=0.9, robust=0.5, seconds=1.0),
+                  Candidate(name="prune-global", params=11, macs=21, clean=None, robust=None, seconds=2.0))
+    choice = StructureChoice(winner="prune-global", holdout=144, epochs=1, seconds=3.0, candidates=candidates)
+    assert StructureChoice.model_validate_json(choice.model_dump_json()) == choice
 
 
 def test_auto_compiles_exactly_what_the_winning_method_compiles(tmp_path: Path) -> None:
     auto = cstar_dsl.compile(_recipe(tmp_path, "auto"), tmp_path / "auto")
-    choice = auto.report["structure_choice"]
-    assert [c["name"] for c in choice["candidates"]] == ["low-rank", "prune-uniform", "prune-global"]
-    assert all(0 <= c["robust"] <= c["clean"] + 1e-9 for c in choice["candidates"])
-    assert choice["winner"] in {c["name"] for c in choice["candidates"]}
-    assert auto.report["timings"]["phases"]["probe"] == pytest.approx(choice["seconds"])
+    choice = auto.report.structure_choice
+    assert choice is not None
+    assert [c.name for c in choice.candidates] == ["low-rank", "prune-uniform", "prune-global"]
+    assert all(c.robust is not None and c.clean is not None and 0 <= c.robust <= c.clean + 1e-9
+               for c in choice.candidates)
+    assert choice.winner in {c.name for c in choice.candidates}
+    assert auto.report.timings.phases["probe"] == pytest.approx(choice.seconds)
     method = {"low-rank": "method = svd-finetune", "prune-uniform": "method = channel-prune",
-              "prune-global": "method = channel-prune\n  allocation = global"}[choice["winner"]]
+              "prune-global": "method = channel-prune\n  allocation = global"}[choice.winner]
     named = cstar_dsl.compile(_recipe(tmp_path, "named", method), tmp_path / "named")
     ours, theirs = (load_file(tmp_path / run / "model.safetensors") for run in ("auto", "named"))
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[key], theirs[key]) for key in ours)
-    assert auto.report["accuracy"] == named.report["accuracy"]
+    assert auto.report.accuracy == named.report.accuracy
     markdown = (tmp_path / "auto" / "report.md").read_text()
-    assert "## Structure choice" in markdown and f"`{choice['winner']}` (chosen)" in markdown
+    assert "## Structure choice" in markdown and f"`{choice.winner}` (chosen)" in markdown
     assert cstar_dsl.load(tmp_path / "auto") is not None
 
 
@@ -131,9 +135,9 @@ def test_a_diverging_candidate_loses_and_the_rest_still_compete(tmp_path: Path,
     monkeypatch.setattr(probe, "adversarial_epoch", low_rank_diverges)
     compiled = cstar_dsl.compile(_recipe(tmp_path, "auto", "method = auto\n  candidates = [low-rank, prune-uniform]"),
                                  tmp_path / "out")
-    choice = compiled.report["structure_choice"]
-    assert choice["winner"] == "prune-uniform"
-    assert choice["candidates"][0]["robust"] is None
+    choice = compiled.report.structure_choice
+    assert choice is not None and choice.winner == "prune-uniform"
+    assert choice.candidates[0].robust is None
     assert "diverged" in (tmp_path / "out" / "report.md").read_text()
 
 
@@ -200,13 +204,17 @@ def test_cstar_onto_channels_compiles_a_pruned_model_at_the_budget(tmp_path: Pat
     recipe = _recipe(tmp_path, "channels", "method = cstar\n  structure = prune-uniform",
                      "admm {\n    epochs = 2\n    lr = 0.01\n    rho = 0.5\n  }")
     compiled = cstar_dsl.compile(recipe, tmp_path / "out")
-    admm_rows = [row for row in compiled.report["history"] if row["phase"] == "admm"]
-    assert len(admm_rows) == 2 and admm_rows[1]["residual"] < admm_rows[0]["residual"]
-    compression = compiled.report["compression"]
-    assert compression["ratio"] >= 4
-    layers = {layer["name"]: layer for layer in compiled.report["layers"]}
-    assert layers["fc3"]["shape_after"][0] == 10  # the output layer keeps its classes; its inputs follow fc2's cut
-    assert all(layer["shape_after"][0] < layer["shape"][0] for name, layer in layers.items() if name != "fc3")
+    admm_rows = [row for row in compiled.report.history if row.phase == "admm"]
+    residuals = [row.residual for row in admm_rows]
+    assert len(residuals) == 2 and residuals[0] is not None and residuals[1] is not None
+    assert residuals[1] < residuals[0]
+    compression = compiled.report.compression
+    assert compression.ratio >= 4
+    layers = {layer.name: layer for layer in compiled.report.layers}
+    # the output layer keeps its classes; its inputs follow fc2's cut
+    assert layers["fc3"].shape_after is not None and layers["fc3"].shape_after[0] == 10
+    assert all((layer.shape_after or layer.shape)[0] < layer.shape[0] for name, layer in layers.items()
+               if name != "fc3")
     loaded = cstar_dsl.load(tmp_path / "out")
     x = torch.rand(3, 1, 8, 8)
     assert torch.allclose(loaded(x), compiled.model(x), atol=1e-5)
@@ -218,8 +226,8 @@ class _StopAfter(Progress):
     def __init__(self, phase: str) -> None:
         self.phase = phase
 
-    def epoch_done(self, row: dict[str, object]) -> None:
-        if row["phase"] == self.phase:
+    def epoch_done(self, row: EpochRow) -> None:
+        if row.phase == self.phase:
             raise KeyboardInterrupt
 
 
@@ -235,15 +243,15 @@ def test_a_resumed_run_ends_as_an_uninterrupted_one(tmp_path: Path, compress: st
     resumed = cstar_dsl.compile(recipe, tmp_path / "cut", resume=True)
     ours, theirs = (load_file(tmp_path / run / "model.safetensors") for run in ("whole", "cut"))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)
-    assert _scores(resumed.report["structure_choice"]) == _scores(whole.report["structure_choice"])
-    assert resumed.report["layers"] == whole.report["layers"]
+    assert _scores(resumed.report.structure_choice) == _scores(whole.report.structure_choice)
+    assert resumed.report.layers == whole.report.layers
 
 
-def _scores(choice: dict | None) -> object:
+def _scores(choice: StructureChoice | None) -> object:
     """A choice without its timings, which no two runs share."""
     if choice is None:
         return None
-    return choice["winner"], [{k: v for k, v in c.items() if k != "seconds"} for c in choice["candidates"]]
+    return choice.winner, [c.model_dump(exclude={"seconds"}) for c in choice.candidates]
 
 
 @pytest.mark.parametrize("compress, train, words", [

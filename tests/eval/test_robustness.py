@@ -30,6 +30,12 @@ from cstar_dsl.model import zoo as models
 from cstar_dsl.train.data import datasets
 from tests.helpers import DIGITS, SPECS, variant
 
+# A committed run's report: `cstar eval` reads a whole, valid report.json, and takes the recipe from it.
+A_REPORT = SPECS.parent / "benchmarks" / "results" / "mnist" / "cstar-16x" / "report.json"
+
+
+def _report_with(resolved: dict) -> str:
+    return json.dumps({**json.loads(A_REPORT.read_text()), "resolved": resolved})
 MEAN, STD = (0.3,), (0.37,)
 SAMPLES = 200
 
@@ -56,7 +62,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         optimizer.step()
     folder = tmp_path_factory.mktemp("run")
     save_model(folder, model.eval(), model_description(spec.model, "cstar", {"kind": "dense"}, MEAN, STD))
-    (folder / "report.json").write_text(json.dumps({"resolved": spec.model_dump(mode="json")}))
+    (folder / "report.json").write_text(_report_with(spec.model_dump(mode="json")))
     return folder
 
 
@@ -123,8 +129,14 @@ def test_the_recorded_recipe_validates_back_to_the_same_spec(name):
 def test_a_folder_without_a_recorded_recipe_is_an_artifact_error(tmp_path):
     with pytest.raises(ArtifactError, match="no report.json"):
         resolved_spec(tmp_path)
-    (tmp_path / "report.json").write_text(json.dumps({"resolved": {"model": {}}}))
+    (tmp_path / "report.json").write_text(_report_with({"model": {}}))
     with pytest.raises(ArtifactError, match="does not validate"):
+        resolved_spec(tmp_path)
+    (tmp_path / "report.json").write_text(json.dumps({"resolved": {"model": {}}}))  # not a whole report
+    with pytest.raises(ArtifactError, match=r"not a cstar run report \(cstar.report/1\): `spec`: Field required"):
+        resolved_spec(tmp_path)
+    (tmp_path / "report.json").write_text("{")
+    with pytest.raises(ArtifactError, match="not a cstar run report .*: the file: Invalid JSON"):
         resolved_spec(tmp_path)
 
 

@@ -705,7 +705,7 @@ def test_plan_totals_and_json_form():
     assert data["schema"] == "cstar.plan/1" and data["totals"]["other_params"] == 123
     assert set(data["totals"]) == {"params_before", "params_after", "macs_before", "macs_after", "other_params",
                                    "ratio"}
-    fields = {f.name for f in dataclasses.fields(planning.LayerPlan)}
+    fields = {f.name for f in dataclasses.fields(planning.LayerPlan)} - {"shape_after"}  # set by pruning only
     assert all(set(layer) == fields for layer in data["layers"])
     assert all(isinstance(layer["shape"], list) for layer in data["layers"])
 
