@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from cstar_dsl.deploy.artifacts import ArtifactError, load, model_description, save_model, size_problem
-from cstar_dsl.driver.report_model import Accuracy, EpochRow, LayerReport
 from cstar_dsl.lang import limits
 from cstar_dsl.lang.errors import CStarError
 from cstar_dsl.lang.spec import ModelSpec
 from cstar_dsl.lang.validate import check_file
 from cstar_dsl.model import zoo as models
+from cstar_dsl.run_report import Accuracy, EpochRow, LayerReport
 from tests.helpers import DIGITS, RESNET18, ROOT, compile_cli, line_of, variant, write_spec
 
 
@@ -161,7 +161,7 @@ def test_the_log_says_1_epoch_of_1_step():
 
 def test_the_final_table_has_a_header_for_every_column():
     from cstar_dsl.cli.compile import _report_table
-    from cstar_dsl.driver.report_model import parse_report
+    from cstar_dsl.run_report import parse_report
 
     path = Path(__file__).resolve().parent.parent / "benchmarks/results/mnist/cstar-16x/report.json"
     headers = [column.header for column in _report_table(parse_report(path.read_text(), path)).columns]

@@ -17,7 +17,7 @@ from .output import EXIT_OK, EXIT_UNMET, USER_ERRORS, exit_code, percent, print_
 from .progress import LogProgress, RichProgress
 
 if TYPE_CHECKING:
-    from ..driver.report_model import RunReport
+    from ..run_report import RunReport
 
 
 def run_compile(args: argparse.Namespace, console: Console) -> int:

@@ -9,7 +9,7 @@ from rich.console import Console
 from ..lang.render import plural
 
 if TYPE_CHECKING:
-    from ..driver.report_model import EpochRow
+    from ..run_report import EpochRow
 
 
 def _epoch_line(row: EpochRow) -> str:

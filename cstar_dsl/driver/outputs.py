@@ -17,9 +17,7 @@ from ..eval.evaluation import Evaluation
 from ..lang.spec import RequirementSpec, Spec
 from ..plan.plans import LayerPlan
 from ..report import document as report
-from ..train import checkpoint
-from ..train.data import dataset_size
-from .report_model import (
+from ..run_report import (
     REPORT_SCHEMA,
     Accuracy,
     Compression,
@@ -33,6 +31,8 @@ from .report_model import (
     Threat,
     Timings,
 )
+from ..train import checkpoint
+from ..train.data import dataset_size
 from .state import CompileError, CompileOptions, Context, Run
 
 __all__ = ["OUTPUTS", "REPORT_SCHEMA", "build_report", "recipe_folder", "spec_identity", "write_model", "write_report"]

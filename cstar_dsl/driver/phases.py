@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 
 from ..lang.spec import PhaseSpec, Spec
+from ..run_report import EpochRow
 from ..train import checkpoint, distributed
 from ..train.optimize import TrainingDiverged, adversarial_epoch, training_attack
 from . import admm_steps
 from .batches import batches, epoch_seed
 from .compress import compress
-from .report_model import EpochRow
 from .resume import save_checkpoint
 from .state import CompileError, Context, Progress, Run, start_optimizer
 

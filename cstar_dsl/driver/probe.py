@@ -17,11 +17,11 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from ..eval.evaluation import test_batches
 from ..model import zoo as models
 from ..plan.plans import Plan
+from ..run_report import Candidate, StructureChoice
 from ..train import distributed
 from ..train.attacks import accuracy
 from ..train.optimize import TrainingDiverged, adversarial_epoch, make_optimizer, make_schedule, training_attack
 from .batches import batches, epoch_seed
-from .report_model import Candidate, StructureChoice
 from .state import CompileError, Context, place
 
 # The probe's seeds stand apart from those of the recipe's phases (indices 0-2), so it draws its own batches.

@@ -12,9 +12,9 @@ from .. import files
 from ..deploy.artifacts import build_structure
 from ..model import zoo as models
 from ..plan.plans import Plan
+from ..run_report import EpochRow, StructureChoice
 from ..train import admm, checkpoint, distributed
 from .outputs import OUTPUTS
-from .report_model import EpochRow, StructureChoice
 from .runfolder import folder_problem
 from .state import Context, Run, place, start_optimizer
 

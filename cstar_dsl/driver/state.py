@@ -12,10 +12,10 @@ from torch import nn
 from ..errors import RunError
 from ..lang.spec import PhaseSpec, Spec
 from ..plan.plans import Plan
+from ..run_report import EpochRow, Requirement, RunReport
 from ..train import admm, distributed
 from ..train.data import Datasets, dataset_size
 from ..train.optimize import make_optimizer, make_schedule
-from .report_model import EpochRow, Requirement, RunReport
 
 if TYPE_CHECKING:
     from .probe import StructureChoice

@@ -14,10 +14,10 @@ from torch import nn
 
 from .. import __version__, files
 from ..deploy.artifacts import ArtifactError, load
-from ..driver.report_model import ReportError, parse_report
 from ..errors import RunError
 from ..lang.problems import SpecProblem
 from ..lang.spec import EvaluateSpec, Spec
+from ..run_report import ReportError, parse_report
 from ..train.data import datasets
 from .attack_text import AttackSetting, AutoAttackSetting, parse_attack
 from .autoattack import MissingExtra, autoattack_implementation, autoattack_module, run_autoattack

@@ -25,7 +25,7 @@ from .values import (
 )
 
 if TYPE_CHECKING:
-    from ..driver.report_model import (
+    from ..run_report import (
         Accuracy,
         DataInfo,
         EpochRow,

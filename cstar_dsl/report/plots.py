@@ -13,7 +13,7 @@ from .values import ARROW, _count, _phases, _total
 if TYPE_CHECKING:  # matplotlib is imported inside the plot functions: importing this module stays cheap
     from matplotlib.axes import Axes
 
-    from ..driver.report_model import Accuracy, EpochRow, LayerReport
+    from ..run_report import Accuracy, EpochRow, LayerReport
 
 DPI = 120
 MAX_FIGURE_WIDTH = 20.0  # inches: a 200-layer network still gives a figure a browser can show

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from ..lang.render import si
 
 if TYPE_CHECKING:
-    from ..driver.report_model import EpochRow
+    from ..run_report import EpochRow
 
 DASH = "–"  # what every missing value renders as
 ARROW = "→"

@@ -12,7 +12,6 @@ from torch import nn
 import cstar_dsl
 from cstar_dsl.driver import probe
 from cstar_dsl.driver.probe import split_holdout
-from cstar_dsl.driver.report_model import Candidate, EpochRow, StructureChoice
 from cstar_dsl.driver.state import CompileError, Progress
 from cstar_dsl.lang.errors import CStarError
 from cstar_dsl.lang.spec import ModelSpec
@@ -20,6 +19,7 @@ from cstar_dsl.lang.validate import check_file
 from cstar_dsl.model import zoo
 from cstar_dsl.model.channel_cut import cut_channels
 from cstar_dsl.model.prune import channel_prune, weight_params
+from cstar_dsl.run_report import Candidate, EpochRow, StructureChoice
 from cstar_dsl.train.optimize import TrainingDiverged
 from tests.helpers import DIGITS, line_of, variant
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from cstar_dsl.driver.report_model import Accuracy, EpochRow, LayerReport, RunReport
 from cstar_dsl.report import document
+from cstar_dsl.run_report import Accuracy, EpochRow, LayerReport, RunReport
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PGD = "pgd(linf, eps=0.1, step=0.025, steps=20, restarts=1)"

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from pydantic import TypeAdapter
 
-from cstar_dsl.driver.report_model import REPORT_SCHEMA, ReportError, RunReport, parse_report
 from cstar_dsl.plan.plans import LayerPlan, Plan
 from cstar_dsl.report.document import markdown
+from cstar_dsl.run_report import REPORT_SCHEMA, ReportError, RunReport, parse_report
 from tests.helpers import ROOT
 
 COMMITTED = sorted((ROOT / "benchmarks" / "results").glob("**/report.json"))
@@ -201,7 +201,7 @@ def test_the_docs_list_every_key_of_the_model_and_no_other():
 
 
 def test_the_report_model_imports_neither_torch_nor_the_report_package():
-    code = ("import sys, cstar_dsl.driver.report_model\n"
+    code = ("import sys, cstar_dsl.run_report\n"
             "print(sorted(name for name in sys.modules if name == 'torch' or name.startswith('cstar_dsl.report')))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

@@ -1,7 +1,7 @@
-"""Compile driver, the run report's data: ``RunReport``, what report.json holds, built once by the driver.
+"""Shared by the stages, the run report's data: ``RunReport``, what report.json holds, built once by the driver.
 
 The report package (report.md, the plots), the CLI's table and ``cstar eval`` read these typed models.
-This module imports pydantic only: the readers import it without torch and without the rest of the driver.
+This module imports pydantic only, and no stage: every stage that reads a report imports it without torch.
 """
 
 from __future__ import annotations
