@@ -216,7 +216,7 @@ class RunReport(_Part):
     """The report of a compile, as report.json holds it (schema ``REPORT_SCHEMA``, docs/compile.md)."""
 
     model_config = ConfigDict(populate_by_name=True)
-    _optional = frozenset({"structure_choice"})
+    _optional = frozenset({"structure_choice", "recipe_folder"})
 
     schema_name: Schema = Field(default=REPORT_SCHEMA, alias="schema")
     spec: str
@@ -237,6 +237,9 @@ class RunReport(_Part):
     seed: int
     warnings: tuple[str, ...]
     resolved: dict[str, JsonValue]  # the recipe after `extend`, as `Spec.model_dump(mode="json")`
+    # Where `resolved`'s relative paths start: the recipe's folder, relative to the run folder. None in reports
+    # written before it was recorded, whose paths are relative to the folder the compile ran in.
+    recipe_folder: str | None = None
     exports: tuple[Export, ...] = ()
 
     @property

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from pydantic import ValidationError
@@ -71,10 +73,24 @@ def resolved_spec(folder: Path, *, allow_import: bool = False) -> Spec:
         raise ArtifactError(f"cannot read {path}: {error}") from None
     except ReportError as error:
         raise ArtifactError(str(error)) from None
+    base = Path(folder) / report.recipe_folder if report.recipe_folder is not None else None
     try:
-        return Spec.model_validate(report.resolved, context={"allow_import": allow_import})
+        return Spec.model_validate(_paths_from(report.resolved, base), context={"allow_import": allow_import})
     except ValidationError as error:
         raise ArtifactError(f"the recipe recorded in {path} does not validate: {error}") from None
+
+
+def _paths_from(resolved: dict[str, Any], base: Path | None) -> dict[str, Any]:
+    """The recorded recipe with its relative paths (`weights`, `root`) taken from ``base``, the recipe's folder;
+    without one (an older report), they stay relative to the current folder."""
+    if base is None:
+        return resolved
+    found = {block: dict(values) if isinstance(values, dict) else values for block, values in resolved.items()}
+    for block, key in (("model", "weights"), ("data", "root")):
+        section = found.get(block)
+        if isinstance(section, dict) and isinstance(section.get(key), str) and not Path(section[key]).is_absolute():
+            section[key] = os.path.normpath(base / section[key])
+    return found
 
 
 def reevaluate(folder: Path, attacks: Sequence[AttackSetting] = (), *, samples: int | None = None,

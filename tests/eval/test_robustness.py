@@ -220,3 +220,24 @@ def test_the_attacks_run_on_the_gpu_when_asked(run):
     on_gpu = reevaluate(run, [FgsmAttack()], samples=50, sanity=True, device="cuda")
     assert on_gpu.clean == on_cpu.clean
     assert abs(on_gpu.robust["fgsm(linf, eps=0.1)"] - on_cpu.robust["fgsm(linf, eps=0.1)"]) <= 0.02
+
+
+def test_recorded_paths_start_at_the_recipes_folder_wherever_eval_runs(tmp_path, monkeypatch):
+    """A report records where its recipe sat (relative to the run folder), so `cstar eval` finds the data folder and
+    the starting weights a recipe named relative to itself from any working folder; an older report, without it,
+    keeps the working folder."""
+    (tmp_path / "recipes" / "data").mkdir(parents=True)
+    (tmp_path / "runs" / "one").mkdir(parents=True)
+    resolved = Spec.model_validate({**json.loads(A_REPORT.read_text())["resolved"]}).model_dump(mode="json")
+    resolved["data"]["root"], resolved["model"]["weights"] = "data", "../start.safetensors"
+    report = {**json.loads(_report_with(resolved)), "recipe_folder": "../../recipes"}
+    (tmp_path / "runs" / "one" / "report.json").write_text(json.dumps(report))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    spec = resolved_spec(Path("..") / "runs" / "one")
+    assert spec.data.root == tmp_path / "recipes" / "data"
+    assert spec.model.weights == tmp_path / "start.safetensors"
+    del report["recipe_folder"]
+    (tmp_path / "runs" / "one" / "report.json").write_text(json.dumps(report))
+    assert resolved_spec(Path("..") / "runs" / "one").data.root == elsewhere / "data"

@@ -114,7 +114,7 @@ def test_every_committed_report_validates_and_writes_back_the_same(path: Path):
 
 def test_there_are_committed_reports_of_every_method():
     methods = {json.loads(path.read_text())["method"] for path in COMMITTED}
-    assert methods == {"cstar", "svd-finetune", "channel-prune"}
+    assert {"cstar", "svd-finetune", "channel-prune"} <= methods
 
 
 @pytest.mark.parametrize(("change", "named"), [
