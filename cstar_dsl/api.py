@@ -25,6 +25,7 @@ from .lang.spec import Spec
 from .model import inventory, rewrite
 from .model import zoo as models
 from .plan import allocate as planning
+from .plan.layers import LayerInfo
 from .plan.plans import Plan
 
 if TYPE_CHECKING:
@@ -40,14 +41,45 @@ def build_model(spec: Spec, *, allow_import: bool = False) -> nn.Module:
 
 
 def make_plan(spec: Spec, model: nn.Module) -> Plan:
-    """Which layers the recipe factorizes and at which ranks; never trains, never changes ``model``."""
+    """Which layers the recipe factorizes and at which ranks, or, for a method that removes channels, how many
+    channels each layer keeps; never trains, never changes ``model``."""
     found = inventory.collect(model, spec.model.input, spec.model.leaf)
     plan = planning.make_plan(spec, found.layers, found.other_params)
+    if pruning_allocation(spec) is not None:
+        return _pruned(spec, model, plan, found.layers)
     if spec.model.weights is None and spec.compress.policy.kind in ("global", "energy"):
         note = ("no starting weights, so these ranks follow the spectra of a random initialization; "
                 "`cstar compile` plans again from the trained weights")
         plan = dataclasses.replace(plan, warnings=(*plan.warnings, note))
     return plan
+
+
+def pruning_allocation(spec: Spec) -> str | None:
+    """How the recipe's method spreads the channels it removes (None: it removes none, or `auto` chooses)."""
+    compress = spec.compress
+    if compress.method == "channel-prune":
+        return compress.allocation
+    return "uniform" if compress.method == "cstar" and compress.structure == "prune-uniform" else None
+
+
+def _pruned(spec: Spec, model: nn.Module, plan: Plan, layers: Sequence[LayerInfo]) -> Plan:
+    """The plan of the channel-pruned model: the widths a uniform share leaves do not depend on the weights, so
+    they are the compile's; a global ranking's (or Taylor scores') are estimated by L1 on the starting weights."""
+    import torch
+
+    from .model.prune import ADMM_CHANNELS_RULE, prune_rule, prune_to_plan, pruned_plan
+
+    allocation = pruning_allocation(spec) or "uniform"
+    example = torch.zeros(1, *spec.model.input)
+    pruned = prune_to_plan(model, spec, plan, example, allocation=allocation)
+    rule = prune_rule(spec.compress.importance, allocation) if spec.compress.method == "channel-prune" \
+        else ADMM_CHANNELS_RULE
+    estimated = allocation == "global" or spec.compress.importance == "taylor"
+    note = ("which channels a global ranking or Taylor scores remove depends on the trained weights: these widths "
+            "are an estimate by L1 norm on the starting weights")
+    # The factorized plan's notes speak of ranks, which a pruned model has none of.
+    return dataclasses.replace(pruned_plan(plan, layers, pruned, spec.model, rule, allocation),
+                               warnings=(note,) if estimated else ())
 
 
 def factorize(model: nn.Module, plan: Plan, spec: Spec | None = None) -> fx.GraphModule:
@@ -67,13 +99,14 @@ def measure_latency(spec: Spec, model: nn.Module, plan: Plan, *, threads: int = 
     from .deploy.latency import compare_latency
 
     example = torch.randn(1, *spec.model.input, generator=torch.Generator().manual_seed(0))
-    if spec.compress.method == "channel-prune":
+    allocation = pruning_allocation(spec)
+    if allocation is not None:
         from .model.prune import prune_to_plan
 
         # Latency depends on the kept widths, not on which channels. With a uniform share the widths
         # are the same whatever the scores; with global Taylor scores (they need the adversarial
         # loss's gradients, which `cstar compile` computes) the L1 widths are an estimate.
-        compressed = prune_to_plan(model, spec, plan, example, allocation=spec.compress.allocation).model
+        compressed = prune_to_plan(model, spec, plan, example, allocation=allocation).model
     else:
         compressed = factorize(model, plan, spec)
     return compare_latency(model, compressed, example, threads=threads, repeats=repeats, leaves=spec.model.leaf)

@@ -4,6 +4,7 @@ report, the plan at any width, fast feedback, readable plots, dropping a block, 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -319,18 +320,31 @@ def test_the_plan_uses_the_width_it_has(resnet_plan):
     assert not any(line.startswith("ranks by") for line in wide)
 
 
-def test_a_channel_prune_plan_shows_no_ranks(resnet_plan):
+def _pruned_resnet_plan(folder: Path, allocation: str = "uniform"):
+    from cstar_dsl.api import build_model, make_plan
+
+    recipe = variant(folder, RESNET18, f"compress {{\n  method = channel-prune\n  allocation = {allocation}\n}}\n"
+                                       "train {\n  admm = none\n}\n")
+    spec = check_file(recipe).spec
+    return make_plan(spec, build_model(spec))
+
+
+def test_a_channel_prune_plan_shows_the_channels_each_layer_keeps(tmp_path):
+    plan = _pruned_resnet_plan(tmp_path)
+    assert all(layer.ranks is None and layer.shape_after is not None for layer in plan.layers)
     for width in (80, 160):
-        lines = _plan_text(resnet_plan, width, pruning=True)
+        lines = _plan_text(plan, width, pruning=True)
         text = "\n".join(lines)
         assert "tucker2" not in text and "energy" not in text
         assert "channels" in next(line for line in lines if "layer" in line.split()[:1])
         rows = {line.split()[0]: line for line in lines if line.split() and line.split()[0].startswith(("conv1",
                                                                                                           "layer1.0"))}
-        assert "dense" in rows["conv1"] and "pruned" in rows["layer1.0.conv1"]
-        assert "no ranks apply" in text and max(len(line) for line in lines) <= width
+        kept = next(layer for layer in plan.layers if layer.name == "layer1.0.conv1").shape_after
+        assert kept is not None and "dense" in rows["conv1"]
+        assert re.search(f"64 ?(→|->) ?{kept[0]} ", rows["layer1.0.conv1"])
+        assert max(len(line) for line in lines) <= width
         assert "one share of the output channels" in text
-    ranked = " ".join(_plan_text(resnet_plan, 160, pruning=True, allocation="global"))
+    ranked = " ".join(_plan_text(_pruned_resnet_plan(tmp_path, "global"), 160, pruning=True, allocation="global"))
     assert "ranks the output channels" in ranked and "one share" not in ranked
 
 

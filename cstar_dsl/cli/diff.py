@@ -91,7 +91,7 @@ def _shown(value: object) -> str:
 
 
 def _treatment_text(layer: LayerPlan | None) -> str:
-    return "(absent)" if layer is None else _treatment(layer, wide=False, pruning=False)
+    return "(absent)" if layer is None else _treatment(layer, wide=False, arrow=" -> ")
 
 
 def _delta(change: LayerChange, field: str) -> str:

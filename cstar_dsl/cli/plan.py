@@ -45,9 +45,9 @@ def run_plan(args: argparse.Namespace, console: Console) -> int:
         return EXIT_OK
     print_diagnostics(console, list(checked.warnings), diagnostic_format)
     compress = checked.spec.compress
-    pruning = compress.method == "channel-prune" or (compress.method == "cstar" and compress.structure != "low-rank")
+    pruning = any(layer.shape_after is not None for layer in plan.layers)
     console.print(_plan_table(plan, f"{args.files[0]}: {checked.spec.model.arch}", console.width, pruning=pruning))
-    summary = [] if pruning else [_plan_summary(plan, seconds)]
+    summary = [_plan_summary(plan, seconds, pruning=pruning)]
     notes = _plan_notes(plan, console.width, pruning=pruning, allocation=compress.allocation,
                         admm=compress.method == "cstar")
     if compress.method == "auto":
@@ -59,7 +59,7 @@ def run_plan(args: argparse.Namespace, console: Console) -> int:
         console.out(wrapped(line, console.width))
     if latency is not None:
         console.out(_latency_line(latency, plan, time.perf_counter() - started - seconds))
-    for warning in [] if pruning else plan.warnings:  # they speak of ranks
+    for warning in plan.warnings:
         console.out(wrapped(f"note: {warning}.", console.width))
     return EXIT_OK
 
@@ -80,8 +80,8 @@ def _plan_columns(width: int) -> tuple[str, ...]:
 
 
 def _plan_table(plan: Plan, title: str, width: int = 200, *, pruning: bool = False) -> Table:
-    """The plan, one row a layer, in the columns that fit ``width``. A channel-prune plan has no
-    ranks: its channels are chosen when compiling, so it shows what stays dense and the target."""
+    """The plan, one row a layer, in the columns that fit ``width``. A pruned plan shows each layer's
+    output channels before and after instead of ranks."""
     columns = tuple(c for c in _plan_columns(width) if not (pruning and c == "energy"))
     wide = "kind" in columns
     arrow = " -> " if wide else "→"
@@ -89,25 +89,25 @@ def _plan_table(plan: Plan, title: str, width: int = 200, *, pruning: bool = Fal
     table = Table(title=title, title_justify="left", show_footer=True, box=box.SIMPLE_HEAD, padding=padding,
                   pad_edge=wide, show_edge=wide)
     footer = {"layer": "total", "params": f"{si(plan.params_before)}{arrow}{si(plan.params_after)}",
-              "MACs": "" if pruning else f"{si(plan.macs_before)}{arrow}{si(plan.macs_after)}"}
+              "MACs": f"{si(plan.macs_before)}{arrow}{si(plan.macs_after)}"}
     for column in columns:
         table.add_column("channels" if pruning and column == "ranks" else column, footer=footer.get(column, ""),
                          justify="right" if column in _NUMERIC else "left",
                          no_wrap=column in ("layer", "shape", "params", "MACs"), overflow="fold")
     for layer in plan.layers:
         cells = {"layer": layer.name, "kind": layer.type_name, "shape": "x".join(map(str, layer.shape)),
-                 "rule": layer.rule, "ranks": _treatment(layer, wide, pruning),
-                 "params": si(layer.params_before) if pruning else (
-                     f"{si(layer.params_before)}{arrow}{si(layer.params_after)}"),
-                 "MACs": si(layer.macs_before) if pruning else f"{si(layer.macs_before)}{arrow}{si(layer.macs_after)}",
+                 "rule": layer.rule, "ranks": _treatment(layer, wide, arrow),
+                 "params": f"{si(layer.params_before)}{arrow}{si(layer.params_after)}",
+                 "MACs": f"{si(layer.macs_before)}{arrow}{si(layer.macs_after)}",
                  "energy": "" if layer.energy_kept is None or pruning else f"{layer.energy_kept:.1%}"}
         table.add_row(*(cells[column] for column in columns))
     return table
 
 
-def _treatment(layer: LayerPlan, wide: bool, pruning: bool) -> str:
-    if pruning:  # Torch-Pruning leaves only `keep` and the output layer whole
-        return "dense" if _prune_keeps(layer) else "pruned"
+def _treatment(layer: LayerPlan, wide: bool, arrow: str) -> str:
+    if layer.shape_after is not None:  # the output channels pruning keeps (an output layer keeps them all)
+        whole = layer.shape_after == layer.shape
+        return "dense" if whole else f"{layer.shape[0]}{arrow}{layer.shape_after[0]}"
     if layer.ranks is None:
         return f"dense: {layer.reason}" if wide else "dense"
     return f"{layer.method} {'x'.join(map(str, layer.ranks))}"
@@ -125,9 +125,7 @@ def _plan_notes(plan: Plan, width: int, *, pruning: bool = False, allocation: st
                if allocation == "uniform" or admm else f"ranks the output channels of the {layers} together by "
                "L1 norm (each layer's divided by its mean) and removes the smallest")
         who = "cstar onto channels: the ADMM phase, then the compile," if admm else "channel-prune: `cstar compile`"
-        return [f"{who} {how}, until the conv and linear weights are "
-                f"at most {si(plan.params_after)} ({plan.params_before / max(1, plan.params_after):.2f}x fewer); "
-                "no ranks apply, and the MACs are known after compiling"]
+        return [f"{who} {how}, the largest such model within the budget: the channels above"]
     lines: list[str] = []
     columns = _plan_columns(width)
     if "kind" in columns:
@@ -147,18 +145,22 @@ def _plan_notes(plan: Plan, width: int, *, pruning: bool = False, allocation: st
 
 
 def _prune_keeps(layer: LayerPlan) -> bool:
-    from ..plan.allocate import OUTPUT_RULE
+    """Whether pruning leaves the layer's outputs whole: a `keep` layer, or the model's output layer."""
+    return layer.shape_after is not None and layer.shape_after[0] == layer.shape[0]
 
-    return layer.rule.startswith("keep") or layer.rule == OUTPUT_RULE
 
-
-def _plan_summary(plan: Plan, seconds: float) -> str:
+def _plan_summary(plan: Plan, seconds: float, *, pruning: bool = False) -> str:
     params = plan.params_before / max(1, plan.params_after)
     macs = plan.macs_before / max(1, plan.macs_after)
-    factorized = sum(layer.ranks is not None for layer in plan.layers)
-    return (f"budget {plan.budget}, policy {plan.policy}: {factorized} of {len(plan.layers)} layers factorized; "
-            f"params {params:.2f}x, MACs {macs:.2f}x (conv + linear weights; "
-            f"{si(plan.other_params)} other parameters unchanged); planned in {seconds:.1f} s")
+    if pruning:  # the batch norms of removed channels go too
+        pruned = sum(not _prune_keeps(layer) for layer in plan.layers)
+        how, others = f"{pruned} of {len(plan.layers)} layers pruned", "batch norms shrink with their channels"
+    else:
+        how = f"policy {plan.policy}: {sum(layer.ranks is not None for layer in plan.layers)} of " \
+              f"{len(plan.layers)} layers factorized"
+        others = f"{si(plan.other_params)} other parameters unchanged"
+    return (f"budget {plan.budget}, {how}; params {params:.2f}x, MACs {macs:.2f}x (conv + linear weights; "
+            f"{others}); planned in {seconds:.1f} s")
 
 
 def _latency_line(latency: LatencyComparison, plan: Plan, seconds: float) -> str:

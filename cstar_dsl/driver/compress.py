@@ -12,11 +12,18 @@ from torch import nn
 from ..model import inventory, rewrite
 from ..model import zoo as models
 from ..model.channel_cut import cut_channels
-from ..model.prune import Pruned, kept_whole, prune_to_plan, weight_params
+from ..model.prune import (
+    ADMM_CHANNELS_RULE,
+    Pruned,
+    kept_whole,
+    prune_rule,
+    prune_to_plan,
+    pruned_plan,
+    weight_params,
+)
 from ..plan.allocate import make_plan
 from ..plan.costs import energy_kept
-from ..plan.layers import LayerInfo
-from ..plan.plans import LayerPlan, Plan
+from ..plan.plans import Plan
 from ..train import distributed
 from ..train.optimize import training_attack
 from .admm_steps import admm_weights, replan
@@ -65,7 +72,7 @@ def _admm_pruned(context: Context, run: Run, net: nn.Module, pruning_ratio: floa
                        {name: z.cpu() for name, z in run.admm.z.items()}, keep=kept_whole(spec, plan))
     model = cut.apply(net)
     pruned = Pruned(model, pruning_ratio, weight_params(model))
-    return Built(model, _pruned_plan(context, plan, pruned, "cstar ADMM onto channels (uniform)", "uniform"),
+    return Built(model, pruned_plan(plan, context.layers, pruned, spec.model, ADMM_CHANNELS_RULE, "uniform"),
                  {"kind": "pruned"})
 
 
@@ -106,13 +113,6 @@ def _energy_of_weights(context: Context, run: Run, ranks: dict[str, tuple[int, .
         for entry in run.plan.layers))
 
 
-def _pruned_reason(before: LayerInfo, after: LayerInfo | None, pruning_ratio: float, allocation: str) -> str:
-    if allocation == "uniform":
-        return f"{pruning_ratio:.1%} of channels removed"
-    kept = after.shape[0] if after is not None else 0
-    return f"{kept} of {before.shape[0]} outputs kept ({pruning_ratio:.1%} of all channels removed, ranked globally)"
-
-
 def _adversarial_gradients(context: Context, net: nn.Module) -> None:
     """The gradient of the adversarial loss over the first TAYLOR_BATCHES training batches, left on ``net``'s weights
     (then on the CPU): Taylor importance scores each channel by |weight x gradient| of the loss robustness needs."""
@@ -140,24 +140,7 @@ def prune_structure(context: Context, net: nn.Module, plan: Plan, allocation: st
                            importance=importance)
     for model in (net, pruned.model):  # the scores are spent: no stale gradient travels on to the device or a step
         model.zero_grad(set_to_none=True)
-    rule = f"channel-prune ({'L1' if importance == 'l1' else 'Taylor'}, {allocation})"
-    return pruned, _pruned_plan(context, plan, pruned, rule, allocation)
+    rule = prune_rule(importance, allocation)
+    return pruned, pruned_plan(plan, context.layers, pruned, spec.model, rule, allocation)
 
 
-def _pruned_plan(context: Context, plan: Plan, pruned: Pruned, rule: str, allocation: str) -> Plan:
-    """The plan of the pruned model: every layer's shape, params and MACs after."""
-    spec = context.spec
-    after = {layer.name: layer for layer in inventory.collect(pruned.model, spec.model.input, spec.model.leaf).layers}
-    layers = tuple(_pruned_layer(layer, after.get(layer.name), rule,
-                                 _pruned_reason(layer, after.get(layer.name), pruned.pruning_ratio, allocation))
-                   for layer in context.layers)
-    return replace(plan, layers=layers, other_params=context.other_params)
-
-
-def _pruned_layer(layer: LayerInfo, new: LayerInfo | None, rule: str, reason: str) -> LayerPlan:
-    """A layer as pruning left it: ``new`` is None when no channel of it is left."""
-    return LayerPlan(name=layer.name, type_name=layer.type_name, shape=tuple(layer.shape), rule=rule,
-                     method="dense" if new and new.params == layer.params else "pruned", ranks=None, reason=reason,
-                     params_before=layer.params, params_after=new.params if new else 0, macs_before=layer.macs,
-                     macs_after=new.macs if new else 0, energy_kept=None,
-                     shape_after=tuple(new.shape) if new else None)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Any
 
@@ -14,10 +14,11 @@ import torch_pruning as tp
 from torch import nn
 
 from ..lang.problems import SpecProblem
-from ..lang.spec import Spec
-from ..plan.plans import Plan
+from ..lang.spec import ModelSpec, Spec
+from ..plan.layers import LayerInfo
+from ..plan.plans import LayerPlan, Plan
 from .factorized import conv_geometry
-from .inventory import replace_module
+from .inventory import collect, replace_module
 
 _WEIGHTED = (nn.Conv2d, nn.Linear)
 # Torch-Pruning keeps int(C * (1 - ratio)) channels; nudging the kept share up by far less than 1/C makes an exact
@@ -90,6 +91,44 @@ def kept_whole(spec: Spec, plan: Plan) -> list[str]:
     """The layers no channel pruning touches: those the recipe's `compress.keep` names, and those a `keep` rule
     leaves dense."""
     return sorted(set(spec.compress.keep) | {layer.name for layer in plan.layers if layer.rule.startswith("keep")})
+
+
+ADMM_CHANNELS_RULE = "cstar ADMM onto channels (uniform)"
+
+
+def prune_rule(importance: str, allocation: str) -> str:
+    """The rule a pruned layer's plan names: how its channels were scored and spread."""
+    return f"channel-prune ({'L1' if importance == 'l1' else 'Taylor'}, {allocation})"
+
+
+def pruned_plan(plan: Plan, before: Sequence[LayerInfo], pruned: Pruned, model_spec: ModelSpec, rule: str,
+                allocation: str) -> Plan:
+    """``plan`` as pruning carried it out: every layer's channels, params and MACs after, measured on the pruned
+    model, so the totals are the built model's."""
+    after = {layer.name: layer for layer in collect(pruned.model, model_spec.input, model_spec.leaf).layers}
+    # A layer whose outputs stay whole (kept, or the output layer) keeps the rule that said so; see kept_whole.
+    whole = {entry.name: entry.rule for entry in plan.layers if (new := after.get(entry.name)) is not None
+             and new.shape[0] == entry.shape[0]}
+    layers = tuple(_pruned_layer(layer, after.get(layer.name), whole.get(layer.name, rule),
+                                 _pruned_reason(layer, after.get(layer.name), pruned.pruning_ratio, allocation))
+                   for layer in before)
+    return replace(plan, layers=layers)
+
+
+def _pruned_layer(layer: LayerInfo, new: LayerInfo | None, rule: str, reason: str) -> LayerPlan:
+    """A layer as pruning left it: ``new`` is None when no channel of it is left."""
+    return LayerPlan(name=layer.name, type_name=layer.type_name, shape=tuple(layer.shape), rule=rule,
+                     method="dense" if new and new.params == layer.params else "pruned", ranks=None, reason=reason,
+                     params_before=layer.params, params_after=new.params if new else 0, macs_before=layer.macs,
+                     macs_after=new.macs if new else 0, energy_kept=None,
+                     shape_after=tuple(new.shape) if new else None)
+
+
+def _pruned_reason(before: LayerInfo, after: LayerInfo | None, pruning_ratio: float, allocation: str) -> str:
+    if allocation == "uniform":
+        return f"{pruning_ratio:.1%} of channels removed"
+    kept = after.shape[0] if after is not None else 0
+    return f"{kept} of {before.shape[0]} outputs kept ({pruning_ratio:.1%} of all channels removed, ranked globally)"
 
 
 # A scan in steps of this share finds where the budget is met; bisection then refines it.

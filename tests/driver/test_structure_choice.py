@@ -266,3 +266,16 @@ def test_plan_says_what_the_compile_will_do(tmp_path: Path, capsys: pytest.Captu
 
     assert main(["plan", str(_recipe(tmp_path, "planned", compress, train))]) == 0
     assert words in " ".join(capsys.readouterr().out.split())
+
+
+def test_cstar_plan_shows_the_channels_the_compile_keeps(tmp_path: Path) -> None:
+    """A uniform share's widths do not depend on the weights: the plan before training is the compiled model's."""
+    from cstar_dsl.api import build_model, make_plan
+
+    recipe = _recipe(tmp_path, "pruned", "method = channel-prune")
+    spec = check_file(recipe).spec
+    planned = make_plan(spec, build_model(spec))
+    compiled = cstar_dsl.compile(recipe, tmp_path / "out")
+    assert [(p.name, p.shape_after, p.params_after, p.macs_after) for p in planned.layers] == \
+           [(c.name, c.shape_after, c.params_after, c.macs_after) for c in compiled.report.layers]
+    assert planned.params_after == compiled.report.compression.params_compressed == weight_params(compiled.model)
