@@ -57,9 +57,9 @@ def make_plan(spec: Spec, model: nn.Module) -> Plan:
 def pruning_allocation(spec: Spec) -> str | None:
     """How the recipe's method spreads the channels it removes (None: it removes none, or `auto` chooses)."""
     compress = spec.compress
-    if compress.method == "channel-prune":
-        return compress.allocation
-    return "uniform" if compress.method == "cstar" and compress.structure == "prune-uniform" else None
+    if not compress.removes_channels:
+        return None
+    return compress.allocation if compress.method == "channel-prune" else "uniform"
 
 
 def _pruned(spec: Spec, model: nn.Module, plan: Plan, layers: Sequence[LayerInfo]) -> Plan:

@@ -76,11 +76,11 @@ def make_slot(layer: LayerInfo, compress: CompressSpec) -> Slot:
     if kept is not None:
         return Slot(layer, f'keep "{kept}"', reason="kept dense by `keep`")
     rule = _matching_rule(layer, compress.layers)
-    if layer.produces_output and compress.method != "channel-prune" and not (
+    if layer.produces_output and not compress.removes_channels and not (
             rule and rule.selector.kind in ("name", "glob")):
         # A rank below the number of outputs confines the logits to a subspace: the margins shrink,
         # and with them robustness. The layer is a sliver of a conv net (0.4% of cstar:mnist-cnn).
-        # (channel-prune protects the classifier's outputs itself; its plan only sets the parameter count.)
+        # (Pruning protects the classifier's outputs itself; its plan only sets the parameter count.)
         return Slot(layer, OUTPUT_RULE, reason=f"its {layer.out_features} outputs keep full rank")
     slot = Slot(layer, f"layer {rule.selector}" if rule else "default")
     slot.reason = _ineligible(layer) or ("dense by rule" if rule and rule.dense else "")

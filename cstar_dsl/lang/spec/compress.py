@@ -244,6 +244,11 @@ class CompressSpec(Block):
     probe_holdout: Annotated[float, typed(_holdout)] = 0.1
     layers: tuple[LayerRule, ...] = ()
 
+    @property
+    def removes_channels(self) -> bool:
+        """Whether the compiled model is channel-pruned: `channel-prune`, or cstar's ADMM onto channels."""
+        return self.method == "channel-prune" or (self.method == "cstar" and self.structure == "prune-uniform")
+
     @field_validator("keep", mode="after")
     @classmethod
     def _normalized(cls, keep: tuple[str, ...]) -> tuple[str, ...]:
