@@ -279,3 +279,14 @@ def test_cstar_plan_shows_the_channels_the_compile_keeps(tmp_path: Path) -> None
     assert [(p.name, p.shape_after, p.params_after, p.macs_after) for p in planned.layers] == \
            [(c.name, c.shape_after, c.params_after, c.macs_after) for c in compiled.report.layers]
     assert planned.params_after == compiled.report.compression.params_compressed == weight_params(compiled.model)
+
+
+def test_a_recipe_that_names_no_method_chooses_its_structure(tmp_path: Path) -> None:
+    recipe = tmp_path / "unnamed.cstar"
+    recipe.write_text('model {\n  arch = "cstar:mlp"\n  classes = 10\n  input = [1, 8, 8]\n}\n'
+                      "data {\n  dataset = digits\n}\n"
+                      "threat {\n  norm = linf\n  eps = 0.1\n  step = 0.05\n  steps = 2\n}\n"
+                      'compress {\n  budget = 4x params\n  keep = ["fc3"]\n}\n'
+                      "train {\n  finetune {\n    epochs = 1\n    lr = 0.01\n  }\n}\n")
+    checked = check_file(recipe)
+    assert checked.spec.compress.method == "auto" and not checked.warnings
