@@ -74,12 +74,11 @@ def _pruned(spec: Spec, model: nn.Module, plan: Plan, layers: Sequence[LayerInfo
     pruned = prune_to_plan(model, spec, plan, example, allocation=allocation)
     rule = prune_rule(spec.compress.importance, allocation) if spec.compress.method == "channel-prune" \
         else ADMM_CHANNELS_RULE
-    estimated = allocation == "global" or spec.compress.importance == "taylor"
-    note = ("which channels a global ranking or Taylor scores remove depends on the trained weights: these widths "
-            "are an estimate by L1 norm on the starting weights")
-    # The factorized plan's notes speak of ranks, which a pruned model has none of.
-    return dataclasses.replace(pruned_plan(plan, layers, pruned, spec.model, rule, allocation),
-                               warnings=(note,) if estimated else ())
+    notes = plan.warnings  # the budget they meet is the factorized plan's parameter count, and its notes hold
+    if allocation == "global":
+        notes += ("a global ranking's widths depend on the trained weights: these are an estimate by L1 norm on "
+                  "the starting weights",)
+    return dataclasses.replace(pruned_plan(plan, layers, pruned, spec.model, rule, allocation), warnings=notes)
 
 
 def factorize(model: nn.Module, plan: Plan, spec: Spec | None = None) -> fx.GraphModule:

@@ -19,8 +19,10 @@ from pydantic import (
     model_serializer,
 )
 
-Schema = Literal["cstar.report/1"]  # a change of shape gets a new version; readers keep reading the old ones
-REPORT_SCHEMA: Schema = "cstar.report/1"
+# A change of shape gets a new version; readers keep reading the old ones. 2 added `structure_choice` and
+# `recipe_folder` (both optional, so a /1 report is a /2 report without them).
+Schema = Literal["cstar.report/1", "cstar.report/2"]
+REPORT_SCHEMA: Schema = "cstar.report/2"
 
 
 class ReportError(Exception):
@@ -200,6 +202,9 @@ class Candidate(_Part):
     clean: float | None
     robust: float | None
     seconds: float
+    problem: str | None = None  # why it has no score: its probe diverged, or it cannot meet the budget
+
+    _optional = frozenset({"problem"})
 
 
 class StructureChoice(_Part):

@@ -49,7 +49,7 @@ def run_plan(args: argparse.Namespace, console: Console) -> int:
     console.print(_plan_table(plan, f"{args.files[0]}: {checked.spec.model.arch}", console.width, pruning=pruning))
     summary = [_plan_summary(plan, seconds, pruning=pruning)]
     notes = _plan_notes(plan, console.width, pruning=pruning, allocation=compress.allocation,
-                        admm=compress.method == "cstar")
+                        admm=compress.method == "cstar", importance="L1" if compress.importance == "l1" else "Taylor")
     if compress.method == "auto":
         notes.append(f"auto: `cstar compile` probes {', '.join(compress.candidates)} at this budget "
                      f"({si(plan.params_after)} conv and linear weights; the ranks above are low-rank's), each "
@@ -114,13 +114,13 @@ def _treatment(layer: LayerPlan, wide: bool, arrow: str) -> str:
 
 
 def _plan_notes(plan: Plan, width: int, *, pruning: bool = False, allocation: str = "uniform",
-                admm: bool = False) -> list[str]:
+                admm: bool = False, importance: str = "L1") -> list[str]:
     """What a narrow table leaves out, said once under it: why each dense layer is dense, and which
     rule chose the ranks of the others."""
     if pruning:
         pruned = sum(not _prune_keeps(layer) for layer in plan.layers)
         layers = plural(pruned, "pruned layer")
-        order = "least weight across its dependency group" if admm else "smallest L1 norm first"
+        order = "least weight across its dependency group" if admm else f"lowest {importance} score first"
         how = (f"removes one share of the output channels of each of the {layers} ({order})"
                if allocation == "uniform" or admm else f"ranks the output channels of the {layers} together by "
                "L1 norm (each layer's divided by its mean) and removes the smallest")

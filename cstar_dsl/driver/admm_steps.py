@@ -85,8 +85,9 @@ def _channel_start(context: Context, run: Run) -> admm.AdmmState:
 
     assert run.net is not None
     net = copy.deepcopy(run.net).cpu()
+    # Only the share matters here, and a uniform share does not depend on the scores: L1 spares the Taylor pass.
     pruned, run.plan = prune_structure(context, net, replan(context, admm_weights(run, context.layer_names)),
-                                       "uniform")
+                                       "uniform", importance="l1")
     weights = admm_weights(run, context.layer_names)
     z, kept = _channel_projection(context, run, weights, pruned.pruning_ratio)
     return admm.AdmmState(z, {name: torch.zeros_like(weights[name]) for name in z}, kept, pruned.pruning_ratio)

@@ -85,9 +85,9 @@ def _probed(context: Context, run: Run, net: nn.Module, plan: Plan, progress: Pr
             progress.stage(f"probing structure {index + 1} of {count}: {name} ({compress.probe_epochs} epoch(s), "
                            f"{compress.probe_holdout:.0%} of the training set held out)")
 
-    run.choice, built = choose_structure(context, lambda name: build_structure(context, net, name, plan), announce)
+    run.choice = choose_structure(context, lambda name: build_structure(context, net, name, plan), announce)
     run.phase_seconds["probe"] = run.choice.seconds
-    return built
+    return build_structure(context, net, run.choice.winner, plan)
 
 
 def build_structure(context: Context, net: nn.Module, structure: str, plan: Plan) -> Built:
@@ -130,10 +130,12 @@ def _adversarial_gradients(context: Context, net: nn.Module) -> None:
     net.cpu()
 
 
-def prune_structure(context: Context, net: nn.Module, plan: Plan, allocation: str) -> tuple[Pruned, Plan]:
-    """Torch-Pruning filter pruning (L1 or Taylor scores) to the parameter count the factorized model would have."""
+def prune_structure(context: Context, net: nn.Module, plan: Plan, allocation: str,
+                    importance: str | None = None) -> tuple[Pruned, Plan]:
+    """Torch-Pruning filter pruning (L1 or Taylor scores; the recipe's unless given) to the parameter count the
+    factorized model would have."""
     spec = context.spec
-    importance = spec.compress.importance
+    importance = importance or spec.compress.importance
     if importance == "taylor":
         _adversarial_gradients(context, net)
     pruned = prune_to_plan(net, spec, plan, torch.zeros(1, *spec.model.input), allocation=allocation,

@@ -92,7 +92,7 @@ def build_report(context: Context, run: Run, result: Evaluation, seconds: float,
         seed=spec.train.seed,
         warnings=(*context.options.warnings, *plan.warnings),
         resolved=recipe_meaning(spec, recipe_folder(context.options)),
-        recipe_folder=Path(os.path.relpath(recipe_folder(context.options), context.options.out)).as_posix(),
+        recipe_folder=Path(os.path.relpath(recipe_folder(context.options), context.options.out.resolve())).as_posix(),
         exports=exports,
     )
 

@@ -15,11 +15,13 @@ from torch import nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from ..eval.evaluation import test_batches
+from ..lang.problems import SpecProblem
 from ..model import zoo as models
 from ..plan.plans import Plan
 from ..run_report import Candidate, StructureChoice
 from ..train import distributed
 from ..train.attacks import accuracy
+from ..train.data import dataset_size
 from ..train.optimize import TrainingDiverged, adversarial_epoch, make_optimizer, make_schedule, training_attack
 from .batches import batches, epoch_seed
 from .state import CompileError, Context, place
@@ -45,31 +47,45 @@ def split_holdout(size: int, share: float, seed: int) -> tuple[torch.Tensor, tor
 
 
 def choose_structure(context: Context, build: Callable[[str], Built],
-                     on_candidate: Callable[[str, int, int], None] | None = None) -> tuple[StructureChoice, Built]:
+                     on_candidate: Callable[[str, int, int], None] | None = None) -> StructureChoice:
     """The recipe's candidates, each built by ``build`` and probed; the winner is the most robust on the held-out
-    images (then the most accurate, then the first listed), and comes back built, before any probe training."""
+    images (then the most accurate, then the first listed).
+
+    Building and probing draw from their own random stream (a new module's initialization, dropout): torch's
+    global stream is left as it was, so the caller builds the winner again exactly as its own method would."""
+    with torch.random.fork_rng(devices=[context.device] if context.device.type == "cuda" else []):
+        torch.manual_seed(context.spec.train.seed)
+        return _choose(context, build, on_candidate)
+
+
+def _choose(context: Context, build: Callable[[str], Built],
+            on_candidate: Callable[[str, int, int], None] | None) -> StructureChoice:
     compress, started = context.spec.compress, time.perf_counter()
-    size = len(context.data.train)  # type: ignore[arg-type]
-    fit, held = split_holdout(size, compress.probe_holdout, context.spec.train.seed)
+    fit, held = split_holdout(dataset_size(context.data.train), compress.probe_holdout, context.spec.train.seed)
     # Every rank probes the whole batches itself: the scores need no exchange, and rank 0's winner is broadcast.
     fit_data = dataclasses.replace(context.data, train=_subset(context.data.train, fit))
     fitting = dataclasses.replace(context, data=fit_data, world=distributed.World())
     held_batches = test_batches(_subset(context.data.train, held), None, context.device)
-    results, built = [], {}
+    results: list[Candidate] = []
     for index, name in enumerate(compress.candidates):
         if on_candidate is not None:
             on_candidate(name, index, len(compress.candidates))
-        built[name] = build(name)
-        results.append(_probe(fitting, name, built[name], held_batches))
+        try:
+            built = build(name)
+        except SpecProblem as problem:  # this structure cannot meet the budget; the others may
+            results.append(Candidate(name=name, params=0, macs=0, clean=None, robust=None, seconds=0.0,
+                                     problem=problem.message))
+            continue
+        results.append(_probe(fitting, name, built, held_batches))
     scored = [c for c in results if c.robust is not None]
     if not scored:
-        raise CompileError(f"every candidate structure diverged in its {compress.probe_epochs}-epoch probe",
-                           help="lower `train.finetune.lr`, the rate the probe fine-tunes at")
+        raise CompileError(f"no candidate structure could be probed: {_failures(results)}",
+                           help="lower `train.finetune.lr` (the rate the probe fine-tunes at) if they diverged; "
+                                "raise the budget or list fewer `keep` layers if it cannot be met")
     best = max(scored, key=lambda c: (c.robust, c.clean, -results.index(c)))
     winner = _agreed(context, results.index(best))
-    choice = StructureChoice(winner=results[winner].name, holdout=len(held), epochs=compress.probe_epochs,
-                             seconds=time.perf_counter() - started, candidates=tuple(results))
-    return choice, built[choice.winner]
+    return StructureChoice(winner=results[winner].name, holdout=len(held), epochs=compress.probe_epochs,
+                           seconds=time.perf_counter() - started, candidates=tuple(results))
 
 
 def _probe(context: Context, name: str, built: Built, held: Any) -> Candidate:
@@ -90,11 +106,15 @@ def _probe(context: Context, name: str, built: Built, held: Any) -> Candidate:
             schedule.step()
     except TrainingDiverged:
         return Candidate(name=name, params=plan.params_after, macs=plan.macs_after, clean=None, robust=None,
-                         seconds=time.perf_counter() - started)
+                         seconds=time.perf_counter() - started, problem="its probe diverged")
     generator = torch.Generator(device=context.device).manual_seed(spec.train.seed)
     robust = accuracy(model, held, attack, generator)
     return Candidate(name=name, params=plan.params_after, macs=plan.macs_after, clean=accuracy(model, held),
                      robust=robust, seconds=time.perf_counter() - started)
+
+
+def _failures(results: list[Candidate]) -> str:
+    return "; ".join(f"{c.name}: {c.problem}" for c in results)
 
 
 def _subset(dataset: Dataset, indices: torch.Tensor) -> Dataset:

@@ -73,7 +73,7 @@ def resolved_spec(folder: Path, *, allow_import: bool = False) -> Spec:
         raise ArtifactError(f"cannot read {path}: {error}") from None
     except ReportError as error:
         raise ArtifactError(str(error)) from None
-    base = Path(folder) / report.recipe_folder if report.recipe_folder is not None else None
+    base = Path(folder).resolve() / report.recipe_folder if report.recipe_folder is not None else None
     try:
         return Spec.model_validate(_paths_from(report.resolved, base), context={"allow_import": allow_import})
     except ValidationError as error:

@@ -69,9 +69,11 @@ def _pruning_settings_for_method(spec: SimpleNamespace, root: Section) -> list[D
     if compress.method == "auto" and compress.allocation != "uniform":
         found.append(_ignored(root, "allocation", "method `auto` compares both allocations (`candidates`)",
                               "list `prune-uniform` or `prune-global` in `candidates` instead"))
-    if compress.method not in ("channel-prune", "auto") and compress.structure == "low-rank":
-        found += [_ignored(root, key, f"method `{compress.method}` removes no channels",
-                           f"`{key}` chooses how `channel-prune` {what}; drop it for this method")
+    channel_admm = compress.method == "cstar" and compress.structure == "prune-uniform"
+    if compress.method not in ("channel-prune", "auto"):
+        why = ("cstar's ADMM onto channels removes a uniform share, the channels of least weight"
+               if channel_admm else f"method `{compress.method}` removes no channels")
+        found += [_ignored(root, key, why, f"`{key}` chooses how `channel-prune` {what}; drop it for this method")
                   for key, (default, what) in _PRUNING_SETTINGS.items() if getattr(compress, key) != default]
     if compress.method != "cstar" and "structure" in compress.model_fields_set:
         found.append(_ignored(root, "structure", f"method `{compress.method}` has no ADMM phase",

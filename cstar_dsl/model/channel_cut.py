@@ -12,10 +12,12 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
+from ..lang.problems import SpecProblem
 from .prune import module_named, output_layer, torch_pruning_ratio
 
 # Torch-Pruning's handlers that remove a Conv2d's or Linear's outputs (rows of its weight) or inputs (columns).
-_REMOVES_OUTPUTS = (tp.prune_conv_out_channels, tp.prune_linear_out_channels)
+# A depthwise conv's outputs are its inputs: Torch-Pruning names one handler for both, and its rows go.
+_REMOVES_OUTPUTS = (tp.prune_conv_out_channels, tp.prune_linear_out_channels, tp.prune_depthwise_conv_out_channels)
 _REMOVES_INPUTS = (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
 
 
@@ -61,7 +63,8 @@ def cut_channels(model: nn.Module, example_input: Tensor, pruning_ratio: float, 
     Euclidean projection of those weights onto the structure with that many channels per layer. The model's output
     layer and the ``keep`` modules lose nothing; ``model`` is left untouched.
     """
-    shadow = copy.deepcopy(model)
+    shadow = copy.deepcopy(model).cpu()  # traced on the CPU, like the pruner's own trials, wherever training runs
+    example_input = example_input.cpu()
     with torch.no_grad():
         for name, weight in weights.items():
             target = shadow.get_parameter(f"{name}.weight")
@@ -78,7 +81,15 @@ def cut_channels(model: nn.Module, example_input: Tensor, pruning_ratio: float, 
                                       ignored_layers=ignored)
         for group in pruner.step(interactive=True):
             for dependency, indices in group:
-                owner = names.get(id(dependency.target.module))
-                if owner is not None:  # None: an operation with no parameters (an addition, a reshape)
+                target = dependency.target.module
+                owner = names.get(id(target))
+                if owner is not None:
                     items.append((owner, dependency.handler, tuple(int(i) for i in indices)))
+                elif isinstance(target, nn.Parameter):  # a bare parameter (ConvNeXt's layer_scale): not replayable
+                    raise SpecProblem(("compress", "structure"), "unsupported-model",
+                                      "cstar's ADMM onto channels cannot prune a parameter that belongs to no module "
+                                      f"(a {tuple(target.shape)} tensor this model uses directly)",
+                                      help="use `method = channel-prune` (Torch-Pruning prunes it itself), or "
+                                           "`structure = low-rank`")
+                # else: an operation with no parameters (an addition, a reshape)
     return ChannelCut(tuple(items))

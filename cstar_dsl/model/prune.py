@@ -90,7 +90,10 @@ def prune_to_plan(model: nn.Module, spec: Spec, plan: Plan, example_input: torch
 def kept_whole(spec: Spec, plan: Plan) -> list[str]:
     """The layers no channel pruning touches: those the recipe's `compress.keep` names, and those a `keep` rule
     leaves dense."""
-    return sorted(set(spec.compress.keep) | {layer.name for layer in plan.layers if layer.rule.startswith("keep")})
+    # A glob in `keep` reaches the pruner through the layers the plan matched it to; an exact name may also be a
+    # container module.
+    exact = {name for name in spec.compress.keep if not any(ch in name for ch in "*?[")}
+    return sorted(exact | {layer.name for layer in plan.layers if layer.rule.startswith("keep")})
 
 
 ADMM_CHANNELS_RULE = "cstar ADMM onto channels (uniform)"

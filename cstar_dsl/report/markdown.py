@@ -130,7 +130,7 @@ def _status(requirement: Requirement) -> str:
 
 def _structure_choice(choice: StructureChoice) -> list[str]:
     rows = [[_code(c.name) + (" (chosen)" if c.name == choice.winner else ""), _count(c.params), _count(c.macs),
-             _pct(c.clean), "diverged" if c.robust is None else _pct(c.robust), _duration(c.seconds)]
+             _pct(c.clean), c.problem or "-" if c.robust is None else _pct(c.robust), _duration(c.seconds)]
             for c in choice.candidates]
     why = (f"`method = auto` compiled {_code(choice.winner)}: the most robust candidate (under the training attack) "
            f"on {_grouped(choice.holdout)} held-out training images, after {plural(choice.epochs, 'epoch')} of "

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import cstar_dsl
+from cstar_dsl.driver import compress as compress_module
 from cstar_dsl.driver import probe
 from cstar_dsl.driver.probe import split_holdout
 from cstar_dsl.driver.state import CompileError, Progress
@@ -146,7 +147,8 @@ def test_every_candidate_diverging_stops_the_compile_with_help(tmp_path: Path, m
         raise TrainingDiverged(phase, epoch, 0, float("nan"))
 
     monkeypatch.setattr(probe, "adversarial_epoch", diverges)
-    with pytest.raises(CompileError, match="every candidate structure diverged") as raised:
+    with pytest.raises(CompileError, match="no candidate structure could be probed: prune-uniform: its probe "
+                                           "diverged") as raised:
         cstar_dsl.compile(_recipe(tmp_path, "auto", "method = auto\n  candidates = [prune-uniform]"), tmp_path / "out")
     assert "finetune.lr" in (raised.value.help or "")
 
@@ -290,3 +292,48 @@ def test_a_recipe_that_names_no_method_chooses_its_structure(tmp_path: Path) -> 
                       "train {\n  finetune {\n    epochs = 1\n    lr = 0.01\n  }\n}\n")
     checked = check_file(recipe)
     assert checked.spec.compress.method == "auto" and not checked.warnings
+
+
+def test_a_candidate_that_cannot_meet_the_budget_steps_aside(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cstar_dsl.driver import compress
+    from cstar_dsl.lang.problems import SpecProblem
+
+    real_build = compress.build_structure
+
+    def global_is_infeasible(context, net, structure, plan):  # type: ignore[no-untyped-def]
+        if structure == "prune-global":
+            raise SpecProblem(("compress", "budget"), "infeasible-budget", "channel pruning reaches no fewer than 9")
+        return real_build(context, net, structure, plan)
+
+    monkeypatch.setattr(compress, "build_structure", global_is_infeasible)
+    recipe = _recipe(tmp_path, "auto", "method = auto\n  candidates = [prune-global, prune-uniform]")
+    compiled = cstar_dsl.compile(recipe, tmp_path / "out")
+    choice = compiled.report.structure_choice
+    assert choice is not None and choice.winner == "prune-uniform"
+    assert choice.candidates[0].robust is None and "no fewer than 9" in (choice.candidates[0].problem or "")
+    assert "no fewer than 9" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_the_probe_leaves_the_global_random_stream_as_it_found_it(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Building a candidate (a new module's initialization) and probing it (dropout) draw from torch's global
+    stream: the choice must leave it as it found it, so that `auto` then builds and fine-tunes the winner exactly
+    as the winner's own method would."""
+    states: list[torch.Tensor] = []
+    real_choose, real_probe = compress_module.choose_structure, probe._probe
+
+    def recorded(*args, **kwargs):  # type: ignore[no-untyped-def]
+        states.append(torch.get_rng_state())
+        choice = real_choose(*args, **kwargs)
+        states.append(torch.get_rng_state())
+        return choice
+
+    def with_dropout(*args, **kwargs):  # type: ignore[no-untyped-def]
+        torch.rand(100)  # what a dropout layer draws
+        return real_probe(*args, **kwargs)
+
+    monkeypatch.setattr(compress_module, "choose_structure", recorded)
+    monkeypatch.setattr(probe, "_probe", with_dropout)
+    cstar_dsl.compile(_recipe(tmp_path, "auto", "method = auto\n  candidates = [low-rank, prune-uniform]"),
+                      tmp_path / "out")
+    assert len(states) == 2 and torch.equal(states[0], states[1])

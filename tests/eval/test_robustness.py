@@ -133,7 +133,7 @@ def test_a_folder_without_a_recorded_recipe_is_an_artifact_error(tmp_path):
     with pytest.raises(ArtifactError, match="does not validate"):
         resolved_spec(tmp_path)
     (tmp_path / "report.json").write_text(json.dumps({"resolved": {"model": {}}}))  # not a whole report
-    with pytest.raises(ArtifactError, match=r"not a cstar run report \(cstar.report/1\): `spec`: Field required"):
+    with pytest.raises(ArtifactError, match=r"not a cstar run report \(cstar.report/2\): `spec`: Field required"):
         resolved_spec(tmp_path)
     (tmp_path / "report.json").write_text("{")
     with pytest.raises(ArtifactError, match="not a cstar run report .*: the file: Invalid JSON"):
