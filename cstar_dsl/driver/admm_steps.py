@@ -98,8 +98,7 @@ def _channel_projection(context: Context, run: Run, weights: dict[str, Tensor],
     """Z: ``weights`` with the channels a uniform prune removes from them zeroed; and each layer's kept outputs."""
     assert run.net is not None
     cut = cut_channels(run.net, torch.zeros(1, *context.spec.model.input), pruning_ratio, weights,
-                       keep=kept_whole(context.spec, planning.make_plan(context.spec, context.layers,
-                                                                         context.other_params)))
+                       keep=kept_whole(context.spec, context.layer_names))
     touched = {name for name, _, _ in cut.items} & set(weights)
     z = cut.project({name: weights[name] for name in touched})
     kept = cut.kept_outputs(run.net)

@@ -69,7 +69,7 @@ def _admm_pruned(context: Context, run: Run, net: nn.Module, pruning_ratio: floa
     spec = context.spec
     plan = make_plan(spec, context.layers, context.other_params)
     cut = cut_channels(net, torch.zeros(1, *spec.model.input), pruning_ratio,
-                       {name: z.cpu() for name, z in run.admm.z.items()}, keep=kept_whole(spec, plan))
+                       {name: z.cpu() for name, z in run.admm.z.items()}, keep=kept_whole(spec, context.layer_names))
     model = cut.apply(net)
     pruned = Pruned(model, pruning_ratio, weight_params(model))
     return Built(model, pruned_plan(plan, context.layers, pruned, spec.model, ADMM_CHANNELS_RULE, "uniform"),

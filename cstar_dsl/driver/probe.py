@@ -78,12 +78,14 @@ def _choose(context: Context, build: Callable[[str], Built],
             continue
         results.append(_probe(fitting, name, built, held_batches))
     scored = [c for c in results if c.robust is not None]
-    if not scored:
+    best = max(scored, key=lambda c: (c.robust, c.clean, -results.index(c))) if scored else None
+    # Every rank decides by rank 0's scores, a failure included: one rank stopping alone would leave the others
+    # waiting for it forever.
+    winner = _agreed(context, -1 if best is None else results.index(best))
+    if winner < 0:
         raise CompileError(f"no candidate structure could be probed: {_failures(results)}",
                            help="lower `train.finetune.lr` (the rate the probe fine-tunes at) if they diverged; "
                                 "raise the budget or list fewer `keep` layers if it cannot be met")
-    best = max(scored, key=lambda c: (c.robust, c.clean, -results.index(c)))
-    winner = _agreed(context, results.index(best))
     return StructureChoice(winner=results[winner].name, holdout=len(held), epochs=compress.probe_epochs,
                            seconds=time.perf_counter() - started, candidates=tuple(results))
 

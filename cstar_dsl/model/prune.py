@@ -17,6 +17,7 @@ from ..lang.problems import SpecProblem
 from ..lang.spec import ModelSpec, Spec
 from ..plan.layers import LayerInfo
 from ..plan.plans import LayerPlan, Plan
+from ..plan.rules import kept_by
 from .factorized import conv_geometry
 from .inventory import collect, replace_module
 
@@ -83,17 +84,16 @@ def prune_to_plan(model: nn.Module, spec: Spec, plan: Plan, example_input: torch
                   allocation: str = "uniform", importance: str = "l1") -> Pruned:
     """``model`` channel-pruned to the parameters ``plan`` leaves: the layers the recipe's `compress.keep` names,
     and those a `keep` rule leaves dense, stay whole."""
-    return channel_prune(model, example_input, plan.params_after, keep=kept_whole(spec, plan),
+    kept = kept_whole(spec, (layer.name for layer in plan.layers))
+    return channel_prune(model, example_input, plan.params_after, keep=kept,
                          allocation=allocation, importance=importance)
 
 
-def kept_whole(spec: Spec, plan: Plan) -> list[str]:
-    """The layers no channel pruning touches: those the recipe's `compress.keep` names, and those a `keep` rule
-    leaves dense."""
-    # A glob in `keep` reaches the pruner through the layers the plan matched it to; an exact name may also be a
-    # container module.
+def kept_whole(spec: Spec, layer_names: Iterable[str]) -> list[str]:
+    """The modules no channel pruning touches: the layers `compress.keep` matches (names or globs), and an exact
+    name there that is a container module."""
     exact = {name for name in spec.compress.keep if not any(ch in name for ch in "*?[")}
-    return sorted(exact | {layer.name for layer in plan.layers if layer.rule.startswith("keep")})
+    return sorted(exact | {name for name in layer_names if kept_by(spec.compress, name) is not None})
 
 
 ADMM_CHANNELS_RULE = "cstar ADMM onto channels (uniform)"

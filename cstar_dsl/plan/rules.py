@@ -70,9 +70,14 @@ def _matching_rule(layer: LayerInfo, rules: Sequence[LayerRule]) -> LayerRule | 
     return None
 
 
+def kept_by(compress: CompressSpec, layer_name: str) -> str | None:
+    """The `keep` entry (a name or a glob) that leaves this layer whole, if any."""
+    name = normalize_module_name(layer_name)
+    return next((k for k in compress.keep if fnmatch.fnmatchcase(name, k)), None)
+
+
 def make_slot(layer: LayerInfo, compress: CompressSpec) -> Slot:
-    name = normalize_module_name(layer.name)
-    kept = next((k for k in compress.keep if fnmatch.fnmatchcase(name, k)), None)
+    kept = kept_by(compress, layer.name)
     if kept is not None:
         return Slot(layer, f'keep "{kept}"', reason="kept dense by `keep`")
     rule = _matching_rule(layer, compress.layers)

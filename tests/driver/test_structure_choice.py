@@ -194,8 +194,12 @@ def test_the_channel_cut_is_the_uniform_prune_and_its_own_projection(arch: str, 
     assert all(w.shape == pruned_w.shape for w, pruned_w in zip(applied.state_dict().values(),
                                                                 pruned.model.state_dict().values(), strict=True))
     z = cut.project(weights)
-    removed = sum(int((w != z[name]).any(dim=tuple(range(1, w.dim()))).sum()) for name, w in weights.items())
-    assert removed > 0 and all(z[name].norm() < weights[name].norm() + 1e-6 for name in weights)
+    shrunk = {name: m.weight.shape[0] for name, m in applied.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+              and m.weight.shape[0] < weights[name].shape[0]}
+    assert shrunk  # every output the model loses is a zero row of Z, depthwise convs included
+    for name, kept in shrunk.items():
+        zero_rows = int((z[name].flatten(1) == 0).all(dim=1).sum())
+        assert zero_rows == weights[name].shape[0] - kept, name
     again = cut_channels(net, example, pruned.pruning_ratio, z)
     assert sorted(map(repr, again.items)) == sorted(map(repr, cut.items))  # Z's zeros are what is cut
     assert torch.equal(torch.cat([v.flatten() for v in again.project(z).values()]),
@@ -337,3 +341,15 @@ def test_the_probe_leaves_the_global_random_stream_as_it_found_it(tmp_path: Path
     cstar_dsl.compile(_recipe(tmp_path, "auto", "method = auto\n  candidates = [low-rank, prune-uniform]"),
                       tmp_path / "out")
     assert len(states) == 2 and torch.equal(states[0], states[1])
+
+
+def test_a_keep_glob_leaves_its_layers_whole_when_pruning(tmp_path: Path) -> None:
+    from cstar_dsl.api import build_model, make_plan
+
+    recipe = variant(tmp_path, DIGITS, 'model {\n  arch = "cstar:mlp"\n}\ncompress {\n  method = channel-prune\n'
+                                       '  keep = ["fc[13]"]\n}\ntrain {\n  admm = none\n}\n')
+    spec = check_file(recipe).spec
+    plan = make_plan(spec, build_model(spec))
+    whole = {layer.name for layer in plan.layers if layer.shape_after is not None
+             and layer.shape_after[0] == layer.shape[0]}
+    assert whole == {"fc1", "fc3"} and len(plan.layers) == 3
