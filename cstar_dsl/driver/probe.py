@@ -65,7 +65,8 @@ def _choose(context: Context, build: Callable[[str], Built],
     # Every rank probes the whole batches itself: the scores need no exchange, and rank 0's winner is broadcast.
     fit_data = dataclasses.replace(context.data, train=_subset(context.data.train, fit))
     fitting = dataclasses.replace(context, data=fit_data, world=distributed.World())
-    held_batches = test_batches(_subset(context.data.train, held), None, context.device)
+    held_batches = test_batches(_subset(_evaluated(context.data.train, context.data.test), held), None,
+                                context.device)
     results: list[Candidate] = []
     for index, name in enumerate(compress.candidates):
         if on_candidate is not None:
@@ -117,6 +118,16 @@ def _probe(context: Context, name: str, built: Built, held: Any) -> Candidate:
 
 def _failures(results: list[Candidate]) -> str:
     return "; ".join(f"{c.name}: {c.problem}" for c in results)
+
+
+def _evaluated(train: Dataset, test: Dataset) -> Dataset:
+    """The training images as the test set is read: a folder data set augments its training images as it reads
+    them (random crops, flips), and held-out images are scored like test images, so they take the test transform."""
+    if getattr(train, "transform", None) is None or not hasattr(test, "transform"):
+        return train  # in memory: augmentation happens per batch in training only
+    held = copy.copy(train)
+    held.transform = test.transform  # type: ignore[attr-defined]
+    return held
 
 
 def _subset(dataset: Dataset, indices: torch.Tensor) -> Dataset:

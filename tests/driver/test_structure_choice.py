@@ -353,3 +353,21 @@ def test_a_keep_glob_leaves_its_layers_whole_when_pruning(tmp_path: Path) -> Non
     whole = {layer.name for layer in plan.layers if layer.shape_after is not None
              and layer.shape_after[0] == layer.shape[0]}
     assert whole == {"fc1", "fc3"} and len(plan.layers) == 3
+
+
+def test_auto_on_image_folders_scores_held_out_images_as_test_images(tmp_path: Path) -> None:
+    """A folder data set crops and flips its training images as it reads them; the probe's held-out images are
+    read with the test transform instead, and a whole `auto` compile runs on folders."""
+    from tests.helpers import image_folders
+
+    image_folders(tmp_path / "folders", {"cat": 6, "dog": 6}, {"cat": 2, "dog": 2})
+    recipe = _recipe(tmp_path, "folders", "method = auto\n  candidates = [prune-uniform, low-rank]")
+    recipe = variant(tmp_path, recipe, 'model {\n  classes = 2\n  input = [3, 8, 8]\n}\n'
+                     f'data {{\n  dataset = imagenet\n  split = official\n  root = "{tmp_path / "folders"}"\n  batch_size = 4\n'
+                     '  augment = standard\n}\n', "folders-auto.cstar")
+    data = cstar_dsl.datasets(check_file(recipe).spec)
+    held = probe._evaluated(data.train, data.test)
+    assert held.transform is data.test.transform and data.train.transform is not data.test.transform
+    compiled = cstar_dsl.compile(recipe, tmp_path / "out")
+    choice = compiled.report.structure_choice
+    assert choice is not None and choice.holdout == 1 and len(choice.candidates) == 2
