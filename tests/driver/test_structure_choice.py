@@ -363,7 +363,8 @@ def test_auto_on_image_folders_scores_held_out_images_as_test_images(tmp_path: P
     image_folders(tmp_path / "folders", {"cat": 6, "dog": 6}, {"cat": 2, "dog": 2})
     recipe = _recipe(tmp_path, "folders", "method = auto\n  candidates = [prune-uniform, low-rank]")
     recipe = variant(tmp_path, recipe, 'model {\n  classes = 2\n  input = [3, 8, 8]\n}\n'
-                     f'data {{\n  dataset = imagenet\n  split = official\n  root = "{tmp_path / "folders"}"\n  batch_size = 4\n'
+                     f'data {{\n  dataset = imagenet\n  split = official\n  root = "{tmp_path / "folders"}"\n'
+                     '  batch_size = 4\n'
                      '  augment = standard\n}\n', "folders-auto.cstar")
     data = cstar_dsl.datasets(check_file(recipe).spec)
     held = probe._evaluated(data.train, data.test)
