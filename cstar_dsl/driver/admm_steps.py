@@ -18,6 +18,7 @@ from ..model.prune import kept_whole
 from ..plan import allocate as planning
 from ..plan.plans import Plan
 from ..train import admm, distributed
+from .pruning import prune_structure
 from .state import Context, Run
 
 
@@ -81,8 +82,6 @@ def admm_update(context: Context, run: Run, phase: AdmmSpec) -> float:
 def _channel_start(context: Context, run: Run) -> admm.AdmmState:
     """ADMM onto channels: the share of channels a uniform prune removes at the budget is fixed once (it follows
     from the layers' widths); which channels, each Z-step chooses again on W + U. Z = Proj(W), U = 0."""
-    from .compress import prune_structure
-
     assert run.net is not None
     net = copy.deepcopy(run.net).cpu()
     # Only the share matters here, and a uniform share does not depend on the scores: L1 spares the Taylor pass.

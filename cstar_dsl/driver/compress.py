@@ -1,12 +1,11 @@
-"""Compile driver, compress: the trained dense model -> factorized (cstar, svd-finetune) or channel-pruned."""
+"""Compile driver, compress: the trained dense model -> factorized (cstar, svd-finetune), channel-pruned
+(channel-prune, cstar onto channels), or the structure a probe chose (auto)."""
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..model import inventory, rewrite
@@ -16,23 +15,16 @@ from ..model.prune import (
     ADMM_CHANNELS_RULE,
     Pruned,
     kept_whole,
-    prune_rule,
-    prune_to_plan,
     pruned_plan,
     weight_params,
 )
 from ..plan.allocate import make_plan
 from ..plan.costs import energy_kept
 from ..plan.plans import Plan
-from ..train import distributed
-from ..train.optimize import training_attack
 from .admm_steps import admm_weights, replan
-from .batches import batches
 from .probe import Built, choose_structure
+from .pruning import prune_structure
 from .state import Context, Progress, Run, place
-
-# Enough adversarial batches for stable Taylor scores; a few seconds even on two cores.
-TAYLOR_BATCHES = 8
 
 
 def compress(context: Context, run: Run, progress: Progress | None = None) -> None:
@@ -111,38 +103,3 @@ def _energy_of_weights(context: Context, run: Run, ranks: dict[str, tuple[int, .
     run.plan = replace(run.plan, layers=tuple(
         replace(entry, energy_kept=energy_kept(layers[entry.name], ranks[entry.name])) if entry.name in ranks else entry
         for entry in run.plan.layers))
-
-
-def _adversarial_gradients(context: Context, net: nn.Module) -> None:
-    """The gradient of the adversarial loss over the first TAYLOR_BATCHES training batches, left on ``net``'s weights
-    (then on the CPU): Taylor importance scores each channel by |weight x gradient| of the loss robustness needs."""
-    model = models.Normalized(net, context.data.mean, context.data.std).to(context.device).eval()
-    seed = context.spec.train.seed
-    attack, generator = training_attack(context.spec.threat), torch.Generator(device=context.device).manual_seed(seed)
-    net.zero_grad(set_to_none=True)
-    for x, y in itertools.islice(batches(context, torch.Generator().manual_seed(seed)), TAYLOR_BATCHES):
-        F.cross_entropy(model(attack(model, x, y, generator)), y).backward()
-    for parameter in net.parameters():  # a weight the loss never reaches (a training-only head) scores zero
-        if parameter.grad is None:
-            parameter.grad = torch.zeros_like(parameter)
-    # Each rank saw its own share of the batches; all must prune the same channels, so rank 0's scores count.
-    distributed.broadcast([p.grad for p in net.parameters() if p.grad is not None], context.world)
-    net.cpu()
-
-
-def prune_structure(context: Context, net: nn.Module, plan: Plan, allocation: str,
-                    importance: str | None = None) -> tuple[Pruned, Plan]:
-    """Torch-Pruning filter pruning (L1 or Taylor scores; the recipe's unless given) to the parameter count the
-    factorized model would have."""
-    spec = context.spec
-    importance = importance or spec.compress.importance
-    if importance == "taylor":
-        _adversarial_gradients(context, net)
-    pruned = prune_to_plan(net, spec, plan, torch.zeros(1, *spec.model.input), allocation=allocation,
-                           importance=importance)
-    for model in (net, pruned.model):  # the scores are spent: no stale gradient travels on to the device or a step
-        model.zero_grad(set_to_none=True)
-    rule = prune_rule(importance, allocation)
-    return pruned, pruned_plan(plan, context.layers, pruned, spec.model, rule, allocation)
-
-

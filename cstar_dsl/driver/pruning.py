@@ -1,0 +1,56 @@
+"""Compile driver, channel pruning: the trained dense model pruned by Torch-Pruning to a plan's parameters (L1 or
+Taylor scores on the adversarial loss), and the plan of what it kept."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model import zoo as models
+from ..model.prune import Pruned, prune_rule, prune_to_plan, pruned_plan
+from ..plan.plans import Plan
+from ..train import distributed
+from ..train.optimize import training_attack
+from .batches import batches
+from .state import Context
+
+# Enough adversarial batches for stable Taylor scores; a few seconds even on two cores.
+TAYLOR_BATCHES = 8
+
+
+def _adversarial_gradients(context: Context, net: nn.Module) -> None:
+    """The gradient of the adversarial loss over the first TAYLOR_BATCHES training batches, left on ``net``'s weights
+    (then on the CPU): Taylor importance scores each channel by |weight x gradient| of the loss robustness needs."""
+    model = models.Normalized(net, context.data.mean, context.data.std).to(context.device).eval()
+    seed = context.spec.train.seed
+    attack, generator = training_attack(context.spec.threat), torch.Generator(device=context.device).manual_seed(seed)
+    net.zero_grad(set_to_none=True)
+    for x, y in itertools.islice(batches(context, torch.Generator().manual_seed(seed)), TAYLOR_BATCHES):
+        F.cross_entropy(model(attack(model, x, y, generator)), y).backward()
+    for parameter in net.parameters():  # a weight the loss never reaches (a training-only head) scores zero
+        if parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+    # Each rank saw its own share of the batches; all must prune the same channels, so rank 0's scores count.
+    distributed.broadcast([p.grad for p in net.parameters() if p.grad is not None], context.world)
+    net.cpu()
+
+
+def prune_structure(context: Context, net: nn.Module, plan: Plan, allocation: str,
+                    importance: str | None = None) -> tuple[Pruned, Plan]:
+    """Torch-Pruning filter pruning (L1 or Taylor scores; the recipe's unless given) to the parameter count the
+    factorized model would have."""
+    spec = context.spec
+    importance = importance or spec.compress.importance
+    if importance == "taylor":
+        _adversarial_gradients(context, net)
+    pruned = prune_to_plan(net, spec, plan, torch.zeros(1, *spec.model.input), allocation=allocation,
+                           importance=importance)
+    for model in (net, pruned.model):  # the scores are spent: no stale gradient travels on to the device or a step
+        model.zero_grad(set_to_none=True)
+    rule = prune_rule(importance, allocation)
+    return pruned, pruned_plan(plan, context.layers, pruned, spec.model, rule, allocation)
+
+
