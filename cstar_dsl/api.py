@@ -45,7 +45,7 @@ def make_plan(spec: Spec, model: nn.Module) -> Plan:
     channels each layer keeps; never trains, never changes ``model``."""
     found = inventory.collect(model, spec.model.input, spec.model.leaf)
     plan = planning.make_plan(spec, found.layers, found.other_params)
-    if pruning_allocation(spec) is not None:
+    if _pruning_allocation(spec) is not None:
         return _pruned(spec, model, plan, found.layers)
     if spec.model.weights is None and spec.compress.policy.kind in ("global", "energy"):
         note = ("no starting weights, so these ranks follow the spectra of a random initialization; "
@@ -54,7 +54,7 @@ def make_plan(spec: Spec, model: nn.Module) -> Plan:
     return plan
 
 
-def pruning_allocation(spec: Spec) -> str | None:
+def _pruning_allocation(spec: Spec) -> str | None:
     """How the recipe's method spreads the channels it removes (None: it removes none, or `auto` chooses)."""
     compress = spec.compress
     if not compress.removes_channels:
@@ -64,12 +64,12 @@ def pruning_allocation(spec: Spec) -> str | None:
 
 def _pruned(spec: Spec, model: nn.Module, plan: Plan, layers: Sequence[LayerInfo]) -> Plan:
     """The plan of the channel-pruned model: the widths a uniform share leaves do not depend on the weights, so
-    they are the compile's; a global ranking's (or Taylor scores') are estimated by L1 on the starting weights."""
+    they are the compile's; a global ranking's are estimated by L1 on the starting weights."""
     import torch
 
     from .model.prune import ADMM_CHANNELS_RULE, prune_rule, prune_to_plan, pruned_plan
 
-    allocation = pruning_allocation(spec) or "uniform"
+    allocation = _pruning_allocation(spec) or "uniform"
     example = torch.zeros(1, *spec.model.input)
     pruned = prune_to_plan(model, spec, plan, example, allocation=allocation)
     rule = prune_rule(spec.compress.importance, allocation) if spec.compress.method == "channel-prune" \
@@ -98,7 +98,7 @@ def measure_latency(spec: Spec, model: nn.Module, plan: Plan, *, threads: int = 
     from .deploy.latency import compare_latency
 
     example = torch.randn(1, *spec.model.input, generator=torch.Generator().manual_seed(0))
-    allocation = pruning_allocation(spec)
+    allocation = _pruning_allocation(spec)
     if allocation is not None:
         from .model.prune import prune_to_plan
 
