@@ -18,7 +18,6 @@ from ..model.prune import (
     pruned_plan,
     weight_params,
 )
-from ..plan.allocate import make_plan
 from ..plan.costs import energy_kept
 from ..plan.plans import Plan
 from .admm_steps import admm_weights, replan
@@ -59,12 +58,12 @@ def _admm_pruned(context: Context, run: Run, net: nn.Module, pruning_ratio: floa
     """cstar onto channels: the channels the last Z-step zeroed removed from W (what W keeps is its own)."""
     assert run.admm is not None and run.plan is not None
     spec = context.spec
-    plan = make_plan(spec, context.layers, context.other_params)
     cut = cut_channels(net, torch.zeros(1, *spec.model.input), pruning_ratio,
                        {name: z.cpu() for name, z in run.admm.z.items()}, keep=kept_whole(spec, context.layer_names))
     model = cut.apply(net)
     pruned = Pruned(model, pruning_ratio, weight_params(model))
-    return Built(model, pruned_plan(plan, context.layers, pruned, spec.model, ADMM_CHANNELS_RULE, "uniform"),
+    # run.plan is the pruned plan the ADMM phase started from: the same widths, so only the rule changes.
+    return Built(model, pruned_plan(run.plan, context.layers, pruned, spec.model, ADMM_CHANNELS_RULE, "uniform"),
                  {"kind": "pruned"})
 
 

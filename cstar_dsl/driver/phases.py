@@ -7,7 +7,7 @@ import torch
 from ..lang.spec import PhaseSpec, Spec
 from ..run_report import EpochRow
 from ..train import checkpoint, distributed
-from ..train.optimize import TrainingDiverged, adversarial_epoch, training_attack
+from ..train.optimize import TrainingDiverged, adversarial_epoch, training_attack, training_precision
 from . import admm_steps
 from .batches import batches, epoch_seed
 from .compress import compress
@@ -72,7 +72,7 @@ def _epoch(context: Context, run: Run, name: str, phase: PhaseSpec, epoch: int, 
                                    generator=attack_generator, extra_loss=extra_loss, on_step=on_step,
                                    trainer=run.trainer, agree=(lambda value: distributed.sum_all([value], world)[0])
                                    if world.active else None,
-                                   precision=torch.bfloat16 if context.spec.train.precision == "bf16" else None)
+                                   precision=training_precision(context.spec.train))
     except TrainingDiverged as error:
         raise CompileError(
             f"{error}; the last good checkpoint is kept in {context.options.out / checkpoint.CHECKPOINT}",

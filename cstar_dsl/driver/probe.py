@@ -22,7 +22,14 @@ from ..run_report import Candidate, StructureChoice
 from ..train import distributed
 from ..train.attacks import accuracy
 from ..train.data import dataset_size
-from ..train.optimize import TrainingDiverged, adversarial_epoch, make_optimizer, make_schedule, training_attack
+from ..train.optimize import (
+    TrainingDiverged,
+    adversarial_epoch,
+    make_optimizer,
+    make_schedule,
+    training_attack,
+    training_precision,
+)
 from .batches import batches, epoch_seed
 from .state import CompileError, Context, place
 
@@ -105,7 +112,7 @@ def _probe(context: Context, name: str, built: Built, held: Any) -> Candidate:
             adversarial_epoch(model, batches(context, torch.Generator().manual_seed(seed)), optimizer, attack,
                               phase=f"probe {name}", epoch=epoch,
                               generator=torch.Generator(device=context.device).manual_seed(seed),
-                              precision=torch.bfloat16 if spec.train.precision == "bf16" else None)
+                              precision=training_precision(spec.train))
             schedule.step()
     except TrainingDiverged:
         return Candidate(name=name, params=plan.params_after, macs=plan.macs_after, clean=None, robust=None,

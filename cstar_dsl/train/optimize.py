@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import RunError
-from ..lang.spec import PhaseSpec, ThreatSpec
+from ..lang.spec import PhaseSpec, ThreatSpec, TrainSpec
 from .attacks import Pgd
 
 
@@ -42,6 +42,11 @@ class EpochResult:
     robust: float
     seconds: float
     samples: int = 0  # the examples this process trained on
+
+
+def training_precision(train: TrainSpec) -> torch.dtype | None:
+    """The autocast dtype of the training forward (and its attack): bfloat16 for `precision = bf16`, else none."""
+    return torch.bfloat16 if train.precision == "bf16" else None
 
 
 def training_attack(threat: ThreatSpec) -> Pgd:
