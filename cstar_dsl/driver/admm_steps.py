@@ -57,7 +57,7 @@ def admm_update(context: Context, run: Run, phase: AdmmSpec) -> float:
     weights = admm_weights(run, context.layer_names)
     shifted = {name: w.detach() + run.admm.u[name] if name in run.admm.u else w.detach() for name, w in weights.items()}
     if run.admm.pruning_ratio is not None:
-        z, kept = _channel_projection(context, run, shifted, run.admm.pruning_ratio)
+        z, kept = _channel_projection(context, run, shifted, run.admm.pruning_ratio, run.admm.widened)
         chosen = {name: weights[name] for name in z}
         state = dataclasses.replace(run.admm, z=z, ranks=kept)
     else:
@@ -88,16 +88,17 @@ def _channel_start(context: Context, run: Run) -> admm.AdmmState:
     pruned, run.plan = prune_structure(context, net, replan(context, admm_weights(run, context.layer_names)),
                                        "uniform", importance="l1")
     weights = admm_weights(run, context.layer_names)
-    z, kept = _channel_projection(context, run, weights, pruned.pruning_ratio)
-    return admm.AdmmState(z, {name: torch.zeros_like(weights[name]) for name in z}, kept, pruned.pruning_ratio)
+    z, kept = _channel_projection(context, run, weights, pruned.pruning_ratio, pruned.widened)
+    return admm.AdmmState(z, {name: torch.zeros_like(weights[name]) for name in z}, kept, pruned.pruning_ratio,
+                          pruned.widened)
 
 
-def _channel_projection(context: Context, run: Run, weights: dict[str, Tensor],
-                        pruning_ratio: float) -> tuple[dict[str, Tensor], dict[str, tuple[int, ...]]]:
+def _channel_projection(context: Context, run: Run, weights: dict[str, Tensor], pruning_ratio: float,
+                        widened: tuple[tuple[str, int], ...]) -> tuple[dict[str, Tensor], dict[str, tuple[int, ...]]]:
     """Z: ``weights`` with the channels a uniform prune removes from them zeroed; and each layer's kept outputs."""
     assert run.net is not None
     cut = cut_channels(run.net, torch.zeros(1, *context.spec.model.input), pruning_ratio, weights,
-                       keep=kept_whole(context.spec, context.layer_names))
+                       keep=kept_whole(context.spec, context.layer_names), widened=widened)
     touched = {name for name, _, _ in cut.items} & set(weights)
     z = cut.project({name: weights[name] for name in touched})
     kept = cut.kept_outputs(run.net)

@@ -35,7 +35,7 @@ def compress(context: Context, run: Run, progress: Progress | None = None) -> No
     net = run.net.cpu()
     method = spec.compress.method
     if method == "cstar" and run.admm is not None and run.admm.pruning_ratio is not None:
-        built = _admm_pruned(context, run, net, run.admm.pruning_ratio)
+        built = _admm_pruned(context, run, net, run.admm.pruning_ratio, run.admm.widened)
     elif method == "cstar" and run.admm is not None:
         assert run.plan is not None  # every Z-step planned
         ranks = dict(run.admm.ranks)
@@ -54,14 +54,16 @@ def compress(context: Context, run: Run, progress: Progress | None = None) -> No
     run.model = place(models.Normalized(run.net, context.data.mean, context.data.std), context.device)
 
 
-def _admm_pruned(context: Context, run: Run, net: nn.Module, pruning_ratio: float) -> Built:
+def _admm_pruned(context: Context, run: Run, net: nn.Module, pruning_ratio: float,
+                 widened: tuple[tuple[str, int], ...]) -> Built:
     """cstar onto channels: the channels the last Z-step zeroed removed from W (what W keeps is its own)."""
     assert run.admm is not None and run.plan is not None
     spec = context.spec
     cut = cut_channels(net, torch.zeros(1, *spec.model.input), pruning_ratio,
-                       {name: z.cpu() for name, z in run.admm.z.items()}, keep=kept_whole(spec, context.layer_names))
+                       {name: z.cpu() for name, z in run.admm.z.items()}, keep=kept_whole(spec, context.layer_names),
+                       widened=widened)
     model = cut.apply(net)
-    pruned = Pruned(model, pruning_ratio, weight_params(model))
+    pruned = Pruned(model, pruning_ratio, weight_params(model), widened)
     # run.plan is the pruned plan the ADMM phase started from: the same widths, so only the rule changes.
     return Built(model, pruned_plan(run.plan, context.layers, pruned, spec.model, ADMM_CHANNELS_RULE, "uniform"),
                  {"kind": "pruned"})

@@ -82,7 +82,8 @@ def _restore(context: Context, state: dict[str, Any], net: nn.Module) -> Run:
         ranks = {name: tuple(r) for name, r in json.loads(saved["ranks"]).items()}
         run.admm = admm.AdmmState({k: v.to(context.device) for k, v in saved["z"].items()},
                                   {k: v.to(context.device) for k, v in saved["u"].items()}, ranks,
-                                  saved.get("pruning_ratio"))
+                                  saved.get("pruning_ratio"),
+                                  tuple((name, int(kept)) for name, kept in json.loads(saved.get("widened", "[]"))))
     if run.phase_index < len(context.phases):
         start_optimizer(context, run)
         assert run.optimizer is not None and run.schedule is not None
@@ -109,7 +110,7 @@ def save_checkpoint(context: Context, run: Run) -> None:
         "admm": None if run.admm is None else {
             "z": {k: v.cpu() for k, v in run.admm.z.items()}, "u": {k: v.cpu() for k, v in run.admm.u.items()},
             "ranks": json.dumps({k: list(v) for k, v in run.admm.ranks.items()}),
-            "pruning_ratio": run.admm.pruning_ratio},
+            "pruning_ratio": run.admm.pruning_ratio, "widened": json.dumps(run.admm.widened)},
         "rho": run.rho,
         "plan": _PLAN.dump_json(run.plan).decode() if run.plan else "",
         "choice": run.choice.model_dump_json() if run.choice else "",

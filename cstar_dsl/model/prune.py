@@ -32,6 +32,8 @@ class Pruned:
     model: nn.Module  # a pruned deep copy; the caller's model is left untouched
     pruning_ratio: float  # the per-layer share of channels removed
     params: int  # weight_params(model) after pruning
+    # Layers a uniform prune gives more outputs than its share keeps, to fill the budget: (name, outputs kept).
+    widened: tuple[tuple[str, int], ...] = ()
 
 
 def weight_params(model: nn.Module) -> int:
@@ -44,7 +46,8 @@ def channel_prune(model: nn.Module, example_input: torch.Tensor, target_params: 
                   keep: Iterable[str] = (), allocation: str = "uniform", importance: str = "l1") -> Pruned:
     """The largest pruned model with weight_params(pruned) <= target_params, by bisection on the pruning ratio.
 
-    ``uniform`` removes the same share of every layer's channels (Li et al.); ``global`` ranks the channels of all
+    ``uniform`` removes the same share of every layer's channels (Li et al.), then gives some layers the next
+    share's count to fill the budget (see _widen); ``global`` ranks the channels of all
     layers together by their mean-normalized scores (Torch-Pruning's global pruning), so layers lose different shares.
     A channel's score is its filters' L1 norm (``l1``), or the first-order Taylor estimate |weight x gradient| of the
     loss change on removing it (``taylor``, Molchanov et al.): the caller leaves that loss's gradients on ``model``.
@@ -77,7 +80,30 @@ def channel_prune(model: nn.Module, example_input: torch.Tensor, target_params: 
             low, best = mid, pruned
         else:
             high = mid
-    return best
+    return _widen(trial, best, shares[low], shares[high] if high < len(shares) else Fraction(1), target_params)
+
+
+def _widen(trial: _Trials, pruned: Pruned, share: Fraction, next_share: Fraction, target_params: int) -> Pruned:
+    """``pruned`` with layers, in the order they run, given the outputs the next share would keep while the budget
+    allows: a layer keeps ``share`` or one step more, so the prune stays uniform and fills the budget.
+
+    The next share adds a step to every layer at once (k/32 of a 32-wide layer is 2k/64 of a 64-wide one), which on
+    a network of doubling widths overshoots the budget by a large part of it: 19% of it at 256x on mnist-cnn."""
+    widened: dict[str, int] = {}
+    for name, width in trial.prunable:
+        step = _kept(next_share, width)
+        while (count := widened.get(name, _kept(share, width))) < step:
+            wider = trial(share, {**widened, name: count + 1})
+            # No change: the layer's channels are coupled to another layer's (a residual sum) that sets them.
+            if wider.params > target_params or wider.params == pruned.params:
+                break
+            widened[name], pruned = count + 1, wider
+    return pruned
+
+
+def _kept(share: Fraction, width: int) -> int:
+    """The outputs a ``width``-wide layer keeps at a kept ``share`` (Torch-Pruning's rounding, see _NUDGE)."""
+    return int(width * (1 - torch_pruning_ratio(float(1 - share))))
 
 
 def prune_to_plan(model: nn.Module, spec: Spec, plan: Plan, example_input: torch.Tensor, *,
@@ -113,7 +139,7 @@ def pruned_plan(plan: Plan, before: Sequence[LayerInfo], pruned: Pruned, model_s
     whole = {entry.name: entry.rule for entry in plan.layers if (new := after.get(entry.name)) is not None
              and new.shape[0] == entry.shape[0]}
     layers = tuple(_pruned_layer(layer, after.get(layer.name), whole.get(layer.name, rule),
-                                 _pruned_reason(layer, after.get(layer.name), pruned.pruning_ratio, allocation))
+                                 _pruned_reason(layer, after.get(layer.name), pruned, allocation))
                    for layer in before)
     return replace(plan, layers=layers)
 
@@ -127,11 +153,15 @@ def _pruned_layer(layer: LayerInfo, new: LayerInfo | None, rule: str, reason: st
                      shape_after=tuple(new.shape) if new else None)
 
 
-def _pruned_reason(before: LayerInfo, after: LayerInfo | None, pruning_ratio: float, allocation: str) -> str:
-    if allocation == "uniform":
-        return f"{pruning_ratio:.1%} of channels removed"
+def _pruned_reason(before: LayerInfo, after: LayerInfo | None, pruned: Pruned, allocation: str) -> str:
     kept = after.shape[0] if after is not None else 0
-    return f"{kept} of {before.shape[0]} outputs kept ({pruning_ratio:.1%} of all channels removed, ranked globally)"
+    if allocation != "uniform":
+        return (f"{kept} of {before.shape[0]} outputs kept ({pruned.pruning_ratio:.1%} of all channels removed, "
+                "ranked globally)")
+    if before.name in dict(pruned.widened):
+        return (f"{kept} of {before.shape[0]} outputs kept: one step more than the uniform share "
+                f"({pruned.pruning_ratio:.1%} removed) to fill the budget")
+    return f"{pruned.pruning_ratio:.1%} of channels removed"
 
 
 # A scan in steps of this share finds where the budget is met; bisection then refines it.
@@ -197,8 +227,12 @@ class _Trials:
         self.template, self.example_input = template, example_input
         self.protected_names = [_name(template, m) for m in protected]
         self.global_pruning, self.importance = global_pruning, importance
+        skip = {id(sub) for m in protected for sub in m.modules()}
+        # (name, outputs) of every layer a share can shrink, in the order the layers run.
+        self.prunable = [(_name(template, m), _out_channels(m)) for m in forward_order(template, example_input)
+                         if id(m) not in skip and _out_channels(m) > 1]
 
-    def __call__(self, share: Fraction) -> Pruned:
+    def __call__(self, share: Fraction, widened: Mapping[str, int] | None = None) -> Pruned:
         model = copy.deepcopy(self.template)
         for copied, original in zip(model.parameters(), self.template.parameters(), strict=True):
             # deepcopy drops gradients; Taylor scores read them (a copy each: the pruner slices them with the weights).
@@ -222,16 +256,28 @@ class _Trials:
             # MetaPruner (an alias of BasePruner in 1.6) is the name every torch-pruning release >= 1.4 has.
             pruner = tp.pruner.MetaPruner(model, self.example_input, importance=importance,
                                           global_pruning=self.global_pruning, pruning_ratio=ratio,
+                                          pruning_ratio_dict=widened_ratios(model, widened or {}) or None,
                                           ignored_layers=ignored)
             pruner.step()
         # Tracing leaves the model in eval mode; give back the mode the caller's model was in.
         model.train(self.template.training)
-        return Pruned(model, float(1 - share), weight_params(model))
+        return Pruned(model, float(1 - share), weight_params(model), tuple(sorted((widened or {}).items())))
 
 
 def torch_pruning_ratio(pruning_ratio: float) -> float:
     """The ratio to give Torch-Pruning for a share of channels removed (see _NUDGE)."""
     return max(0.0, pruning_ratio - _NUDGE)
+
+
+def widened_ratios(model: nn.Module, widened: Mapping[str, int]) -> dict[nn.Module, float]:
+    """Torch-Pruning's per-layer ratios that make each widened layer of ``model`` keep its count of outputs."""
+    ratios: dict[nn.Module, float] = {}
+    for name, kept in widened.items():
+        module = model.get_submodule(name)
+        if not isinstance(module, _WEIGHTED):
+            raise ValueError(f"{name!r} is not a Conv2d or Linear layer")
+        ratios[module] = torch_pruning_ratio(1 - kept / _out_channels(module))
+    return ratios
 
 
 def _kept_shares(model: nn.Module, protected: list[nn.Module]) -> list[Fraction]:
@@ -251,7 +297,20 @@ def _out_channels(module: nn.Conv2d | nn.Linear) -> int:
 
 def output_layer(model: nn.Module, example_input: torch.Tensor) -> nn.Module:
     """The last Conv2d or Linear to run: its outputs are the model's classes, so they must never be pruned."""
-    order: list[nn.Module] = []
+    runs = _layer_runs(model, example_input)
+    if not runs:
+        raise ValueError("channel pruning needs a model with at least one Conv2d or Linear layer")
+    return runs[-1]
+
+
+def forward_order(model: nn.Module, example_input: torch.Tensor) -> list[nn.Conv2d | nn.Linear]:
+    """The Conv2d and Linear layers of ``model`` in the order a forward pass first runs them."""
+    return list({id(m): m for m in _layer_runs(model, example_input)}.values())
+
+
+def _layer_runs(model: nn.Module, example_input: torch.Tensor) -> list[nn.Conv2d | nn.Linear]:
+    """Every call of a Conv2d or Linear in one forward pass, in order (a layer called twice is there twice)."""
+    order: list[nn.Conv2d | nn.Linear] = []
     hooks = [m.register_forward_hook(lambda m, _i, _o: order.append(m)) for m in model.modules()
              if isinstance(m, _WEIGHTED)]
     training = model.training
@@ -263,9 +322,7 @@ def output_layer(model: nn.Module, example_input: torch.Tensor) -> nn.Module:
         model.train(training)
         for hook in hooks:
             hook.remove()
-    if not order:
-        raise ValueError("channel pruning needs a model with at least one Conv2d or Linear layer")
-    return order[-1]
+    return order
 
 
 def module_named(model: nn.Module, name: str) -> nn.Module:

@@ -25,12 +25,14 @@ Ranks = tuple[int, ...]
 @dataclass(frozen=True)
 class AdmmState:
     """The auxiliary copies Z in the target structure, the scaled duals U, and the ranks Z was projected to (when
-    the structure is channels: each layer's kept output channels, and the share of channels removed)."""
+    the structure is channels: each layer's kept output channels, the share of channels removed, and the layers
+    widened past that share to fill the budget)."""
 
     z: dict[str, Tensor]
     u: dict[str, Tensor]
     ranks: dict[str, Ranks]
     pruning_ratio: float | None = None
+    widened: tuple[tuple[str, int], ...] = ()
 
 
 def admm_start(weights: Mapping[str, Tensor], ranks: Mapping[str, Ranks], sweeps: int = 0) -> AdmmState:

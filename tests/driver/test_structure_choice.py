@@ -180,14 +180,18 @@ def test_settings_a_method_does_not_use_are_warned_about(tmp_path: Path, compres
     assert [(w.code, f"`{key}`" in w.message) for w in checked.warnings] == [("setting-ignored", True)]
 
 
-@pytest.mark.parametrize("arch, shape", [("cstar:mnist-cnn", (1, 28, 28)), ("torchvision:resnet18", (3, 32, 32)),
-                                         ("torchvision:mobilenet_v2", (3, 32, 32))])
-def test_the_channel_cut_is_the_uniform_prune_and_its_own_projection(arch: str, shape: tuple[int, ...]) -> None:
+# Each budget is one where the prune widens some layers past the uniform share, which the cut must follow.
+@pytest.mark.parametrize("arch, shape, ratio", [("cstar:mnist-cnn", (1, 28, 28), 16),
+                                                ("torchvision:resnet18", (3, 32, 32), 16),
+                                                ("torchvision:mobilenet_v2", (3, 32, 32), 64)])
+def test_the_channel_cut_is_the_uniform_prune_and_its_own_projection(arch: str, shape: tuple[int, ...],
+                                                                     ratio: int) -> None:
     net = zoo.build_model(ModelSpec(arch=arch, classes=10, input=shape), seed=0)
     example = torch.zeros(1, *shape)
-    pruned = channel_prune(net, example, weight_params(net) // 16)
+    pruned = channel_prune(net, example, weight_params(net) // ratio)
+    assert pruned.widened
     weights = {name: m.weight.detach() for name, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    cut = cut_channels(net, example, pruned.pruning_ratio, weights)
+    cut = cut_channels(net, example, pruned.pruning_ratio, weights, widened=pruned.widened)
     applied = cut.apply(net)
     assert weight_params(applied) == pruned.params
     assert applied(example).shape == (1, 10)
@@ -200,7 +204,7 @@ def test_the_channel_cut_is_the_uniform_prune_and_its_own_projection(arch: str, 
     for name, kept in shrunk.items():
         zero_rows = int((z[name].flatten(1) == 0).all(dim=1).sum())
         assert zero_rows == weights[name].shape[0] - kept, name
-    again = cut_channels(net, example, pruned.pruning_ratio, z)
+    again = cut_channels(net, example, pruned.pruning_ratio, z, widened=pruned.widened)
     assert sorted(map(repr, again.items)) == sorted(map(repr, cut.items))  # Z's zeros are what is cut
     assert torch.equal(torch.cat([v.flatten() for v in again.project(z).values()]),
                        torch.cat([v.flatten() for v in z.values()]))
