@@ -37,8 +37,9 @@ DATA = ROOT.parent / "shared" / "data" / "mnist-10k"
 # -taylor adds `importance = taylor`: channels scored on the adversarial loss instead of by their L1 norm.
 # auto is cstar's structure choice: every structure probed on held-out training images, the most robust compiled.
 # cstar-channels is `method = cstar` with `structure = prune-uniform`: its ADMM phase projects onto channels.
+# joint-N is `method = auto` with that one candidate: channels pruned to N% of the compression, then ranks.
 METHODS = ("auto", "cstar", "cstar-channels", "svd-finetune", "channel-prune", "channel-prune-global",
-           "channel-prune-taylor", "channel-prune-global-taylor")
+           "channel-prune-taylor", "channel-prune-global-taylor", "joint-25", "joint-50", "joint-75")
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,8 @@ def variant(method: str, ratio: int, setting: Setting = DEFAULT, folder: Path | 
                                                                       ("-taylor", "importance", "taylor"),
                                                                       ("-channels", "structure", "prune-uniform"))
                       if part in method)
+    name = f"auto\n  candidates = [{method}]" if method.startswith("joint") else \
+        method.removesuffix("-taylor").removesuffix("-global").removesuffix("-channels")
     return f"""# benchmarks/mnist.py: {method} at {ratio}x from {start}
 model {{
   arch = "cstar:{bench.arch}"
@@ -189,7 +192,7 @@ threat {{
 }}
 
 compress {{
-  method = {method.removesuffix("-taylor").removesuffix("-global").removesuffix("-channels")}{pruning}
+  method = {name}{pruning}
   budget = {ratio}x params
   policy = {setting.policy}
   min_rank = {setting.floor(ratio)}  # 2, or 1 at 256x: with a floor of 2 the largest reachable ratio is 178x{cut}

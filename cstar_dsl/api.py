@@ -19,8 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from torch import fx, nn
+from torch import Tensor, fx, nn
 
+from .lang.registry import channel_share
 from .lang.spec import Spec
 from .model import inventory, rewrite
 from .model import zoo as models
@@ -40,40 +41,56 @@ def build_model(spec: Spec, *, allow_import: bool = False) -> nn.Module:
     return models.build_model(spec.model, seed=spec.train.seed, allow_import=allow_import)
 
 
-def make_plan(spec: Spec, model: nn.Module) -> Plan:
-    """Which layers the recipe factorizes and at which ranks, or, for a method that removes channels, how many
-    channels each layer keeps; never trains, never changes ``model``."""
+def make_plan(spec: Spec, model: nn.Module, *, structure: str | None = None) -> Plan:
+    """Which layers the recipe factorizes and at which ranks, or, for a structure that removes channels, how many
+    channels each layer keeps (and, joint, the ranks of what it keeps); never trains, never changes ``model``.
+
+    ``structure`` (a name `method = auto` may choose: ``low-rank``, ``prune-uniform``, ``joint-25``...) plans that
+    structure at the recipe's budget instead of the one ``cstar compile`` builds (see ``planned_structure``)."""
     found = inventory.collect(model, spec.model.input, spec.model.leaf)
     plan = planning.make_plan(spec, found.layers, found.other_params)
-    if _pruning_allocation(spec) is not None:
-        return _pruned(spec, model, plan, found.layers)
-    if spec.model.weights is None and spec.compress.policy.kind in ("global", "energy"):
+    structure = structure or planned_structure(spec)
+    if structure != "low-rank":
+        plan = _channels_removed(spec, model, plan, found.layers, structure)
+    if spec.model.weights is None and spec.compress.policy.kind in ("global", "energy") and any(
+            layer.ranks for layer in plan.layers):
         note = ("no starting weights, so these ranks follow the spectra of a random initialization; "
                 "`cstar compile` plans again from the trained weights")
         plan = dataclasses.replace(plan, warnings=(*plan.warnings, note))
     return plan
 
 
-def _pruning_allocation(spec: Spec) -> str | None:
-    """How the recipe's method spreads the channels it removes (None: it removes none, or `auto` chooses)."""
+def planned_structure(spec: Spec) -> str:
+    """The structure `cstar compile` builds: the method's own, or the one candidate of `method = auto`. With several
+    candidates the probe chooses at compile time; the plan shows the low-rank one (the budget every candidate meets).
+    """
     compress = spec.compress
-    if not compress.removes_channels:
-        return None
-    return compress.allocation if compress.method == "channel-prune" else "uniform"
+    if compress.method == "channel-prune":
+        return f"prune-{compress.allocation}"
+    if compress.removes_channels:  # cstar's ADMM onto channels
+        return "prune-uniform"
+    if compress.method == "auto" and len(compress.candidates) == 1:
+        return compress.candidates[0]
+    return "low-rank"
 
 
-def _pruned(spec: Spec, model: nn.Module, plan: Plan, layers: Sequence[LayerInfo]) -> Plan:
-    """The plan of the channel-pruned model: the widths a uniform share leaves do not depend on the weights, so
-    they are the compile's; a global ranking's are estimated by L1 on the starting weights."""
+def _channels_removed(spec: Spec, model: nn.Module, plan: Plan, layers: Sequence[LayerInfo], structure: str) -> Plan:
+    """The plan of the channel-pruned (or joint) model. The widths a uniform share leaves do not depend on the
+    weights, so they are the compile's; a global ranking's are estimated by L1 on the starting weights; a joint
+    plan's ranks follow the spectra of the pruned starting weights."""
     import torch
 
+    from .model.joint import joint_structure
     from .model.prune import ADMM_CHANNELS_RULE, prune_rule, prune_to_plan, pruned_plan
 
-    allocation = _pruning_allocation(spec) or "uniform"
     example = torch.zeros(1, *spec.model.input)
+    share = channel_share(structure)
+    if share is not None:
+        joint = joint_structure(model, spec, plan, layers, example, share)
+        return dataclasses.replace(joint.plan, warnings=plan.warnings)
+    allocation = structure.removeprefix("prune-")
     pruned = prune_to_plan(model, spec, plan, example, allocation=allocation)
-    rule = prune_rule(spec.compress.importance, allocation) if spec.compress.method == "channel-prune" \
-        else ADMM_CHANNELS_RULE
+    rule = ADMM_CHANNELS_RULE if spec.compress.method == "cstar" else prune_rule(spec.compress.importance, allocation)
     notes = plan.warnings  # the budget they meet is the factorized plan's parameter count, and its notes hold
     if allocation == "global":
         notes += ("a global ranking's widths depend on the trained weights: these are an estimate by L1 norm on "
@@ -88,27 +105,35 @@ def factorize(model: nn.Module, plan: Plan, spec: Spec | None = None) -> fx.Grap
     return rewrite.factorize(model, plan, leaves=leaves, sweeps=sweeps)
 
 
-def measure_latency(spec: Spec, model: nn.Module, plan: Plan, *, threads: int = 1,
-                    repeats: int = 30) -> LatencyComparison:
+def measure_latency(spec: Spec, model: nn.Module, plan: Plan, *, threads: int = 1, repeats: int = 30,
+                    structure: str | None = None) -> LatencyComparison:
     """What the plan buys in time: the batch-1 CPU latency of ``model`` and of the model the plan
-    makes of it (factorized, or channel-pruned to the plan's parameters), both in their inference
+    makes of it (factorized, channel-pruned to the plan's parameters, or both), both in their inference
     form, timed in turns on this machine with ``threads`` threads. Weights do not change the time."""
     import torch
 
     from .deploy.latency import compare_latency
 
     example = torch.randn(1, *spec.model.input, generator=torch.Generator().manual_seed(0))
-    allocation = _pruning_allocation(spec)
-    if allocation is not None:
-        from .model.prune import prune_to_plan
-
-        # Latency depends on the kept widths, not on which channels. With a uniform share the widths
-        # are the same whatever the scores; with global Taylor scores (they need the adversarial
-        # loss's gradients, which `cstar compile` computes) the L1 widths are an estimate.
-        compressed = prune_to_plan(model, spec, plan, example, allocation=allocation).model
-    else:
-        compressed = factorize(model, plan, spec)
+    compressed = _compressed(spec, model, plan, example, structure or planned_structure(spec))
     return compare_latency(model, compressed, example, threads=threads, repeats=repeats, leaves=spec.model.leaf)
+
+
+def _compressed(spec: Spec, model: nn.Module, plan: Plan, example: Tensor, structure: str) -> nn.Module:
+    """The model in ``structure``, for timing: latency depends on the kept widths and ranks, not on which channels.
+    With a uniform share the widths are the same whatever the scores; with a global ranking (or Taylor scores, which
+    need the adversarial loss's gradients that `cstar compile` computes) the L1 widths are an estimate."""
+    from .model.joint import joint_structure
+    from .model.prune import prune_to_plan
+
+    share = channel_share(structure)
+    if share is not None:  # the low-rank plan's budget, met by pruning and then ranks, as make_plan did
+        found = inventory.collect(model, spec.model.input, spec.model.leaf)
+        low_rank = planning.make_plan(spec, found.layers, found.other_params)
+        return joint_structure(model, spec, low_rank, found.layers, example, share).build(spec)
+    if structure != "low-rank":
+        return prune_to_plan(model, spec, plan, example, allocation=structure.removeprefix("prune-")).model
+    return factorize(model, plan, spec)
 
 
 def compile(spec: Spec | str | Path, out: str | Path, *, resume: bool = False, force: bool = False,

@@ -10,6 +10,7 @@ from pathlib import Path
 from rich.console import Console
 
 from .. import __version__, files
+from ..lang import registry
 from ..lang.render import FORMATS
 from .check import run_check
 from .compile import run_compile
@@ -76,6 +77,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="also time the dense and the compressed model at batch size 1 on this CPU")
     plan.add_argument("--threads", type=_positive, default=1, metavar="N",
                       help="CPU threads for --latency (default 1)")
+    plan.add_argument("--structure", choices=(*registry.STRUCTURES, *registry.JOINT_STRUCTURES), metavar="NAME",
+                      help="plan this structure at the recipe's budget instead of the one `cstar compile` builds: "
+                           "low-rank, prune-uniform, prune-global, or joint-5 ... joint-95 (channels take that "
+                           "percentage of the compression, ranks the rest; joint is joint-50)")
     plan.set_defaults(run=run_plan)
 
     diff = commands.add_parser("diff", help="what changes between two recipes: settings, ranks, params and MACs")

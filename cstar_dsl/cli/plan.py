@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 def run_plan(args: argparse.Namespace, console: Console) -> int:
     import time
 
-    from ..api import build_model, make_plan, measure_latency
+    from ..api import build_model, make_plan, measure_latency, planned_structure
     from ..lang.validate import check_file
 
     started = time.perf_counter()
@@ -33,26 +33,29 @@ def run_plan(args: argparse.Namespace, console: Console) -> int:
         return print_error(console, error, diagnostic_format)
     try:
         model = build_model(checked.spec, allow_import=args.allow_import)
-        plan = make_plan(checked.spec, model)
+        structure = args.structure or planned_structure(checked.spec)
+        plan = make_plan(checked.spec, model, structure=structure)
         seconds = time.perf_counter() - started
-        latency = measure_latency(checked.spec, model, plan, threads=args.threads) if args.latency else None
+        latency = measure_latency(checked.spec, model, plan, threads=args.threads, structure=structure) \
+            if args.latency else None
     except USER_ERRORS as error:
         return print_error(console, error, diagnostic_format, checked=checked)
     if args.format == "json":
         extra = {} if latency is None else {"latency": latency.to_dict()}
-        console.out(json.dumps({"spec": args.files[0], "model": checked.spec.model.arch, "seconds": seconds,
-                                **plan.to_dict(), **extra}, indent=2))
+        console.out(json.dumps({"spec": args.files[0], "model": checked.spec.model.arch, "structure": structure,
+                                "seconds": seconds, **plan.to_dict(), **extra}, indent=2))
         return EXIT_OK
     print_diagnostics(console, list(checked.warnings), diagnostic_format)
     compress = checked.spec.compress
     pruning = any(layer.shape_after is not None for layer in plan.layers)
     console.print(_plan_table(plan, f"{args.files[0]}: {checked.spec.model.arch}", console.width, pruning=pruning))
     summary = [_plan_summary(plan, seconds, pruning=pruning)]
-    notes = _plan_notes(plan, console.width, pruning=pruning, allocation=compress.allocation,
-                        admm=compress.method == "cstar", importance="L1" if compress.importance == "l1" else "Taylor")
-    if compress.method == "auto":
+    notes = _plan_notes(plan, console.width, pruning=pruning, allocation=structure.removeprefix("prune-"),
+                        admm=compress.removes_channels and compress.method == "cstar" and not args.structure,
+                        importance="L1" if compress.importance == "l1" else "Taylor")
+    if compress.method == "auto" and len(compress.candidates) > 1:
         notes.append(f"auto: `cstar compile` probes {', '.join(compress.candidates)} at this budget "
-                     f"({si(plan.params_after)} conv and linear weights; the ranks above are low-rank's), each "
+                     f"({si(plan.params_after)} conv and linear weights; the plan above is {structure}'s), each "
                      f"fine-tuned {plural(compress.probe_epochs, 'epoch')} and scored on "
                      f"{compress.probe_holdout:.0%} of the training set held out, and compiles the most robust")
     for line in [*notes, *summary]:
@@ -81,8 +84,12 @@ def _plan_columns(width: int) -> tuple[str, ...]:
 
 def _plan_table(plan: Plan, title: str, width: int = 200, *, pruning: bool = False) -> Table:
     """The plan, one row a layer, in the columns that fit ``width``. A pruned plan shows each layer's
-    output channels before and after instead of ranks."""
+    output channels before and after instead of ranks; a joint plan shows both."""
+    joint = pruning and any(layer.ranks is not None for layer in plan.layers)
     columns = tuple(c for c in _plan_columns(width) if not (pruning and c == "energy"))
+    if joint:
+        at = columns.index("ranks")
+        columns = (*columns[:at], "channels", *columns[at:])
     wide = "kind" in columns
     arrow = " -> " if wide else "→"
     padding = (0, 1) if wide else (0, 1, 0, 0)
@@ -91,12 +98,14 @@ def _plan_table(plan: Plan, title: str, width: int = 200, *, pruning: bool = Fal
     footer = {"layer": "total", "params": f"{si(plan.params_before)}{arrow}{si(plan.params_after)}",
               "MACs": f"{si(plan.macs_before)}{arrow}{si(plan.macs_after)}"}
     for column in columns:
-        table.add_column("channels" if pruning and column == "ranks" else column, footer=footer.get(column, ""),
+        table.add_column("channels" if pruning and not joint and column == "ranks" else column,
+                         footer=footer.get(column, ""),
                          justify="right" if column in _NUMERIC else "left",
                          no_wrap=column in ("layer", "shape", "params", "MACs"), overflow="fold")
     for layer in plan.layers:
         cells = {"layer": layer.name, "kind": layer.type_name, "shape": "x".join(map(str, layer.shape)),
-                 "rule": layer.rule, "ranks": _treatment(layer, wide, arrow),
+                 "rule": layer.rule, "ranks": _treatment(layer, wide, arrow, joint=joint),
+                 "channels": _channels(layer, arrow),
                  "params": f"{si(layer.params_before)}{arrow}{si(layer.params_after)}",
                  "MACs": f"{si(layer.macs_before)}{arrow}{si(layer.macs_after)}",
                  "energy": "" if layer.energy_kept is None or pruning else f"{layer.energy_kept:.1%}"}
@@ -104,13 +113,21 @@ def _plan_table(plan: Plan, title: str, width: int = 200, *, pruning: bool = Fal
     return table
 
 
-def _treatment(layer: LayerPlan, wide: bool, arrow: str) -> str:
-    if layer.shape_after is not None:  # the output channels pruning keeps (an output layer keeps them all)
+def _treatment(layer: LayerPlan, wide: bool, arrow: str, *, joint: bool = False) -> str:
+    if layer.shape_after is not None and not joint:  # the output channels pruning keeps (an output layer all)
         whole = layer.shape_after == layer.shape
-        return "dense" if whole else f"{layer.shape[0]}{arrow}{layer.shape_after[0]}"
+        channels = "dense" if whole else f"{layer.shape[0]}{arrow}{layer.shape_after[0]}"
+        # A joint layer in one column (`cstar diff`): its channels, then the ranks of what it keeps.
+        return channels if layer.ranks is None else f"{channels}, {layer.method} {'x'.join(map(str, layer.ranks))}"
     if layer.ranks is None:
         return f"dense: {layer.reason}" if wide else "dense"
     return f"{layer.method} {'x'.join(map(str, layer.ranks))}"
+
+
+def _channels(layer: LayerPlan, arrow: str) -> str:
+    """A joint plan's output channels: before and after, or the one count a layer keeps whole."""
+    after = layer.shape[0] if layer.shape_after is None else layer.shape_after[0]
+    return str(after) if after == layer.shape[0] else f"{layer.shape[0]}{arrow}{after}"
 
 
 def _plan_notes(plan: Plan, width: int, *, pruning: bool = False, allocation: str = "uniform",
@@ -125,6 +142,9 @@ def _plan_notes(plan: Plan, width: int, *, pruning: bool = False, allocation: st
                if allocation == "uniform" or admm else f"ranks the output channels of the {layers} together by "
                "L1 norm (each layer's divided by its mean) and removes the smallest")
         who = "cstar onto channels: the ADMM phase, then the compile," if admm else "channel-prune: `cstar compile`"
+        if any(layer.ranks is not None for layer in plan.layers):
+            return [f"joint: `cstar compile` {how}, the largest such model within its share of the budget, then "
+                    f"factorizes what they keep to the rest (policy {plan.policy}): the channels and ranks above"]
         return [f"{who} {how}, the largest such model within the budget: the channels above"]
     lines: list[str] = []
     columns = _plan_columns(width)
@@ -154,7 +174,9 @@ def _plan_summary(plan: Plan, seconds: float, *, pruning: bool = False) -> str:
     macs = plan.macs_before / max(1, plan.macs_after)
     if pruning:  # the batch norms of removed channels go too
         pruned = sum(not _prune_keeps(layer) for layer in plan.layers)
+        factorized = sum(layer.ranks is not None for layer in plan.layers)
         how, others = f"{pruned} of {len(plan.layers)} layers pruned", "batch norms shrink with their channels"
+        how += f", {factorized} factorized (policy {plan.policy})" if factorized else ""
     else:
         how = f"policy {plan.policy}: {sum(layer.ranks is not None for layer in plan.layers)} of " \
               f"{len(plan.layers)} layers factorized"

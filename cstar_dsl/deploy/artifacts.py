@@ -1,16 +1,18 @@
 """Artifacts: the compiled model as ``model.safetensors`` + ``model.json``, and ``load`` to rebuild it.
 
-``model.json`` says how to rebuild the structure (the architecture, and either the factorized
-layers' ranks or nothing for a dense or channel-pruned model, whose shapes the weights carry), so
-``cstar_dsl.load(folder)`` needs neither the recipe nor the code that trained it.
+``model.json`` says how to rebuild the structure (the architecture, and the factorized layers' ranks, with the
+pruned shapes they factorize for a joint structure; nothing for a dense or channel-pruned model, whose shapes the
+weights carry), so ``cstar_dsl.load(folder)`` needs neither the recipe nor the code that trained it.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeGuard
 
+import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
@@ -25,7 +27,10 @@ from ..model import rewrite
 from ..model import zoo as models
 from ..model.prune import resize_to
 
-SCHEMA = "cstar.model/1"
+# /2 adds the joint structure (channels pruned, then factorized); a /1 file reads the same way.
+SCHEMA = "cstar.model/2"
+_READABLE = ("cstar.model/1", SCHEMA)
+_KINDS = ("dense", "factorized", "pruned", "joint")
 WEIGHTS, DESCRIPTION = "model.safetensors", "model.json"
 
 
@@ -61,14 +66,37 @@ def build_structure(model_spec: ModelSpec, structure: dict[str, Any], state: dic
     """
     net = models.build_model(model_spec, allow_import=allow_import)
     kind = structure.get("kind", "dense")
+    if kind in ("pruned", "joint") and state is None:
+        raise ArtifactError(f"a {kind} structure needs the saved weights for its shapes")
+    if kind == "joint":
+        assert state is not None
+        ranks = _factorized_ranks(net, structure.get("ranks"))
+        # A factorized layer's pruned shape is in model.json (its weights hold the factors), the others' in the state.
+        net = resize_to(net, {**state, **_pruned_shapes(net, structure.get("shapes"), ranks)})
+        return rewrite.factorize_ranks(net, ranks, leaves=model_spec.leaf, decompose=False)
     if kind == "factorized":
         ranks = _factorized_ranks(net, structure.get("ranks"))
         return rewrite.factorize_ranks(net, ranks, leaves=model_spec.leaf, decompose=False)
     if kind == "pruned":
-        if state is None:
-            raise ArtifactError("a pruned structure needs the saved weights for its shapes")
+        assert state is not None
         return resize_to(net, state)
     return net
+
+
+def _pruned_shapes(net: nn.Module, shapes: object, ranks: Mapping[str, object]) -> dict[str, torch.Tensor]:
+    """Each factorized layer's pruned weight shape, as an empty tensor under its state-dict key: checked to be a
+    shrunk copy of the dense layer's, so a hostile ``model.json`` can neither grow a layer nor leave one out."""
+    if not isinstance(shapes, dict) or set(shapes) != set(ranks):
+        raise ArtifactError("the joint structure needs `shapes`: the pruned weight shape of every factorized layer")
+    found = {}
+    for name, shape in shapes.items():
+        dense = tuple(net.get_parameter(f"{name}.weight").shape)
+        if (not isinstance(shape, list) or len(shape) != len(dense)
+                or not all(type(s) is int and 1 <= s <= d for s, d in zip(shape, dense, strict=True))):  # noqa: E721
+            raise ArtifactError(f"layer {name!r} has the pruned shape {shape!r}: expected {len(dense)} whole numbers, "
+                                f"each from 1 to the dense shape {list(dense)}")
+        found[f"{name}.weight"] = torch.empty(shape, device="meta")
+    return found
 
 
 def _factorized_ranks(net: nn.Module, ranks: object) -> dict[str, tuple[int, ...]]:
@@ -98,8 +126,8 @@ def _read_description(folder: Path) -> dict[str, Any]:
         description = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ArtifactError(f"cannot read {path}: {error}") from None
-    if not isinstance(description, dict) or description.get("schema") != SCHEMA:
-        raise ArtifactError(f"{path} is not a cstar model description ({SCHEMA})")
+    if not isinstance(description, dict) or description.get("schema") not in _READABLE:
+        raise ArtifactError(f"{path} is not a cstar model description ({' or '.join(_READABLE)})")
     return description
 
 
@@ -108,7 +136,7 @@ def _check_layout(description: dict[str, Any], path: Path) -> None:
     if (not isinstance(description.get("structure"), dict) or not isinstance(normalize, dict)
             or not all(_numbers(normalize.get(key)) for key in ("mean", "std"))):
         raise ArtifactError(f"{path} lacks a `structure` or a `normalize` with `mean` and `std` lists of numbers")
-    if description["structure"].get("kind", "dense") not in ("dense", "factorized", "pruned"):
+    if description["structure"].get("kind", "dense") not in _KINDS:
         raise ArtifactError(f"{path} has an unknown structure kind {description['structure'].get('kind')!r}")
 
 

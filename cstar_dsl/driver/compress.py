@@ -8,9 +8,11 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from ..lang import registry
 from ..model import inventory, rewrite
 from ..model import zoo as models
 from ..model.channel_cut import cut_channels
+from ..model.joint import joint_description, joint_structure
 from ..model.prune import (
     ADMM_CHANNELS_RULE,
     Pruned,
@@ -84,8 +86,13 @@ def _probed(context: Context, run: Run, net: nn.Module, plan: Plan, progress: Pr
 
 
 def build_structure(context: Context, net: nn.Module, structure: str, plan: Plan) -> Built:
-    """``net`` (left untouched) compressed to one structure of the plan's budget: factorized at its ranks, or
-    channel-pruned (uniformly or by one global ranking) to the parameters it leaves."""
+    """``net`` (left untouched) compressed to one structure of the plan's budget: factorized at its ranks,
+    channel-pruned (uniformly or by one global ranking) to the parameters it leaves, or both (joint)."""
+    share = registry.channel_share(structure)
+    if share is not None:
+        joint = joint_structure(net, context.spec, plan, context.layers, torch.zeros(1, *context.spec.model.input),
+                                share)
+        return Built(joint.build(context.spec), joint.plan, joint_description(joint.plan))
     if structure == "low-rank":
         ranks = rewrite.planned_ranks(plan)
         factorized = rewrite.factorize_ranks(net, ranks, leaves=context.spec.model.leaf,

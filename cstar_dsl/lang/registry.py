@@ -35,8 +35,21 @@ CSTAR_MODELS: tuple[str, ...] = ("digits-cnn", "mnist-cnn", "mnist-cnn-x2", "mni
 DATASETS: tuple[str, ...] = ("digits", "mnist", "cifar10", "cifar100", "imagenet")
 FACTORIZABLE_LAYER_TYPES: tuple[str, ...] = ("Conv2d", "Linear")
 METHODS: tuple[str, ...] = ("cstar", "svd-finetune", "channel-prune", "auto")
-# What `method = auto` may choose from: a low-rank plan, or channels removed uniformly or ranked globally.
+# What `method = auto` chooses from by default: a low-rank plan, or channels removed uniformly or ranked globally.
 STRUCTURES: tuple[str, ...] = ("low-rank", "prune-uniform", "prune-global")
+# Channels removed uniformly, then what the layers keep factorized: `joint-25` gives channels a quarter of the
+# compression (on a log scale) and ranks the rest; `joint` is `joint-50`.
+JOINT = "joint"
+JOINT_SHARES: tuple[int, ...] = tuple(range(5, 100, 5))
+JOINT_STRUCTURES: tuple[str, ...] = (JOINT, *(f"{JOINT}-{share}" for share in JOINT_SHARES))
+
+
+def channel_share(structure: str) -> float | None:
+    """The share of the compression a joint structure gives channel pruning (None: not a joint structure)."""
+    if structure == JOINT:
+        return 0.5
+    head, _, share = structure.partition("-")
+    return int(share) / 100 if head == JOINT and share.isdigit() and int(share) in JOINT_SHARES else None
 EXPORT_FORMATS: tuple[str, ...] = ("safetensors", "onnx", "torchscript")
 
 _MODULE_PREFIXES = ("module.", "_orig_mod.")

@@ -50,7 +50,7 @@ def plan_changes(before: Plan, after: Plan) -> list[LayerChange]:
 def _treatment(layer: LayerPlan | None) -> object:
     if layer is None:
         return None
-    return (layer.method, layer.ranks, layer.params_after, layer.macs_after)
+    return (layer.method, layer.ranks, layer.shape_after, layer.params_after, layer.macs_after)
 
 
 def _keyed(spec: Spec) -> dict[str, object]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 Ranks = tuple[int, ...]  # (r,) for a Linear, (r_out, r_in) for a conv
+# /2: a layer may carry both `shape_after` (channels pruned) and `ranks` (what it keeps, factorized): a joint plan.
+PLAN_SCHEMA = "cstar.plan/2"
 
 
 @dataclass(frozen=True)
@@ -23,7 +25,7 @@ class LayerPlan:
     macs_before: int
     macs_after: int
     energy_kept: float | None
-    shape_after: tuple[int, ...] | None = None  # the shape channel pruning left (pruned plans only)
+    shape_after: tuple[int, ...] | None = None  # the shape channel pruning left (pruned and joint plans only)
 
     def to_dict(self) -> dict[str, object]:
         """The layer's JSON form; ``shape_after`` only where pruning set it."""
@@ -73,7 +75,7 @@ class Plan:
     def to_dict(self) -> dict[str, object]:
         """The JSON form (schema in docs/plan.md)."""
         return {
-            "schema": "cstar.plan/1",
+            "schema": PLAN_SCHEMA,
             "policy": self.policy,
             "budget": self.budget,
             "metric": self.metric,

@@ -14,8 +14,8 @@ from cstar_dsl.cli import main
 from cstar_dsl.plan.allocate import LayerPlan
 from tests.helpers import DIGITS, DOCS, line_of, run_cli
 
-TOP_KEYS = {"spec", "model", "seconds", "schema", "policy", "budget", "metric", "target", "totals", "layers",
-            "warnings"}
+TOP_KEYS = {"spec", "model", "structure", "seconds", "schema", "policy", "budget", "metric", "target", "totals",
+            "layers", "warnings"}
 BUDGET_LINE = line_of(DIGITS, "budget = 4x params")  # digits.cstar's, which the variants below keep
 TOTAL_KEYS = {"params_before", "params_after", "macs_before", "macs_after", "other_params", "ratio"}
 
@@ -51,7 +51,7 @@ def test_plan_json_has_the_documented_keys(digits_folder, capsys):
     assert main(["plan", "--format", "json", "digits.cstar"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert set(data) == TOP_KEYS
-    assert (data["spec"], data["model"], data["schema"]) == ("digits.cstar", "cstar:digits-cnn", "cstar.plan/1")
+    assert (data["spec"], data["model"], data["schema"]) == ("digits.cstar", "cstar:digits-cnn", "cstar.plan/2")
     assert (data["policy"], data["budget"], data["metric"]) == ("global", "4x params", "params")
     assert isinstance(data["seconds"], float) and data["seconds"] >= 0
     assert len(data["warnings"]) == 1 and "random initialization" in data["warnings"][0]

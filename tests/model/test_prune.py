@@ -76,7 +76,7 @@ def test_a_uniform_prune_fills_the_budget_to_within_3_percent(divisor):
     target = weight_params(model) // divisor
     pruned = channel_prune(model, CNN_INPUT, target)
     # A share k/32 moves every layer of this doubling-width net at once, so the uniform share alone fell 19% short
-    # at 1/256; one step more on some layers fills the rest.
+    # at 1/256; rounding some layers' counts up instead of down fills the rest.
     assert 0.97 * target <= pruned.params <= target
     assert pruned.params == weight_params(pruned.model)
     assert pruned.model(CNN_INPUT).shape == (1, 10)

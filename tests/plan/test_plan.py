@@ -702,7 +702,7 @@ def test_plan_totals_and_json_form():
     assert plan.ratio == plan.params_before / plan.params_after
     data = plan.to_dict()
     assert set(data) == {"schema", "policy", "budget", "metric", "target", "totals", "layers", "warnings"}
-    assert data["schema"] == "cstar.plan/1" and data["totals"]["other_params"] == 123
+    assert data["schema"] == "cstar.plan/2" and data["totals"]["other_params"] == 123
     assert set(data["totals"]) == {"params_before", "params_after", "macs_before", "macs_after", "other_params",
                                    "ratio"}
     fields = {f.name for f in dataclasses.fields(planning.LayerPlan)} - {"shape_after"}  # set by pruning only

@@ -156,13 +156,22 @@ def _one_rank(value: object) -> int:
 
 
 def _structures(value: object) -> tuple[str, ...]:
-    chosen = c.sequence(value, lambda v: c.choice(v, registry.STRUCTURES, what="structure"), what="structures")
+    chosen = c.sequence(value, _structure, what="structures")
     if not chosen:
         c.fail("out-of-range", "`candidates` is empty: `auto` needs at least one structure to compile",
-               label="empty", help=f"list some of {', '.join(registry.STRUCTURES)}")
+               label="empty", help=f"list some of {', '.join(registry.STRUCTURES)}, {registry.JOINT}")
     if len(set(chosen)) != len(chosen):
         c.fail("duplicate-key", "a structure is listed twice in `candidates`", label="listed twice")
     return chosen
+
+
+def _structure(value: object) -> str:
+    word = value.value if isinstance(value, (ast.Name, ast.String)) else ""
+    if word.startswith(f"{registry.JOINT}-") and registry.channel_share(word) is None:
+        c.fail("unknown-option", f"unknown structure `{c.clip(word)}`: a joint structure's share of channels is a "
+               "multiple of 5 between 5 and 95", label="not a joint share",
+               help="for example `joint-25` (channels take a quarter of the compression, ranks the rest)")
+    return c.choice(value, (*registry.STRUCTURES, *registry.JOINT_STRUCTURES), what="structure")
 
 
 def _holdout(value: object) -> float:
