@@ -38,7 +38,8 @@ DATA = ROOT.parent / "shared" / "data" / "mnist-10k"
 # auto is cstar's structure choice: every structure probed on held-out training images, the most robust compiled.
 # cstar-channels is `method = cstar` with `structure = prune-uniform`: its ADMM phase projects onto channels.
 # joint-N is `method = auto` with that one candidate: channels pruned to N% of the compression, then ranks.
-METHODS = ("auto", "cstar", "cstar-channels", "svd-finetune", "channel-prune", "channel-prune-global",
+# auto-admm is `method = auto` with an ADMM phase: the probe's winner is the structure ADMM projects onto.
+METHODS = ("auto", "auto-admm", "cstar", "cstar-channels", "svd-finetune", "channel-prune", "channel-prune-global",
            "channel-prune-taylor", "channel-prune-global-taylor", "joint-25", "joint-50", "joint-75")
 
 
@@ -104,7 +105,7 @@ class Setting:
     def changes(self, method: str) -> list[tuple[str, str]]:
         """(cell-name part, table words) for each setting that differs from the default and applies."""
         default, found = Setting(), []
-        if method.startswith("cstar"):
+        if has_admm(method):
             if self.admm_epochs != default.admm_epochs:
                 found.append((f"admm{self.admm_epochs}", ""))  # the schedule's own words say it
             if (self.rho, self.rho_max) != (default.rho, default.rho_max):
@@ -140,7 +141,7 @@ def variant(method: str, ratio: int, setting: Setting = DEFAULT, folder: Path | 
         return os.path.relpath(target, folder) if folder is not None else str(target)
 
     total = ADMM_EPOCHS + FINETUNE_EPOCHS
-    if method.startswith("cstar"):
+    if has_admm(method):
         phases = f"""
   admm {{
     epochs = {setting.admm_epochs}
@@ -169,7 +170,7 @@ def variant(method: str, ratio: int, setting: Setting = DEFAULT, folder: Path | 
                                                                       ("-channels", "structure", "prune-uniform"))
                       if part in method)
     name = f"auto\n  candidates = [{method}]" if method.startswith("joint") else \
-        method.removesuffix("-taylor").removesuffix("-global").removesuffix("-channels")
+        method.removesuffix("-taylor").removesuffix("-global").removesuffix("-channels").removesuffix("-admm")
     return f"""# benchmarks/mnist.py: {method} at {ratio}x from {start}
 model {{
   arch = "cstar:{bench.arch}"
@@ -210,6 +211,11 @@ evaluate {{
 """
 
 
+def has_admm(method: str) -> bool:
+    """Whether the method's epochs after the dense start begin with an ADMM phase."""
+    return method.startswith("cstar") or method.endswith("-admm")
+
+
 def cell_name(method: str, ratio: int, setting: Setting = DEFAULT) -> str:
     return "-".join([method, *(part for part, _ in setting.changes(method)), f"{ratio}x"])
 
@@ -247,7 +253,7 @@ def run_cell(method: str, ratio: int, setting: Setting = DEFAULT, bench: Bench =
 def schedule(method: str, setting: Setting = DEFAULT) -> str:
     total = ADMM_EPOCHS + FINETUNE_EPOCHS
     words = ", ".join(text for _, text in setting.changes(method) if text)
-    base = f"{setting.admm_epochs} ADMM + {total - setting.admm_epochs} fine-tuning" if method.startswith("cstar") \
+    base = f"{setting.admm_epochs} ADMM + {total - setting.admm_epochs} fine-tuning" if has_admm(method) \
         else f"{total} fine-tuning"
     return f"{base}, {words}" if words else base
 

@@ -67,8 +67,8 @@ def planned_structure(spec: Spec) -> str:
     compress = spec.compress
     if compress.method == "channel-prune":
         return f"prune-{compress.allocation}"
-    if compress.removes_channels:  # cstar's ADMM onto channels
-        return "prune-uniform"
+    if compress.method == "cstar":
+        return compress.structure
     if compress.method == "auto" and len(compress.candidates) == 1:
         return compress.candidates[0]
     return "low-rank"

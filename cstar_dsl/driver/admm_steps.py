@@ -11,10 +11,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from ..lang import registry
 from ..lang.spec import AdmmSpec, PhaseSpec
 from ..model import inventory, rewrite
 from ..model.channel_cut import cut_channels
-from ..model.prune import kept_whole
+from ..model.joint import channel_target
+from ..model.prune import admm_channels_rule, channel_prune, kept_whole, pruned_plan, widths_of
 from ..plan import allocate as planning
 from ..plan.plans import Plan
 from ..train import admm, distributed
@@ -40,10 +42,19 @@ def choose_ranks(context: Context, weights: dict[str, Tensor]) -> tuple[dict[str
     return rewrite.planned_ranks(plan), plan
 
 
+def admm_structure(context: Context, run: Run) -> str:
+    """What the ADMM phase projects onto: cstar's `structure`, or the candidate `method = auto`'s probe chose."""
+    if context.spec.compress.method == "auto":
+        assert run.choice is not None  # the probe runs before the ADMM phase starts
+        return run.choice.winner
+    return context.spec.compress.structure
+
+
 def start_admm(context: Context, run: Run, phase: AdmmSpec) -> None:
     assert run.net is not None
-    if context.spec.compress.structure == "prune-uniform":
-        run.admm = _channel_start(context, run)
+    structure = admm_structure(context, run)
+    if structure != "low-rank":
+        run.admm = _channel_start(context, run, structure)
     else:
         ranks, run.plan = choose_ranks(context, admm_weights(run, context.layer_names))
         run.admm = admm.admm_start(admm_weights(run, ranks), ranks, context.spec.compress.hooi_sweeps)
@@ -79,14 +90,25 @@ def admm_update(context: Context, run: Run, phase: AdmmSpec) -> float:
     return time.perf_counter() - started
 
 
-def _channel_start(context: Context, run: Run) -> admm.AdmmState:
-    """ADMM onto channels: the share of channels a uniform prune removes at the budget is fixed once (it follows
-    from the layers' widths); which channels, each Z-step chooses again on W + U. Z = Proj(W), U = 0."""
+def _channel_start(context: Context, run: Run, structure: str) -> admm.AdmmState:
+    """ADMM onto channels: each layer's count of channels is fixed once, by the structure's prune of the trained
+    dense model (a uniform share and the layers rounded up, one global ranking, or a joint structure's channels);
+    which channels, each Z-step chooses again on W + U. Z = Proj(W), U = 0."""
     assert run.net is not None
     net = copy.deepcopy(run.net).cpu()
-    # Only the share matters here, and a uniform share does not depend on the scores: L1 spares the Taylor pass.
-    pruned, run.plan = prune_structure(context, net, replan(context, admm_weights(run, context.layer_names)),
-                                       "uniform", importance="l1")
+    spec, plan = context.spec, replan(context, admm_weights(run, context.layer_names))
+    share = registry.channel_share(structure)
+    if share is not None:  # a joint structure: its channels now, the ranks of what they keep after the cut
+        pruned = channel_prune(net, torch.zeros(1, *spec.model.input), channel_target(plan, share),
+                               keep=kept_whole(spec, context.layer_names))
+        run.plan = pruned_plan(plan, context.layers, pruned, spec.model, admm_channels_rule("uniform"), "uniform")
+    else:
+        allocation = structure.removeprefix("prune-")
+        # A uniform share does not depend on the scores: L1 spares the Taylor pass.
+        pruned, run.plan = prune_structure(context, net, plan, allocation,
+                                           importance="l1" if allocation == "uniform" else None)
+        if allocation != "uniform":
+            pruned = widths_of(net, pruned)
     weights = admm_weights(run, context.layer_names)
     z, kept = _channel_projection(context, run, weights, pruned.pruning_ratio, pruned.widened)
     return admm.AdmmState(z, {name: torch.zeros_like(weights[name]) for name in z}, kept, pruned.pruning_ratio,

@@ -12,68 +12,45 @@ from ..lang import registry
 from ..model import inventory, rewrite
 from ..model import zoo as models
 from ..model.channel_cut import cut_channels
-from ..model.joint import joint_description, joint_structure
-from ..model.prune import (
-    ADMM_CHANNELS_RULE,
-    Pruned,
-    kept_whole,
-    pruned_plan,
-    weight_params,
-)
+from ..model.joint import factorized_after_pruning, joint_description, joint_structure
+from ..model.prune import Pruned, admm_channels_rule, kept_whole, pruned_plan, weight_params
 from ..plan.costs import energy_kept
 from ..plan.plans import Plan
-from .admm_steps import admm_weights, replan
+from .admm_steps import admm_structure, admm_weights, replan
 from .probe import Built, choose_structure
 from .pruning import prune_structure
 from .state import Context, Progress, Run, place
 
 
 def compress(context: Context, run: Run, progress: Progress | None = None) -> None:
-    """Dense -> the method's compressed structure: factorized at the ranks of the last Z-step (cstar) or of a plan
-    on the trained weights (svd-finetune), channel-pruned to the same parameters, or the best of these by a probe
-    (auto)."""
+    """Dense -> the method's compressed structure: what the ADMM phase projected onto (cstar, or auto with an ADMM
+    phase), factorized at the ranks of a plan on the trained weights (svd-finetune), channel-pruned to the same
+    parameters, or the best of these by a probe (auto)."""
     assert run.net is not None
     spec = context.spec
-    net = run.net.cpu()
     method = spec.compress.method
-    if method == "cstar" and run.admm is not None and run.admm.pruning_ratio is not None:
-        built = _admm_pruned(context, run, net, run.admm.pruning_ratio, run.admm.widened)
-    elif method == "cstar" and run.admm is not None:
-        assert run.plan is not None  # every Z-step planned
-        ranks = dict(run.admm.ranks)
-        _energy_of_weights(context, run, ranks)
-        built = Built(rewrite.factorize_ranks(net, ranks, leaves=spec.model.leaf, sweeps=spec.compress.hooi_sweeps),
-                      run.plan, {"kind": "factorized", "ranks": {k: list(v) for k, v in ranks.items()}})
+    if method == "auto" and run.choice is None:
+        choose(context, run, progress)
+    net = run.net.cpu()
+    if run.admm is not None:
+        built = _after_admm(context, run, net)
     else:
         plan = replan(context, admm_weights(run, context.layer_names))
-        if method == "auto":
-            built = _probed(context, run, net, plan, progress)
+        if run.choice is not None:
+            structure = run.choice.winner
         else:
             structure = f"prune-{spec.compress.allocation}" if method == "channel-prune" else "low-rank"
-            built = build_structure(context, net, structure, plan)
+        built = build_structure(context, net, structure, plan)
     run.net, run.plan, run.structure = built.net, built.plan, built.structure
     run.admm = None
     run.model = place(models.Normalized(run.net, context.data.mean, context.data.std), context.device)
 
 
-def _admm_pruned(context: Context, run: Run, net: nn.Module, pruning_ratio: float,
-                 widened: tuple[tuple[str, int], ...]) -> Built:
-    """cstar onto channels: the channels the last Z-step zeroed removed from W (what W keeps is its own)."""
-    assert run.admm is not None and run.plan is not None
-    spec = context.spec
-    cut = cut_channels(net, torch.zeros(1, *spec.model.input), pruning_ratio,
-                       {name: z.cpu() for name, z in run.admm.z.items()}, keep=kept_whole(spec, context.layer_names),
-                       widened=widened)
-    model = cut.apply(net)
-    pruned = Pruned(model, pruning_ratio, weight_params(model), widened)
-    # run.plan is the pruned plan the ADMM phase started from: the same widths, so only the rule changes.
-    return Built(model, pruned_plan(run.plan, context.layers, pruned, spec.model, ADMM_CHANNELS_RULE, "uniform"),
-                 {"kind": "pruned"})
-
-
-def _probed(context: Context, run: Run, net: nn.Module, plan: Plan, progress: Progress | None) -> Built:
-    """`method = auto`: the candidate that wins the probe, built; the choice and its cost kept for the report."""
-    compress = context.spec.compress
+def choose(context: Context, run: Run, progress: Progress | None = None) -> None:
+    """`method = auto`: the candidates probed from the trained dense model and the winner kept in ``run.choice``."""
+    assert run.net is not None
+    compress, net = context.spec.compress, run.net.cpu()
+    plan = replan(context, admm_weights(run, context.layer_names))
 
     def announce(name: str, index: int, count: int) -> None:
         if progress is not None:
@@ -82,7 +59,33 @@ def _probed(context: Context, run: Run, net: nn.Module, plan: Plan, progress: Pr
 
     run.choice = choose_structure(context, lambda name: build_structure(context, net, name, plan), announce)
     run.phase_seconds["probe"] = run.choice.seconds
-    return build_structure(context, net, run.choice.winner, plan)
+    run.net = place(net, context.device)
+
+
+def _after_admm(context: Context, run: Run, net: nn.Module) -> Built:
+    """The structure the ADMM phase projected onto, taken from W: factorized at the ranks of the last Z-step, or the
+    channels the last Z-step zeroed removed (what W keeps is its own), and for a joint structure what they keep
+    factorized by the recipe's policy."""
+    assert run.admm is not None and run.plan is not None  # every Z-step planned
+    spec, structure = context.spec, admm_structure(context, run)
+    if structure == "low-rank":
+        ranks = dict(run.admm.ranks)
+        _energy_of_weights(context, run, ranks)
+        return Built(rewrite.factorize_ranks(net, ranks, leaves=spec.model.leaf, sweeps=spec.compress.hooi_sweeps),
+                     run.plan, {"kind": "factorized", "ranks": {k: list(v) for k, v in ranks.items()}})
+    dense_plan = replan(context, admm_weights(run, context.layer_names))  # the budget, on W before the cut
+    cut = cut_channels(net, torch.zeros(1, *spec.model.input), run.admm.pruning_ratio or 0.0,
+                       {name: z.cpu() for name, z in run.admm.z.items()}, keep=kept_whole(spec, context.layer_names),
+                       widened=run.admm.widened)
+    model = cut.apply(net)
+    pruned = Pruned(model, run.admm.pruning_ratio or 0.0, weight_params(model), run.admm.widened)
+    allocation = "global" if structure == "prune-global" else "uniform"
+    rule = admm_channels_rule(allocation)
+    if registry.channel_share(structure) is not None:
+        joint = factorized_after_pruning(pruned, spec, dense_plan, context.layers, rule)
+        return Built(joint.build(spec), joint.plan, joint_description(joint.plan))
+    # run.plan is the pruned plan the ADMM phase started from: the same widths, so only the rule changes.
+    return Built(model, pruned_plan(run.plan, context.layers, pruned, spec.model, rule, allocation), {"kind": "pruned"})
 
 
 def build_structure(context: Context, net: nn.Module, structure: str, plan: Plan) -> Built:

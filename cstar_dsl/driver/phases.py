@@ -10,7 +10,7 @@ from ..train import checkpoint, distributed
 from ..train.optimize import TrainingDiverged, adversarial_epoch, training_attack, training_precision
 from . import admm_steps
 from .batches import batches, epoch_seed
-from .compress import compress
+from .compress import choose, compress
 from .resume import save_checkpoint
 from .state import CompileError, Context, Progress, Run, start_optimizer
 
@@ -21,7 +21,7 @@ def phases(spec: Spec) -> tuple[tuple[str, PhaseSpec], ...]:
     found: list[tuple[str, PhaseSpec]] = []
     if train.pretrain is not None and train.pretrain.epochs > 0:
         found.append(("pretrain", train.pretrain))
-    if spec.compress.method == "cstar" and train.admm is not None:
+    if spec.compress.method in ("cstar", "auto") and train.admm is not None:
         found.append(("admm", train.admm))
     finetune = train.finetune or PhaseSpec(epochs=0, lr=1e-3)
     found.append(("finetune", finetune))
@@ -36,6 +36,9 @@ def train(context: Context, run: Run, progress: Progress) -> None:
             progress.stage(f"compressing ({context.spec.compress.method})")
             compress(context, run, progress)
             run.optimizer = None
+        if name == "admm" and context.spec.compress.method == "auto" and run.choice is None:
+            # The ADMM phase projects onto the structure the probe chooses from the trained dense model.
+            choose(context, run, progress)
         if run.optimizer is None:
             start_optimizer(context, run)
             save_checkpoint(context, run)

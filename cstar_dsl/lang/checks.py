@@ -45,7 +45,7 @@ def _phases_for_method(spec: SimpleNamespace, root: Section) -> list[Diagnostic]
         found.append(Diagnostic(
             "missing-phase", "method `cstar` needs an `admm` phase", locate(root, ("train",)),
             label="no `admm { ... }` here", help="add `admm { epochs = ..., lr = ... }` to the train block"))
-    if method != "cstar" and train.admm is not None:
+    if method not in ("cstar", "auto") and train.admm is not None:
         found.append(Diagnostic(
             "phase-ignored", f"method `{method}` has no ADMM phase; the `admm` block is not used",
             locate(root, ("train", "admm")), severity="warning", label="ignored",
@@ -69,9 +69,10 @@ def _pruning_settings_for_method(spec: SimpleNamespace, root: Section) -> list[D
     if compress.method == "auto" and compress.allocation != "uniform":
         found.append(_ignored(root, "allocation", "method `auto` compares both allocations (`candidates`)",
                               "list `prune-uniform` or `prune-global` in `candidates` instead"))
-    channel_admm = compress.method == "cstar" and compress.structure == "prune-uniform"
+    channel_admm = compress.method == "cstar" and compress.structure != "low-rank"
     if compress.method not in ("channel-prune", "auto"):
-        why = ("cstar's ADMM onto channels removes a uniform share, the channels of least weight"
+        why = ("cstar's ADMM onto channels takes each layer's count from `structure` and removes the channels of "
+               "least weight"
                if channel_admm else f"method `{compress.method}` removes no channels")
         found += [_ignored(root, key, why, f"`{key}` chooses how `channel-prune` {what}; drop it for this method")
                   for key, (default, what) in _PRUNING_SETTINGS.items() if getattr(compress, key) != default]

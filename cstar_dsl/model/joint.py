@@ -58,12 +58,19 @@ def joint_structure(model: nn.Module, spec: Spec, plan: Plan, layers: Sequence[L
     """
     kept = kept_whole(spec, (layer.name for layer in plan.layers))
     pruned = channel_prune(model, example, channel_target(plan, channel_share), keep=kept)
+    return factorized_after_pruning(pruned, spec, plan, layers, prune_rule("l1", "uniform"))
+
+
+def factorized_after_pruning(pruned: Pruned, spec: Spec, plan: Plan, layers: Sequence[LayerInfo],
+                             rule: str) -> Joint:
+    """A channel-pruned model (its channels removed by ``rule``) planned by the recipe's rank policy to the budget
+    ``plan``, the dense model's low-rank plan, meets; ``layers`` is the dense model's inventory."""
     shrunk = collect(pruned.model, spec.model.input, spec.model.leaf)
     # The ranks meet the same target as the low-rank plan, in the recipe's metric, over the pruned layers.
     limit = LimitBudget(metric=spec.compress.budget.metric, limit=plan.target)
     ranks_spec = spec.model_copy(update={"compress": spec.compress.model_copy(update={"budget": limit})})
     ranked = allocate.make_plan(ranks_spec, shrunk.layers)
-    channels = pruned_plan(plan, layers, pruned, spec.model, prune_rule("l1", "uniform"), "uniform")
+    channels = pruned_plan(plan, layers, pruned, spec.model, rule, "uniform")
     return Joint(pruned, replace(ranked, budget=plan.budget, target=plan.target, other_params=shrunk.other_params,
                                  layers=_joined(channels, ranked)))
 

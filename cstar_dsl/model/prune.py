@@ -140,6 +140,20 @@ def kept_whole(spec: Spec, layer_names: Iterable[str]) -> list[str]:
 ADMM_CHANNELS_RULE = "cstar ADMM onto channels (uniform)"
 
 
+def admm_channels_rule(allocation: str) -> str:
+    """The rule a layer of cstar's ADMM onto channels names, by how the channel counts were spread."""
+    return ADMM_CHANNELS_RULE.replace("uniform", allocation)
+
+
+def widths_of(model: nn.Module, pruned: Pruned) -> Pruned:
+    """``pruned`` described by every layer's count of outputs rather than by a share: what a cut replays for a prune
+    that is not uniform (a global ranking), where no one share gives each layer its count."""
+    dense = {name: _out_channels(m) for name, m in model.named_modules() if isinstance(m, _WEIGHTED)}
+    kept = tuple((name, _out_channels(m)) for name, m in pruned.model.named_modules()
+                 if isinstance(m, _WEIGHTED) and _out_channels(m) < dense[name])
+    return replace(pruned, pruning_ratio=0.0, widened=kept)
+
+
 def prune_rule(importance: str, allocation: str) -> str:
     """The rule a pruned layer's plan names: how its channels were scored and spread."""
     return f"channel-prune ({'L1' if importance == 'l1' else 'Taylor'}, {allocation})"
@@ -171,8 +185,7 @@ def _pruned_layer(layer: LayerInfo, new: LayerInfo | None, rule: str, reason: st
 def _pruned_reason(before: LayerInfo, after: LayerInfo | None, pruned: Pruned, allocation: str) -> str:
     kept = after.shape[0] if after is not None else 0
     if allocation != "uniform":
-        return (f"{kept} of {before.shape[0]} outputs kept ({pruned.pruning_ratio:.1%} of all channels removed, "
-                "ranked globally)")
+        return f"{kept} of {before.shape[0]} outputs kept (the channels of all layers ranked together)"
     if before.name in dict(pruned.widened):
         return (f"{kept} of {before.shape[0]} outputs kept: the uniform share ({pruned.pruning_ratio:.1%} removed) "
                 "rounded up, to fill the budget")

@@ -230,6 +230,51 @@ def test_cstar_onto_channels_compiles_a_pruned_model_at_the_budget(tmp_path: Pat
     assert torch.allclose(loaded(x), compiled.model(x), atol=1e-5)
 
 
+ADMM = "admm {\n    epochs = 2\n    lr = 0.01\n    rho = 0.5\n  }"
+
+
+@pytest.mark.parametrize("candidate, method", [
+    ("low-rank", "method = cstar"),
+    ("prune-uniform", "method = cstar\n  structure = prune-uniform"),
+])
+def test_auto_with_an_admm_phase_is_cstar_onto_the_structure_it_chose(tmp_path: Path, candidate: str,
+                                                                      method: str) -> None:
+    auto = cstar_dsl.compile(_recipe(tmp_path, "auto", f"method = auto\n  candidates = [{candidate}]", ADMM),
+                             tmp_path / "auto")
+    assert [row.phase for row in auto.report.history].count("admm") == 2
+    assert auto.report.structure_choice is not None and auto.report.structure_choice.winner == candidate
+    named = cstar_dsl.compile(_recipe(tmp_path, "named", method, ADMM), tmp_path / "named")
+    ours, theirs = (load_file(tmp_path / run / "model.safetensors") for run in ("auto", "named"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)
+    timeless = {"seconds", "zstep_seconds"}
+    assert [r.model_dump(exclude=timeless) for r in auto.report.history] == [
+        r.model_dump(exclude=timeless) for r in named.report.history]
+
+
+def test_admm_onto_a_global_prune_keeps_its_widths(tmp_path: Path) -> None:
+    auto = cstar_dsl.compile(_recipe(tmp_path, "auto", "method = auto\n  candidates = [prune-global]", ADMM),
+                             tmp_path / "auto")
+    pruned = cstar_dsl.compile(_recipe(tmp_path, "pruned", "method = channel-prune\n  allocation = global"),
+                               tmp_path / "pruned")
+    widths = [(layer.name, layer.shape_after) for layer in pruned.report.layers]
+    assert [(layer.name, layer.shape_after) for layer in auto.report.layers] == widths
+    assert len({shape[0] / layer.shape[0] for layer, (_, shape) in zip(pruned.report.layers, widths, strict=True)
+                if shape is not None and layer.name != "fc3"}) > 1, "a global ranking spreads the cut unevenly"
+    assert auto.report.compression.params_compressed == pruned.report.compression.params_compressed
+    assert all(layer.rule.startswith("cstar ADMM onto channels (global)") for layer in auto.report.layers
+               if layer.name != "fc3")
+
+
+def test_admm_onto_a_joint_structure_cuts_channels_then_factorizes(tmp_path: Path) -> None:
+    compiled = cstar_dsl.compile(_recipe(tmp_path, "joint", "method = auto\n  candidates = [joint-50]", ADMM),
+                                 tmp_path / "joint")
+    layers = compiled.report.layers
+    assert any(layer.ranks and layer.shape_after and layer.shape_after[0] < layer.shape[0] for layer in layers)
+    assert compiled.report.compression.params_compressed == sum(layer.params_after for layer in layers)
+    assert weight_params(cstar_dsl.load(tmp_path / "joint")) == compiled.report.compression.params_compressed
+    assert compiled.report.compression.ratio >= 4 * 0.97 * 0.97
+
+
 class _StopAfter(Progress):
     """Interrupts a compile once ``phase`` has finished its first epoch (a checkpoint is then on disk)."""
 
@@ -244,6 +289,7 @@ class _StopAfter(Progress):
 @pytest.mark.parametrize("compress, train, phase", [
     ("method = cstar\n  structure = prune-uniform", "admm {\n    epochs = 2\n    lr = 0.01\n  }", "admm"),
     ("method = auto\n  candidates = [low-rank, prune-uniform]", "admm = none", "finetune"),
+    ("method = auto\n  candidates = [low-rank, prune-global]", "admm {\n    epochs = 2\n    lr = 0.01\n  }", "admm"),
 ])
 def test_a_resumed_run_ends_as_an_uninterrupted_one(tmp_path: Path, compress: str, train: str, phase: str) -> None:
     recipe = _recipe(tmp_path, "resumed", compress, train)

@@ -244,10 +244,9 @@ class CompressSpec(Block):
     allocation: Annotated[str, typed(c.choice, options=("uniform", "global"), what="channel allocation")] = "uniform"
     # channel-prune only: a channel's score, its L1 norm or the Taylor estimate on the adversarial loss.
     importance: Annotated[str, typed(c.choice, options=("l1", "taylor"), what="channel importance")] = "l1"
-    # cstar only: the structure its ADMM phase projects onto: ranks (Tucker-2 / SVD), or channels removed uniformly.
-    structure: Annotated[str, typed(c.choice, options=("low-rank", "prune-uniform"), what="ADMM structure")] = (
-        "low-rank"
-    )
+    # cstar only: the structure its ADMM phase projects onto: ranks (Tucker-2 / SVD), channels (each layer's count
+    # from a uniform share or one global ranking), or a joint structure's channels and then its ranks.
+    structure: Annotated[str, typed(_structure)] = "low-rank"
     # auto only: the structures to compare, the fine-tuning epochs each gets, and the share of the training set held
     # out to score them (never the test set).
     candidates: Annotated[tuple[str, ...], typed(_structures)] = registry.STRUCTURES
@@ -258,7 +257,7 @@ class CompressSpec(Block):
     @property
     def removes_channels(self) -> bool:
         """Whether the compiled model is channel-pruned: `channel-prune`, or cstar's ADMM onto channels."""
-        return self.method == "channel-prune" or (self.method == "cstar" and self.structure == "prune-uniform")
+        return self.method == "channel-prune" or (self.method == "cstar" and self.structure.startswith("prune-"))
 
     @field_validator("keep", mode="after")
     @classmethod
