@@ -95,8 +95,10 @@ class Setting:
     seed: int = 0
 
     def cuts_classifier(self, method: str, ratio: int) -> bool:
-        if method.startswith("channel-prune") or method.endswith("-channels"):
-            return False  # the pruner never prunes the classifier's outputs
+        if method.startswith(("channel-prune", "joint")) or method.endswith("-channels"):
+            # The pruner never prunes the classifier's outputs; a joint structure reaches the budget without cutting
+            # the classifier's rank, which at rank 1 leaves 10 logits on a line.
+            return False
         return not self.keep_classifier if self.keep_classifier is not None else ratio >= 256
 
     def floor(self, ratio: int) -> int:

@@ -48,8 +48,9 @@ def make_plan(spec: Spec, model: nn.Module, *, structure: str | None = None) -> 
     ``structure`` (a name `method = auto` may choose: ``low-rank``, ``prune-uniform``, ``joint-25``...) plans that
     structure at the recipe's budget instead of the one ``cstar compile`` builds (see ``planned_structure``)."""
     found = inventory.collect(model, spec.model.input, spec.model.leaf)
-    plan = planning.make_plan(spec, found.layers, found.other_params)
     structure = structure or planned_structure(spec)
+    plan = planning.make_plan(spec, found.layers, found.other_params) if structure == "low-rank" else \
+        planning.budget_plan(spec, found.layers, found.other_params)
     if structure != "low-rank":
         plan = _channels_removed(spec, model, plan, found.layers, structure)
     if spec.model.weights is None and spec.compress.policy.kind in ("global", "energy") and any(
@@ -62,14 +63,14 @@ def make_plan(spec: Spec, model: nn.Module, *, structure: str | None = None) -> 
 
 def planned_structure(spec: Spec) -> str:
     """The structure `cstar compile` builds: the method's own, or the one candidate of `method = auto`. With several
-    candidates the probe chooses at compile time; the plan shows the low-rank one (the budget every candidate meets).
-    """
+    candidates the probe chooses at compile time; the plan shows the low-rank one (the budget every candidate meets),
+    or the first listed when low rank is not a candidate."""
     compress = spec.compress
     if compress.method == "channel-prune":
         return f"prune-{compress.allocation}"
     if compress.method == "cstar":
         return compress.structure
-    if compress.method == "auto" and len(compress.candidates) == 1:
+    if compress.method == "auto" and (len(compress.candidates) == 1 or "low-rank" not in compress.candidates):
         return compress.candidates[0]
     return "low-rank"
 
@@ -129,8 +130,8 @@ def _compressed(spec: Spec, model: nn.Module, plan: Plan, example: Tensor, struc
     share = channel_share(structure)
     if share is not None:  # the low-rank plan's budget, met by pruning and then ranks, as make_plan did
         found = inventory.collect(model, spec.model.input, spec.model.leaf)
-        low_rank = planning.make_plan(spec, found.layers, found.other_params)
-        return joint_structure(model, spec, low_rank, found.layers, example, share).build(spec)
+        budget = planning.budget_plan(spec, found.layers, found.other_params)
+        return joint_structure(model, spec, budget, found.layers, example, share).build(spec)
     if structure != "low-rank":
         return prune_to_plan(model, spec, plan, example, allocation=structure.removeprefix("prune-")).model
     return factorize(model, plan, spec)

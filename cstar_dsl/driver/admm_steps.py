@@ -36,6 +36,13 @@ def replan(context: Context, weights: dict[str, Tensor]) -> Plan:
     return planning.make_plan(context.spec, layers, context.other_params)
 
 
+def channel_budget(context: Context, weights: dict[str, Tensor]) -> Plan:
+    """``replan`` for a structure that removes channels: where ranks cannot reach a parameter budget, every layer
+    dense under its target (see planning.budget_plan)."""
+    layers = inventory.with_weights(context.layers, {k: v.detach().cpu() for k, v in weights.items()})
+    return planning.budget_plan(context.spec, layers, context.other_params)
+
+
 def choose_ranks(context: Context, weights: dict[str, Tensor]) -> tuple[dict[str, tuple[int, ...]], Plan]:
     """The plan's policy on the spectra of ``weights``: the Z-step's ranks, re-chosen every time, and the plan."""
     plan = replan(context, weights)
@@ -96,7 +103,7 @@ def _channel_start(context: Context, run: Run, structure: str) -> admm.AdmmState
     which channels, each Z-step chooses again on W + U. Z = Proj(W), U = 0."""
     assert run.net is not None
     net = copy.deepcopy(run.net).cpu()
-    spec, plan = context.spec, replan(context, admm_weights(run, context.layer_names))
+    spec, plan = context.spec, channel_budget(context, admm_weights(run, context.layer_names))
     share = registry.channel_share(structure)
     if share is not None:  # a joint structure: its channels now, the ranks of what they keep after the cut
         pruned = channel_prune(net, torch.zeros(1, *spec.model.input), channel_target(plan, share),

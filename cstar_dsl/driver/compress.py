@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..lang import registry
+from ..lang.problems import SpecProblem
 from ..model import inventory, rewrite
 from ..model import zoo as models
 from ..model.channel_cut import cut_channels
@@ -16,7 +17,7 @@ from ..model.joint import factorized_after_pruning, joint_description, joint_str
 from ..model.prune import Pruned, admm_channels_rule, kept_whole, pruned_plan, weight_params
 from ..plan.costs import energy_kept
 from ..plan.plans import Plan
-from .admm_steps import admm_structure, admm_weights, replan
+from .admm_steps import admm_structure, admm_weights, channel_budget, replan
 from .probe import Built, choose_structure
 from .pruning import prune_structure
 from .state import Context, Progress, Run, place
@@ -35,7 +36,8 @@ def compress(context: Context, run: Run, progress: Progress | None = None) -> No
     if run.admm is not None:
         built = _after_admm(context, run, net)
     else:
-        plan = replan(context, admm_weights(run, context.layer_names))
+        weights = admm_weights(run, context.layer_names)
+        plan = replan(context, weights) if method == "svd-finetune" else channel_budget(context, weights)
         if run.choice is not None:
             structure = run.choice.winner
         else:
@@ -50,7 +52,7 @@ def choose(context: Context, run: Run, progress: Progress | None = None) -> None
     """`method = auto`: the candidates probed from the trained dense model and the winner kept in ``run.choice``."""
     assert run.net is not None
     compress, net = context.spec.compress, run.net.cpu()
-    plan = replan(context, admm_weights(run, context.layer_names))
+    plan = channel_budget(context, admm_weights(run, context.layer_names))
 
     def announce(name: str, index: int, count: int) -> None:
         if progress is not None:
@@ -73,7 +75,7 @@ def _after_admm(context: Context, run: Run, net: nn.Module) -> Built:
         _energy_of_weights(context, run, ranks)
         return Built(rewrite.factorize_ranks(net, ranks, leaves=spec.model.leaf, sweeps=spec.compress.hooi_sweeps),
                      run.plan, {"kind": "factorized", "ranks": {k: list(v) for k, v in ranks.items()}})
-    dense_plan = replan(context, admm_weights(run, context.layer_names))  # the budget, on W before the cut
+    dense_plan = channel_budget(context, admm_weights(run, context.layer_names))  # the budget, on W before the cut
     cut = cut_channels(net, torch.zeros(1, *spec.model.input), run.admm.pruning_ratio or 0.0,
                        {name: z.cpu() for name, z in run.admm.z.items()}, keep=kept_whole(spec, context.layer_names),
                        widened=run.admm.widened)
@@ -97,6 +99,9 @@ def build_structure(context: Context, net: nn.Module, structure: str, plan: Plan
                                 share)
         return Built(joint.build(context.spec), joint.plan, joint_description(joint.plan))
     if structure == "low-rank":
+        if not plan.meets_budget():  # a parameter budget only channels can reach (see planning.budget_plan)
+            raise SpecProblem(("compress", "budget"), "infeasible-budget",
+                              f"low rank cannot meet the budget {plan.budget}: {'; '.join(plan.warnings)}")
         ranks = rewrite.planned_ranks(plan)
         factorized = rewrite.factorize_ranks(net, ranks, leaves=context.spec.model.leaf,
                                              sweeps=context.spec.compress.hooi_sweeps)

@@ -44,7 +44,7 @@ def joint_description(plan: Plan) -> dict[str, object]:
 def channel_target(plan: Plan, channel_share: float) -> int:
     """The parameters channel pruning leaves: ``channel_share`` of the compression the plan asks for, on a log scale
     (at 64x, a share of 50% prunes to 8x and leaves 8x to the ranks)."""
-    ratio = plan.params_before / max(1, plan.params_after)
+    ratio = plan.params_before / max(1, plan.params_budget)
     return max(1, math.floor(plan.params_before / ratio ** channel_share))
 
 

@@ -83,7 +83,8 @@ def channel_prune(model: nn.Module, example_input: torch.Tensor, target_params: 
     return _widen(trial, best, shares[low], target_params)
 
 
-# A uniform prune that leaves more than this share of the budget unused is packed again, the largest raises first.
+# A uniform share below this share of the budget is filled by raising layers; if the layers in the order they run
+# still leave it unfilled, they are packed again, the largest raises first.
 _FILL = 0.97
 
 
@@ -93,8 +94,11 @@ def _widen(trial: _Trials, pruned: Pruned, share: Fraction, target_params: int) 
 
     The next share can add a channel to every layer at once (k/32 of a 32-wide layer is 2k/64 of a 64-wide one),
     which on a network of doubling widths overshoots the budget by a large part of it: 19% of it at 256x on
-    mnist-cnn. Layers are raised in the order they run; if that leaves more than 3% of the budget unused (a
-    cheap early raise can block a costly one that fits only alone), the raises are packed largest first."""
+    mnist-cnn. A share within 3% of the budget is kept as it is. Otherwise layers are raised in the order they
+    run; if that leaves more than 3% of the budget unused (a cheap early raise can block a costly one that fits
+    only alone), the raises are packed largest first."""
+    if pruned.params >= _FILL * target_params:
+        return pruned  # close enough: each raise is a pruning trial, and a deep network has many layers
     raises = [(name, count) for name, width in trial.prunable if (count := _kept(share, width) + 1) <= width]
     filled = _raised(trial, pruned, share, target_params, raises)
     if filled.params >= _FILL * target_params:
@@ -126,7 +130,7 @@ def prune_to_plan(model: nn.Module, spec: Spec, plan: Plan, example_input: torch
     """``model`` channel-pruned to the parameters ``plan`` leaves: the layers the recipe's `compress.keep` names,
     and those a `keep` rule leaves dense, stay whole."""
     kept = kept_whole(spec, (layer.name for layer in plan.layers))
-    return channel_prune(model, example_input, plan.params_after, keep=kept,
+    return channel_prune(model, example_input, plan.params_budget, keep=kept,
                          allocation=allocation, importance=importance)
 
 

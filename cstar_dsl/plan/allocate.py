@@ -49,6 +49,25 @@ def make_plan(spec: Spec, layers: Sequence[LayerInfo], other_params: int = 0) ->
                 layers=tuple(_layer_plan(s) for s in slots), other_params=other_params)
 
 
+def budget_plan(spec: Spec, layers: Sequence[LayerInfo], other_params: int = 0) -> Plan:
+    """The low-rank plan, or, where ranks cannot reach a parameter budget that removing channels may (a dense
+    output layer, a rank floor, depthwise convs), every layer dense under the budget's target: the plan that a
+    structure removing channels prunes to (``Plan.params_budget``), and that low rank does not meet."""
+    try:
+        return make_plan(spec, layers, other_params)
+    except SpecProblem as problem:
+        compress = spec.compress
+        if problem.code != "infeasible-budget" or compress.budget.metric != "params":
+            raise
+        slots = [make_slot(layer, compress) for layer in sorted(layers, key=lambda x: natural(x.name))]
+        for slot in slots:  # each layer's rule still says what decides it (a `keep`, the output layer)
+            slot.ranks, slot.fixed, slot.reason = None, False, slot.reason or "low rank cannot meet the budget"
+        target = _target(compress, slots, cost_function("params"), other_params)
+        return Plan(policy=_policy_text(compress), budget=compress.budget.text(), metric="params", target=target,
+                    layers=tuple(_layer_plan(s) for s in slots), other_params=other_params,
+                    warnings=(f"low rank: {problem.message}",))
+
+
 # ------------------------------------------------------------------- budgets
 
 

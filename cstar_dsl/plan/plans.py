@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 Ranks = tuple[int, ...]  # (r,) for a Linear, (r_out, r_in) for a conv
@@ -64,6 +65,19 @@ class Plan:
     @property
     def macs_after(self) -> int:
         return sum(layer.macs_after for layer in self.layers)
+
+    @property
+    def params_budget(self) -> int:
+        """The weight parameters a structure that removes channels may keep: the low-rank plan's count (never above
+        its target), or a parameter budget's target where the plan leaves layers dense that ranks could not shrink.
+        """
+        if self.metric == "params" and self.params_after > self.target:
+            return math.floor(self.target)
+        return self.params_after
+
+    def meets_budget(self) -> bool:
+        """Whether the plan's own structure is within its target (a dense fallback plan is not)."""
+        return (self.params_after if self.metric == "params" else self.macs_after) <= self.target
 
     @property
     def ratio(self) -> float:

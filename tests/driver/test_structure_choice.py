@@ -180,16 +180,15 @@ def test_settings_a_method_does_not_use_are_warned_about(tmp_path: Path, compres
     assert [(w.code, f"`{key}`" in w.message) for w in checked.warnings] == [("setting-ignored", True)]
 
 
-# Each budget is one where the prune widens some layers past the uniform share, which the cut must follow.
-@pytest.mark.parametrize("arch, shape, ratio", [("cstar:mnist-cnn", (1, 28, 28), 16),
-                                                ("torchvision:resnet18", (3, 32, 32), 16),
-                                                ("torchvision:mobilenet_v2", (3, 32, 32), 64)])
-def test_the_channel_cut_is_the_uniform_prune_and_its_own_projection(arch: str, shape: tuple[int, ...],
-                                                                     ratio: int) -> None:
+@pytest.mark.parametrize("arch, shape", [("cstar:mnist-cnn", (1, 28, 28)), ("torchvision:resnet18", (3, 32, 32)),
+                                         ("torchvision:mobilenet_v2", (3, 32, 32))])
+def test_the_channel_cut_is_the_uniform_prune_and_its_own_projection(arch: str, shape: tuple[int, ...]) -> None:
     net = zoo.build_model(ModelSpec(arch=arch, classes=10, input=shape), seed=0)
     example = torch.zeros(1, *shape)
-    pruned = channel_prune(net, example, weight_params(net) // ratio)
-    assert pruned.widened
+    pruned = channel_prune(net, example, weight_params(net) // 16)
+    # mnist-cnn's doubling widths leave its uniform share 5% under the budget: layers rounded up fill it, and the
+    # cut must follow them. The others' shares come within 3% of it alone.
+    assert bool(pruned.widened) == (arch == "cstar:mnist-cnn")
     weights = {name: m.weight.detach() for name, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     cut = cut_channels(net, example, pruned.pruning_ratio, weights, widened=pruned.widened)
     applied = cut.apply(net)
@@ -228,6 +227,24 @@ def test_cstar_onto_channels_compiles_a_pruned_model_at_the_budget(tmp_path: Pat
     loaded = cstar_dsl.load(tmp_path / "out")
     x = torch.rand(3, 1, 8, 8)
     assert torch.allclose(loaded(x), compiled.model(x), atol=1e-5)
+
+
+def test_a_budget_only_channels_reach_is_compiled_and_low_rank_steps_aside(tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from cstar_dsl.cli import main
+
+    recipe = _recipe(tmp_path, "far", "method = auto\n  candidates = [low-rank, prune-uniform]\n  budget = 64x params")
+    compiled = cstar_dsl.compile(recipe, tmp_path / "out")
+    choice = compiled.report.structure_choice
+    assert choice is not None and choice.winner == "prune-uniform"
+    low_rank = choice.candidates[0]
+    assert low_rank.robust is None and low_rank.problem is not None
+    assert "low rank cannot meet the budget 64x params" in low_rank.problem and "20.00x" in low_rank.problem
+    assert 64 * 0.97 <= compiled.report.compression.ratio <= 64 / 0.97
+    pruned = variant(tmp_path, recipe, "compress {\n  method = channel-prune\n}\n", "pruned.cstar")
+    assert main(["plan", str(pruned)]) == 0
+    out = capsys.readouterr().out
+    assert "budget 64x params, 2 of 3 layers pruned" in out and "low rank: the budget 64x params cannot be met" in out
 
 
 ADMM = "admm {\n    epochs = 2\n    lr = 0.01\n    rho = 0.5\n  }"
