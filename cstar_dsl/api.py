@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, fx, nn
 
-from .lang.registry import channel_share
+from .lang.registry import channel_allocation, channel_share
 from .lang.spec import Spec
 from .model import inventory, rewrite
 from .model import zoo as models
@@ -82,16 +82,17 @@ def _channels_removed(spec: Spec, model: nn.Module, plan: Plan, layers: Sequence
     import torch
 
     from .model.joint import joint_structure
-    from .model.prune import ADMM_CHANNELS_RULE, prune_rule, prune_to_plan, pruned_plan
+    from .model.prune import admm_channels_rule, prune_rule, prune_to_plan, pruned_plan
 
     example = torch.zeros(1, *spec.model.input)
     share = channel_share(structure)
     if share is not None:
         joint = joint_structure(model, spec, plan, layers, example, share)
         return dataclasses.replace(joint.plan, warnings=plan.warnings)
-    allocation = structure.removeprefix("prune-")
+    allocation = channel_allocation(structure)
     pruned = prune_to_plan(model, spec, plan, example, allocation=allocation)
-    rule = ADMM_CHANNELS_RULE if spec.compress.method == "cstar" else prune_rule(spec.compress.importance, allocation)
+    rule = admm_channels_rule(allocation) if spec.compress.method == "cstar" \
+        else prune_rule(spec.compress.importance, allocation)
     notes = plan.warnings  # the budget they meet is the factorized plan's parameter count, and its notes hold
     if allocation == "global":
         notes += ("a global ranking's widths depend on the trained weights: these are an estimate by L1 norm on "
@@ -133,7 +134,7 @@ def _compressed(spec: Spec, model: nn.Module, plan: Plan, example: Tensor, struc
         budget = planning.budget_plan(spec, found.layers, found.other_params)
         return joint_structure(model, spec, budget, found.layers, example, share).build(spec)
     if structure != "low-rank":
-        return prune_to_plan(model, spec, plan, example, allocation=structure.removeprefix("prune-")).model
+        return prune_to_plan(model, spec, plan, example, allocation=channel_allocation(structure)).model
     return factorize(model, plan, spec)
 
 

@@ -10,6 +10,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from ..lang import registry
 from ..lang.errors import CStarError
 from ..lang.render import plural, si
 from .output import EXIT_OK, USER_ERRORS, print_diagnostics, print_error, wrapped
@@ -50,7 +51,7 @@ def run_plan(args: argparse.Namespace, console: Console) -> int:
     pruning = any(layer.shape_after is not None for layer in plan.layers)
     console.print(_plan_table(plan, f"{args.files[0]}: {checked.spec.model.arch}", console.width, pruning=pruning))
     summary = [_plan_summary(plan, seconds, pruning=pruning)]
-    notes = _plan_notes(plan, console.width, pruning=pruning, allocation=structure.removeprefix("prune-"),
+    notes = _plan_notes(plan, console.width, pruning=pruning, allocation=registry.channel_allocation(structure),
                         admm=compress.removes_channels and compress.method == "cstar" and not args.structure,
                         importance="L1" if compress.importance == "l1" else "Taylor")
     if compress.method == "auto" and len(compress.candidates) > 1:
@@ -115,10 +116,10 @@ def _plan_table(plan: Plan, title: str, width: int = 200, *, pruning: bool = Fal
 
 def _treatment(layer: LayerPlan, wide: bool, arrow: str, *, joint: bool = False) -> str:
     if layer.shape_after is not None and not joint:  # the output channels pruning keeps (an output layer all)
+        if layer.ranks is not None:  # a joint layer in one column (`cstar diff`): its channels, then its ranks
+            return f"{_channels(layer, arrow)}, {layer.method} {'x'.join(map(str, layer.ranks))}"
         whole = layer.shape_after == layer.shape
-        channels = "dense" if whole else f"{layer.shape[0]}{arrow}{layer.shape_after[0]}"
-        # A joint layer in one column (`cstar diff`): its channels, then the ranks of what it keeps.
-        return channels if layer.ranks is None else f"{channels}, {layer.method} {'x'.join(map(str, layer.ranks))}"
+        return "dense" if whole else f"{layer.shape[0]}{arrow}{layer.shape_after[0]}"
     if layer.ranks is None:
         return f"dense: {layer.reason}" if wide else "dense"
     return f"{layer.method} {'x'.join(map(str, layer.ranks))}"
@@ -138,9 +139,10 @@ def _plan_notes(plan: Plan, width: int, *, pruning: bool = False, allocation: st
         pruned = sum(not _prune_keeps(layer) for layer in plan.layers)
         layers = plural(pruned, "pruned layer")
         order = "least weight across its dependency group" if admm else f"lowest {importance} score first"
-        how = (f"removes one share of the output channels of each of the {layers} ({order})"
-               if allocation == "uniform" or admm else f"ranks the output channels of the {layers} together by "
-               "L1 norm (each layer's divided by its mean) and removes the smallest")
+        how = (f"removes one share of the output channels of each of the {layers} ({order}), some layers rounded "
+               "up" if allocation == "uniform" else f"ranks the output channels of the {layers} together by "
+               f"{importance} score (each layer's divided by its mean) to set each layer's count, and removes "
+               f"the {'channels of ' + order if admm else 'smallest'}")
         who = "cstar onto channels: the ADMM phase, then the compile," if admm else "channel-prune: `cstar compile`"
         if any(layer.ranks is not None for layer in plan.layers):
             return [f"joint: `cstar compile` {how}, the largest such model within its share of the budget, then "

@@ -91,10 +91,11 @@ def _pruned_shapes(net: nn.Module, shapes: object, ranks: Mapping[str, object]) 
     found = {}
     for name, shape in shapes.items():
         dense = tuple(net.get_parameter(f"{name}.weight").shape)
-        if (not isinstance(shape, list) or len(shape) != len(dense)
+        # Pruning removes outputs and inputs only: a kernel keeps its size.
+        if (not isinstance(shape, list) or len(shape) != len(dense) or shape[2:] != list(dense[2:])
                 or not all(type(s) is int and 1 <= s <= d for s, d in zip(shape, dense, strict=True))):  # noqa: E721
             raise ArtifactError(f"layer {name!r} has the pruned shape {shape!r}: expected {len(dense)} whole numbers, "
-                                f"each from 1 to the dense shape {list(dense)}")
+                                f"each from 1 to the dense shape {list(dense)}, the kernel's the same")
         found[f"{name}.weight"] = torch.empty(shape, device="meta")
     return found
 

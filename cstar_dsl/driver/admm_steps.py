@@ -15,10 +15,10 @@ from ..lang import registry
 from ..lang.spec import AdmmSpec, PhaseSpec
 from ..model import inventory, rewrite
 from ..model.channel_cut import cut_channels
-from ..model.joint import channel_target
-from ..model.prune import admm_channels_rule, channel_prune, kept_whole, pruned_plan, widths_of
+from ..model.joint import factorized_after_pruning, joint_channels
+from ..model.prune import admm_channels_rule, kept_whole, widths_of
 from ..plan import allocate as planning
-from ..plan.plans import Plan
+from ..plan.plans import Plan, Ranks
 from ..train import admm, distributed
 from .pruning import prune_structure
 from .state import Context, Run
@@ -36,9 +36,12 @@ def replan(context: Context, weights: dict[str, Tensor]) -> Plan:
     return planning.make_plan(context.spec, layers, context.other_params)
 
 
-def channel_budget(context: Context, weights: dict[str, Tensor]) -> Plan:
-    """``replan`` for a structure that removes channels: where ranks cannot reach a parameter budget, every layer
-    dense under its target (see planning.budget_plan)."""
+def structure_plan(context: Context, weights: dict[str, Tensor], structure: str) -> Plan:
+    """The plan ``structure`` is built to, on the spectra of ``weights``: low rank's own (a `SpecProblem` where ranks
+    cannot meet the budget), or for a structure that removes channels the plan of the budget it prunes to
+    (planning.budget_plan)."""
+    if structure == "low-rank":
+        return replan(context, weights)
     layers = inventory.with_weights(context.layers, {k: v.detach().cpu() for k, v in weights.items()})
     return planning.budget_plan(context.spec, layers, context.other_params)
 
@@ -75,7 +78,7 @@ def admm_update(context: Context, run: Run, phase: AdmmSpec) -> float:
     weights = admm_weights(run, context.layer_names)
     shifted = {name: w.detach() + run.admm.u[name] if name in run.admm.u else w.detach() for name, w in weights.items()}
     if run.admm.pruning_ratio is not None:
-        z, kept = _channel_projection(context, run, shifted, run.admm.pruning_ratio, run.admm.widened)
+        z, kept = _channel_projection(context, run, shifted, run.admm.pruning_ratio, run.admm.kept_counts)
         chosen = {name: weights[name] for name in z}
         state = dataclasses.replace(run.admm, z=z, ranks=kept)
     else:
@@ -103,31 +106,32 @@ def _channel_start(context: Context, run: Run, structure: str) -> admm.AdmmState
     which channels, each Z-step chooses again on W + U. Z = Proj(W), U = 0."""
     assert run.net is not None
     net = copy.deepcopy(run.net).cpu()
-    spec, plan = context.spec, channel_budget(context, admm_weights(run, context.layer_names))
+    spec, plan = context.spec, structure_plan(context, admm_weights(run, context.layer_names), structure)
     share = registry.channel_share(structure)
     if share is not None:  # a joint structure: its channels now, the ranks of what they keep after the cut
-        pruned = channel_prune(net, torch.zeros(1, *spec.model.input), channel_target(plan, share),
-                               keep=kept_whole(spec, context.layer_names))
-        run.plan = pruned_plan(plan, context.layers, pruned, spec.model, admm_channels_rule("uniform"), "uniform")
+        pruned = joint_channels(net, spec, plan, share)
+        # Planned now, so that ranks its split cannot meet stop the compile before the ADMM epochs, not after.
+        run.plan = factorized_after_pruning(pruned, spec, plan, context.layers, admm_channels_rule("uniform")).plan
     else:
-        allocation = structure.removeprefix("prune-")
+        allocation = registry.channel_allocation(structure)
         # A uniform share does not depend on the scores: L1 spares the Taylor pass.
         pruned, run.plan = prune_structure(context, net, plan, allocation,
                                            importance="l1" if allocation == "uniform" else None)
         if allocation != "uniform":
             pruned = widths_of(net, pruned)
     weights = admm_weights(run, context.layer_names)
-    z, kept = _channel_projection(context, run, weights, pruned.pruning_ratio, pruned.widened)
+    z, kept = _channel_projection(context, run, weights, pruned.pruning_ratio, pruned.kept_counts)
     return admm.AdmmState(z, {name: torch.zeros_like(weights[name]) for name in z}, kept, pruned.pruning_ratio,
-                          pruned.widened)
+                          pruned.kept_counts)
 
 
 def _channel_projection(context: Context, run: Run, weights: dict[str, Tensor], pruning_ratio: float,
-                        widened: tuple[tuple[str, int], ...]) -> tuple[dict[str, Tensor], dict[str, tuple[int, ...]]]:
-    """Z: ``weights`` with the channels a uniform prune removes from them zeroed; and each layer's kept outputs."""
+                        kept_counts: tuple[tuple[str, int], ...]) -> tuple[dict[str, Tensor], dict[str, Ranks]]:
+    """Z: ``weights`` with the channels of least weight zeroed, each layer down to the count the share and
+    ``kept_counts`` give it; and each layer's kept outputs."""
     assert run.net is not None
     cut = cut_channels(run.net, torch.zeros(1, *context.spec.model.input), pruning_ratio, weights,
-                       keep=kept_whole(context.spec, context.layer_names), widened=widened)
+                       keep=kept_whole(context.spec, context.layer_names), kept_counts=kept_counts)
     touched = {name for name, _, _ in cut.items} & set(weights)
     z = cut.project({name: weights[name] for name in touched})
     kept = cut.kept_outputs(run.net)

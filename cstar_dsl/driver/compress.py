@@ -1,5 +1,5 @@
 """Compile driver, compress: the trained dense model -> factorized (cstar, svd-finetune), channel-pruned
-(channel-prune, cstar onto channels), or the structure a probe chose (auto)."""
+(channel-prune, cstar onto channels), both (a joint structure), or the structure a probe chose (auto)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from ..lang import registry
-from ..lang.problems import SpecProblem
 from ..model import inventory, rewrite
 from ..model import zoo as models
 from ..model.channel_cut import cut_channels
@@ -17,7 +16,7 @@ from ..model.joint import factorized_after_pruning, joint_description, joint_str
 from ..model.prune import Pruned, admm_channels_rule, kept_whole, pruned_plan, weight_params
 from ..plan.costs import energy_kept
 from ..plan.plans import Plan
-from .admm_steps import admm_structure, admm_weights, channel_budget, replan
+from .admm_steps import admm_structure, admm_weights, structure_plan
 from .probe import Built, choose_structure
 from .pruning import prune_structure
 from .state import Context, Progress, Run, place
@@ -36,13 +35,12 @@ def compress(context: Context, run: Run, progress: Progress | None = None) -> No
     if run.admm is not None:
         built = _after_admm(context, run, net)
     else:
-        weights = admm_weights(run, context.layer_names)
-        plan = replan(context, weights) if method == "svd-finetune" else channel_budget(context, weights)
         if run.choice is not None:
             structure = run.choice.winner
         else:
             structure = f"prune-{spec.compress.allocation}" if method == "channel-prune" else "low-rank"
-        built = build_structure(context, net, structure, plan)
+        weights = admm_weights(run, context.layer_names)
+        built = build_structure(context, net, structure, structure_plan(context, weights, structure))
     run.net, run.plan, run.structure = built.net, built.plan, built.structure
     run.admm = None
     run.model = place(models.Normalized(run.net, context.data.mean, context.data.std), context.device)
@@ -52,14 +50,15 @@ def choose(context: Context, run: Run, progress: Progress | None = None) -> None
     """`method = auto`: the candidates probed from the trained dense model and the winner kept in ``run.choice``."""
     assert run.net is not None
     compress, net = context.spec.compress, run.net.cpu()
-    plan = channel_budget(context, admm_weights(run, context.layer_names))
+    weights = admm_weights(run, context.layer_names)
 
     def announce(name: str, index: int, count: int) -> None:
         if progress is not None:
             progress.stage(f"probing structure {index + 1} of {count}: {name} ({compress.probe_epochs} epoch(s), "
                            f"{compress.probe_holdout:.0%} of the training set held out)")
 
-    run.choice = choose_structure(context, lambda name: build_structure(context, net, name, plan), announce)
+    run.choice = choose_structure(
+        context, lambda name: build_structure(context, net, name, structure_plan(context, weights, name)), announce)
     run.phase_seconds["probe"] = run.choice.seconds
     run.net = place(net, context.device)
 
@@ -75,16 +74,16 @@ def _after_admm(context: Context, run: Run, net: nn.Module) -> Built:
         _energy_of_weights(context, run, ranks)
         return Built(rewrite.factorize_ranks(net, ranks, leaves=spec.model.leaf, sweeps=spec.compress.hooi_sweeps),
                      run.plan, {"kind": "factorized", "ranks": {k: list(v) for k, v in ranks.items()}})
-    dense_plan = channel_budget(context, admm_weights(run, context.layer_names))  # the budget, on W before the cut
     cut = cut_channels(net, torch.zeros(1, *spec.model.input), run.admm.pruning_ratio or 0.0,
                        {name: z.cpu() for name, z in run.admm.z.items()}, keep=kept_whole(spec, context.layer_names),
-                       widened=run.admm.widened)
+                       kept_counts=run.admm.kept_counts)
     model = cut.apply(net)
-    pruned = Pruned(model, run.admm.pruning_ratio or 0.0, weight_params(model), run.admm.widened)
-    allocation = "global" if structure == "prune-global" else "uniform"
+    pruned = Pruned(model, run.admm.pruning_ratio or 0.0, weight_params(model), run.admm.kept_counts)
+    allocation = registry.channel_allocation(structure)
     rule = admm_channels_rule(allocation)
     if registry.channel_share(structure) is not None:
-        joint = factorized_after_pruning(pruned, spec, dense_plan, context.layers, rule)
+        budget = structure_plan(context, admm_weights(run, context.layer_names), structure)  # on W, before the cut
+        joint = factorized_after_pruning(pruned, spec, budget, context.layers, rule)
         return Built(joint.build(spec), joint.plan, joint_description(joint.plan))
     # run.plan is the pruned plan the ADMM phase started from: the same widths, so only the rule changes.
     return Built(model, pruned_plan(run.plan, context.layers, pruned, spec.model, rule, allocation), {"kind": "pruned"})
@@ -99,15 +98,12 @@ def build_structure(context: Context, net: nn.Module, structure: str, plan: Plan
                                 share)
         return Built(joint.build(context.spec), joint.plan, joint_description(joint.plan))
     if structure == "low-rank":
-        if not plan.meets_budget():  # a parameter budget only channels can reach (see planning.budget_plan)
-            raise SpecProblem(("compress", "budget"), "infeasible-budget",
-                              f"low rank cannot meet the budget {plan.budget}: {'; '.join(plan.warnings)}")
         ranks = rewrite.planned_ranks(plan)
         factorized = rewrite.factorize_ranks(net, ranks, leaves=context.spec.model.leaf,
                                              sweeps=context.spec.compress.hooi_sweeps)
         description = {"kind": "factorized", "ranks": {k: list(v) for k, v in ranks.items()}}
         return Built(factorized, plan, description)
-    pruned, pruned_plan = prune_structure(context, net, plan, "global" if structure == "prune-global" else "uniform")
+    pruned, pruned_plan = prune_structure(context, net, plan, registry.channel_allocation(structure))
     return Built(pruned.model, pruned_plan, {"kind": "pruned"})
 
 

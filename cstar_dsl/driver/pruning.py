@@ -40,8 +40,8 @@ def _adversarial_gradients(context: Context, net: nn.Module) -> None:
 
 def prune_structure(context: Context, net: nn.Module, plan: Plan, allocation: str,
                     importance: str | None = None) -> tuple[Pruned, Plan]:
-    """Torch-Pruning filter pruning (L1 or Taylor scores; the recipe's unless given) to the parameter count the
-    factorized model would have."""
+    """Torch-Pruning filter pruning (L1 or Taylor scores; the recipe's unless given) to the plan's parameter budget
+    (``Plan.params_budget``)."""
     spec = context.spec
     importance = importance or spec.compress.importance
     if importance == "taylor":

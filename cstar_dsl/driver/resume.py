@@ -63,6 +63,7 @@ def _resume(context: Context, lock: dict[str, Any], net: nn.Module) -> Run:
 
 
 def _restore(context: Context, state: dict[str, Any], net: nn.Module) -> Run:
+    _same_phases(context, state)
     structure = json.loads(state["structure"])
     inner = {k.removeprefix("model."): v for k, v in state["model"].items() if k.startswith("model.")}
     if structure["kind"] != "dense":  # the checkpoint holds every weight: the starting weights are not read again
@@ -83,7 +84,7 @@ def _restore(context: Context, state: dict[str, Any], net: nn.Module) -> Run:
         run.admm = admm.AdmmState({k: v.to(context.device) for k, v in saved["z"].items()},
                                   {k: v.to(context.device) for k, v in saved["u"].items()}, ranks,
                                   saved.get("pruning_ratio"),
-                                  tuple((name, int(kept)) for name, kept in json.loads(saved.get("widened", "[]"))))
+                                  tuple((name, int(kept)) for name, kept in json.loads(saved.get("kept_counts", "[]"))))
     if run.phase_index < len(context.phases):
         start_optimizer(context, run)
         assert run.optimizer is not None and run.schedule is not None
@@ -94,6 +95,18 @@ def _restore(context: Context, state: dict[str, Any], net: nn.Module) -> Run:
     return run
 
 
+def _same_phases(context: Context, state: dict[str, Any]) -> None:
+    """The phases the checkpoint counted its phase index in are this run's: an `admm` block under `method = auto`
+    was not run before auto's ADMM onto its choice existed, and a checkpoint of those days has no `phases`."""
+    phases = [name for name, _ in context.phases]
+    saved = json.loads(state["phases"]) if "phases" in state else [
+        name for name in phases if not (name == "admm" and context.spec.compress.method == "auto")]
+    if saved != phases:
+        raise checkpoint.CheckpointError(
+            f"cannot resume: the checkpoint counts the phases {', '.join(saved)}, and this cstar runs "
+            f"{', '.join(phases)} for the recipe", help="start over with --force")
+
+
 def save_checkpoint(context: Context, run: Run) -> None:
     """Rank 0 writes the run's whole state (weights, optimizer, ADMM, history, RNG) atomically."""
     assert run.model is not None
@@ -101,6 +114,7 @@ def save_checkpoint(context: Context, run: Run) -> None:
         return
     state = {
         "format": CHECKPOINT_FORMAT,
+        "phases": json.dumps([name for name, _ in context.phases]),
         "phase_index": run.phase_index,
         "next_epoch": run.next_epoch,
         "structure": json.dumps(run.structure),
@@ -110,7 +124,7 @@ def save_checkpoint(context: Context, run: Run) -> None:
         "admm": None if run.admm is None else {
             "z": {k: v.cpu() for k, v in run.admm.z.items()}, "u": {k: v.cpu() for k, v in run.admm.u.items()},
             "ranks": json.dumps({k: list(v) for k, v in run.admm.ranks.items()}),
-            "pruning_ratio": run.admm.pruning_ratio, "widened": json.dumps(run.admm.widened)},
+            "pruning_ratio": run.admm.pruning_ratio, "kept_counts": json.dumps(run.admm.kept_counts)},
         "rho": run.rho,
         "plan": _PLAN.dump_json(run.plan).decode() if run.plan else "",
         "choice": run.choice.model_dump_json() if run.choice else "",

@@ -74,8 +74,11 @@ def _pruning_settings_for_method(spec: SimpleNamespace, root: Section) -> list[D
         why = ("cstar's ADMM onto channels takes each layer's count from `structure` and removes the channels of "
                "least weight"
                if channel_admm else f"method `{compress.method}` removes no channels")
+        # cstar onto a global ranking takes each layer's count from that ranking, which `importance` scores.
+        used = {"importance"} if channel_admm and compress.structure == "prune-global" else set()
         found += [_ignored(root, key, why, f"`{key}` chooses how `channel-prune` {what}; drop it for this method")
-                  for key, (default, what) in _PRUNING_SETTINGS.items() if getattr(compress, key) != default]
+                  for key, (default, what) in _PRUNING_SETTINGS.items()
+                  if getattr(compress, key) != default and key not in used]
     if compress.method != "cstar" and "structure" in compress.model_fields_set:
         found.append(_ignored(root, "structure", f"method `{compress.method}` has no ADMM phase",
                               "`structure` chooses what cstar's ADMM projects onto; drop it for this method"))

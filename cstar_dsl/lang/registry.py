@@ -44,12 +44,17 @@ JOINT_SHARES: tuple[int, ...] = tuple(range(5, 100, 5))
 JOINT_STRUCTURES: tuple[str, ...] = (JOINT, *(f"{JOINT}-{share}" for share in JOINT_SHARES))
 
 
+_CHANNEL_SHARES = {JOINT: 0.5, **{f"{JOINT}-{share}": share / 100 for share in JOINT_SHARES}}
+
+
 def channel_share(structure: str) -> float | None:
     """The share of the compression a joint structure gives channel pruning (None: not a joint structure)."""
-    if structure == JOINT:
-        return 0.5
-    head, _, share = structure.partition("-")
-    return int(share) / 100 if head == JOINT and share.isdigit() and int(share) in JOINT_SHARES else None
+    return _CHANNEL_SHARES.get(structure)
+
+
+def channel_allocation(structure: str) -> str:
+    """How a structure that removes channels spreads them: one global ranking, or a uniform share (joint too)."""
+    return "global" if structure == "prune-global" else "uniform"
 EXPORT_FORMATS: tuple[str, ...] = ("safetensors", "onnx", "torchscript")
 
 _MODULE_PREFIXES = ("module.", "_orig_mod.")

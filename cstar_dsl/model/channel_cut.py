@@ -13,7 +13,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from ..lang.problems import SpecProblem
-from .prune import module_named, output_layer, torch_pruning_ratio, widened_ratios
+from .prune import kept_count_ratios, module_named, output_layer, torch_pruning_ratio
 
 # Torch-Pruning's handlers that remove a Conv2d's or Linear's outputs (rows of its weight) or inputs (columns).
 # A depthwise conv's outputs are its inputs: Torch-Pruning names one handler for both, and its rows go.
@@ -55,9 +55,10 @@ class ChannelCut:
 
 
 def cut_channels(model: nn.Module, example_input: Tensor, pruning_ratio: float, weights: Mapping[str, Tensor], *,
-                 keep: Iterable[str] = (), widened: Iterable[tuple[str, int]] = ()) -> ChannelCut:
-    """The channels a uniform prune at ``pruning_ratio`` (and the ``widened`` layers' counts, see prune._widen)
-    removes when the Conv2d / Linear layers hold ``weights``.
+                 keep: Iterable[str] = (), kept_counts: Iterable[tuple[str, int]] = ()) -> ChannelCut:
+    """The channels a prune removes when the Conv2d / Linear layers hold ``weights``: a uniform share
+    ``pruning_ratio`` of each layer's, except the layers ``kept_counts`` gives their own count of outputs
+    (see prune.Pruned.kept_counts).
 
     A channel scores the sum of squares of every Conv2d / Linear slice its removal deletes (its filter's row, the
     next layers' columns, across Torch-Pruning's dependency group), so removing the lowest-scoring channels is the
@@ -79,7 +80,7 @@ def cut_channels(model: nn.Module, example_input: Tensor, pruning_ratio: float, 
         warnings.filterwarnings("ignore", module=r"torch_pruning\.")  # see prune._Trials
         pruner = tp.pruner.MetaPruner(shadow, example_input, importance=importance,
                                       pruning_ratio=torch_pruning_ratio(pruning_ratio),
-                                      pruning_ratio_dict=widened_ratios(shadow, dict(widened)) or None,
+                                      pruning_ratio_dict=kept_count_ratios(shadow, dict(kept_counts)) or None,
                                       ignored_layers=ignored)
         for group in pruner.step(interactive=True):
             for dependency, indices in group:

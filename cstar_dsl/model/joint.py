@@ -56,9 +56,16 @@ def joint_structure(model: nn.Module, spec: Spec, plan: Plan, layers: Sequence[L
     Raises:
         SpecProblem: channel pruning or the ranks cannot meet their share of the budget.
     """
-    kept = kept_whole(spec, (layer.name for layer in plan.layers))
-    pruned = channel_prune(model, example, channel_target(plan, channel_share), keep=kept)
+    pruned = joint_channels(model, spec, plan, channel_share, example)
     return factorized_after_pruning(pruned, spec, plan, layers, prune_rule("l1", "uniform"))
+
+
+def joint_channels(model: nn.Module, spec: Spec, plan: Plan, channel_share: float,
+                   example: torch.Tensor | None = None) -> Pruned:
+    """A joint structure's channels: ``model`` pruned uniformly (L1) to ``channel_target``, `keep` layers whole."""
+    example = torch.zeros(1, *spec.model.input) if example is None else example
+    kept = kept_whole(spec, (layer.name for layer in plan.layers))
+    return channel_prune(model, example, channel_target(plan, channel_share), keep=kept)
 
 
 def factorized_after_pruning(pruned: Pruned, spec: Spec, plan: Plan, layers: Sequence[LayerInfo],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -32,8 +33,9 @@ class Pruned:
     model: nn.Module  # a pruned deep copy; the caller's model is left untouched
     pruning_ratio: float  # the per-layer share of channels removed
     params: int  # weight_params(model) after pruning
-    # Layers a uniform prune gives more outputs than its share keeps, to fill the budget: (name, outputs kept).
-    widened: tuple[tuple[str, int], ...] = ()
+    # (name, outputs kept) of the layers whose count is not the share's: a uniform prune's layers rounded up to fill
+    # the budget, or, from widths_of, every pruned layer of a prune no one share describes (a global ranking).
+    kept_counts: tuple[tuple[str, int], ...] = ()
 
 
 def weight_params(model: nn.Module) -> int:
@@ -44,7 +46,8 @@ def weight_params(model: nn.Module) -> int:
 
 def channel_prune(model: nn.Module, example_input: torch.Tensor, target_params: int, *,
                   keep: Iterable[str] = (), allocation: str = "uniform", importance: str = "l1") -> Pruned:
-    """The largest pruned model with weight_params(pruned) <= target_params, by bisection on the pruning ratio.
+    """A pruned model with weight_params(pruned) <= target_params, as close to it as the allocation allows: the
+    smallest pruning ratio that fits, by bisection.
 
     ``uniform`` removes the same share of every layer's channels (Li et al.), then rounds some layers' counts up
     to fill the budget (see _widen); ``global`` ranks the channels of all
@@ -111,12 +114,13 @@ def _widen(trial: _Trials, pruned: Pruned, share: Fraction, target_params: int) 
 def _raised(trial: _Trials, pruned: Pruned, share: Fraction, target_params: int,
             raises: Sequence[tuple[str, int]]) -> Pruned:
     """``pruned`` with each of ``raises`` (a layer and its count of outputs) taken, in turn, where it still fits."""
-    widened: dict[str, int] = {}
+    counts: dict[str, int] = {}
     for name, count in raises:
-        wider = trial(share, {**widened, name: count})
-        # No change: the layer's channels are coupled to another layer's (a residual sum) that sets them.
+        wider = trial(share, {**counts, name: count})
+        # No change: the layer's channels are coupled to other layers' (a residual sum), and the group's count
+        # follows another member's ratio.
         if wider.params <= target_params and wider.params != pruned.params:
-            widened[name], pruned = count, wider
+            counts[name], pruned = count, wider
     return pruned
 
 
@@ -141,12 +145,11 @@ def kept_whole(spec: Spec, layer_names: Iterable[str]) -> list[str]:
     return sorted(exact | {name for name in layer_names if kept_by(spec.compress, name) is not None})
 
 
-ADMM_CHANNELS_RULE = "cstar ADMM onto channels (uniform)"
-
-
 def admm_channels_rule(allocation: str) -> str:
     """The rule a layer of cstar's ADMM onto channels names, by how the channel counts were spread."""
-    return ADMM_CHANNELS_RULE.replace("uniform", allocation)
+    return f"cstar ADMM onto channels ({allocation})"
+
+
 
 
 def widths_of(model: nn.Module, pruned: Pruned) -> Pruned:
@@ -155,7 +158,7 @@ def widths_of(model: nn.Module, pruned: Pruned) -> Pruned:
     dense = {name: _out_channels(m) for name, m in model.named_modules() if isinstance(m, _WEIGHTED)}
     kept = tuple((name, _out_channels(m)) for name, m in pruned.model.named_modules()
                  if isinstance(m, _WEIGHTED) and _out_channels(m) < dense[name])
-    return replace(pruned, pruning_ratio=0.0, widened=kept)
+    return replace(pruned, pruning_ratio=0.0, kept_counts=kept)
 
 
 def prune_rule(importance: str, allocation: str) -> str:
@@ -190,7 +193,7 @@ def _pruned_reason(before: LayerInfo, after: LayerInfo | None, pruned: Pruned, a
     kept = after.shape[0] if after is not None else 0
     if allocation != "uniform":
         return f"{kept} of {before.shape[0]} outputs kept (the channels of all layers ranked together)"
-    if before.name in dict(pruned.widened):
+    if before.name in dict(pruned.kept_counts):
         return (f"{kept} of {before.shape[0]} outputs kept: the uniform share ({pruned.pruning_ratio:.1%} removed) "
                 "rounded up, to fill the budget")
     return f"{pruned.pruning_ratio:.1%} of channels removed"
@@ -259,12 +262,16 @@ class _Trials:
         self.template, self.example_input = template, example_input
         self.protected_names = [_name(template, m) for m in protected]
         self.global_pruning, self.importance = global_pruning, importance
-        skip = {id(sub) for m in protected for sub in m.modules()}
-        # (name, outputs) of every layer a share can shrink, in the order the layers run.
-        self.prunable = [(_name(template, m), _out_channels(m)) for m in forward_order(template, example_input)
-                         if id(m) not in skip and _out_channels(m) > 1]
+        self.protected = protected
 
-    def __call__(self, share: Fraction, widened: Mapping[str, int] | None = None) -> Pruned:
+    @functools.cached_property
+    def prunable(self) -> list[tuple[str, int]]:
+        """(name, outputs) of every layer a share can shrink, in the order the layers run."""
+        skip = {id(sub) for m in self.protected for sub in m.modules()}
+        return [(_name(self.template, m), _out_channels(m)) for m in forward_order(self.template, self.example_input)
+                if id(m) not in skip and _out_channels(m) > 1]
+
+    def __call__(self, share: Fraction, kept_counts: Mapping[str, int] | None = None) -> Pruned:
         model = copy.deepcopy(self.template)
         for copied, original in zip(model.parameters(), self.template.parameters(), strict=True):
             # deepcopy drops gradients; Taylor scores read them (a copy each: the pruner slices them with the weights).
@@ -288,12 +295,12 @@ class _Trials:
             # MetaPruner (an alias of BasePruner in 1.6) is the name every torch-pruning release >= 1.4 has.
             pruner = tp.pruner.MetaPruner(model, self.example_input, importance=importance,
                                           global_pruning=self.global_pruning, pruning_ratio=ratio,
-                                          pruning_ratio_dict=widened_ratios(model, widened or {}) or None,
+                                          pruning_ratio_dict=kept_count_ratios(model, kept_counts or {}) or None,
                                           ignored_layers=ignored)
             pruner.step()
         # Tracing leaves the model in eval mode; give back the mode the caller's model was in.
         model.train(self.template.training)
-        return Pruned(model, float(1 - share), weight_params(model), tuple(sorted((widened or {}).items())))
+        return Pruned(model, float(1 - share), weight_params(model), tuple(sorted((kept_counts or {}).items())))
 
 
 def torch_pruning_ratio(pruning_ratio: float) -> float:
@@ -301,10 +308,10 @@ def torch_pruning_ratio(pruning_ratio: float) -> float:
     return max(0.0, pruning_ratio - _NUDGE)
 
 
-def widened_ratios(model: nn.Module, widened: Mapping[str, int]) -> dict[nn.Module, float]:
-    """Torch-Pruning's per-layer ratios that make each widened layer of ``model`` keep its count of outputs."""
+def kept_count_ratios(model: nn.Module, kept_counts: Mapping[str, int]) -> dict[nn.Module, float]:
+    """Torch-Pruning's per-layer ratios that make each named layer of ``model`` keep its count of outputs."""
     ratios: dict[nn.Module, float] = {}
-    for name, kept in widened.items():
+    for name, kept in kept_counts.items():
         module = model.get_submodule(name)
         if not isinstance(module, _WEIGHTED):
             raise ValueError(f"{name!r} is not a Conv2d or Linear layer")

@@ -20,8 +20,10 @@ __all__ = ["DEFAULT_MIN_RANK", "OUTPUT_RULE", "LayerPlan", "Plan", "Ranks", "ene
            "factorized_params", "full_ranks", "make_plan"]
 
 
-def make_plan(spec: Spec, layers: Sequence[LayerInfo], other_params: int = 0) -> Plan:
-    """Choose every layer's treatment and ranks under the spec's budget and policy.
+def make_plan(spec: Spec, layers: Sequence[LayerInfo], other_params: int = 0, *,
+              removes_channels: bool = False) -> Plan:
+    """Choose every layer's treatment and ranks under the spec's budget and policy (``removes_channels``: for the
+    parameter count a structure that removes channels prunes to, see rules.make_slot).
 
     Raises:
         SpecProblem: a selector that matches no layer, fixed ranks that do not fit a layer, or an
@@ -29,7 +31,8 @@ def make_plan(spec: Spec, layers: Sequence[LayerInfo], other_params: int = 0) ->
     """
     compress = spec.compress
     check_selectors(compress, layers)
-    slots = [make_slot(layer, compress) for layer in sorted(layers, key=lambda x: natural(x.name))]
+    slots = [make_slot(layer, compress, removes_channels=removes_channels)
+             for layer in sorted(layers, key=lambda x: natural(x.name))]
     metric = compress.budget.metric
     cost = cost_function(metric)
     target = _target(compress, slots, cost, other_params)
@@ -50,17 +53,19 @@ def make_plan(spec: Spec, layers: Sequence[LayerInfo], other_params: int = 0) ->
 
 
 def budget_plan(spec: Spec, layers: Sequence[LayerInfo], other_params: int = 0) -> Plan:
-    """The low-rank plan, or, where ranks cannot reach a parameter budget that removing channels may (a dense
-    output layer, a rank floor, depthwise convs), every layer dense under the budget's target: the plan that a
-    structure removing channels prunes to (``Plan.params_budget``), and that low rank does not meet."""
+    """The plan a structure that removes channels prunes to (``Plan.params_budget``): the low-rank plan, its output
+    layer's rank free to fall since pruning never cuts that layer's outputs; or, where ranks cannot reach a
+    parameter budget that removing channels may (a rank floor, depthwise convs), every layer dense under the
+    budget's target, with a warning that says why."""
     try:
-        return make_plan(spec, layers, other_params)
+        return make_plan(spec, layers, other_params, removes_channels=True)
     except SpecProblem as problem:
         compress = spec.compress
         if problem.code != "infeasible-budget" or compress.budget.metric != "params":
             raise
-        slots = [make_slot(layer, compress) for layer in sorted(layers, key=lambda x: natural(x.name))]
-        for slot in slots:  # each layer's rule still says what decides it (a `keep`, the output layer)
+        slots = [make_slot(layer, compress, removes_channels=True)
+                 for layer in sorted(layers, key=lambda x: natural(x.name))]
+        for slot in slots:  # each layer's rule still says what decides it (a `keep`)
             slot.ranks, slot.fixed, slot.reason = None, False, slot.reason or "low rank cannot meet the budget"
         target = _target(compress, slots, cost_function("params"), other_params)
         return Plan(policy=_policy_text(compress), budget=compress.budget.text(), metric="params", target=target,

@@ -75,10 +75,6 @@ class Plan:
             return math.floor(self.target)
         return self.params_after
 
-    def meets_budget(self) -> bool:
-        """Whether the plan's own structure is within its target (a dense fallback plan is not)."""
-        return (self.params_after if self.metric == "params" else self.macs_after) <= self.target
-
     @property
     def ratio(self) -> float:
         """Achieved compression of the budget's metric: dense / compressed."""

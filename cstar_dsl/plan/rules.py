@@ -76,12 +76,14 @@ def kept_by(compress: CompressSpec, layer_name: str) -> str | None:
     return next((k for k in compress.keep if fnmatch.fnmatchcase(name, k)), None)
 
 
-def make_slot(layer: LayerInfo, compress: CompressSpec) -> Slot:
+def make_slot(layer: LayerInfo, compress: CompressSpec, *, removes_channels: bool = False) -> Slot:
+    """The layer's rule, bounds and (fixed) ranks; ``removes_channels``: the plan only sets the parameter count a
+    structure that removes channels prunes to."""
     kept = kept_by(compress, layer.name)
     if kept is not None:
         return Slot(layer, f'keep "{kept}"', reason="kept dense by `keep`")
     rule = _matching_rule(layer, compress.layers)
-    if layer.produces_output and not compress.removes_channels and not (
+    if layer.produces_output and not (removes_channels or compress.removes_channels) and not (
             rule and rule.selector.kind in ("name", "glob")):
         # A rank below the number of outputs confines the logits to a subspace: the margins shrink,
         # and with them robustness. The layer is a sliver of a conv net (0.4% of cstar:mnist-cnn).

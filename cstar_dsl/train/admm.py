@@ -26,13 +26,13 @@ Ranks = tuple[int, ...]
 class AdmmState:
     """The auxiliary copies Z in the target structure, the scaled duals U, and the ranks Z was projected to (when
     the structure is channels: each layer's kept output channels, the share of channels removed, and the layers
-    widened past that share to fill the budget)."""
+    whose count is not that share's, see prune.Pruned.kept_counts)."""
 
     z: dict[str, Tensor]
     u: dict[str, Tensor]
     ranks: dict[str, Ranks]
     pruning_ratio: float | None = None
-    widened: tuple[tuple[str, int], ...] = ()
+    kept_counts: tuple[tuple[str, int], ...] = ()
 
 
 def admm_start(weights: Mapping[str, Tensor], ranks: Mapping[str, Ranks], sweeps: int = 0) -> AdmmState:

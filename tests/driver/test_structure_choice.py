@@ -21,6 +21,7 @@ from cstar_dsl.model import zoo
 from cstar_dsl.model.channel_cut import cut_channels
 from cstar_dsl.model.prune import channel_prune, weight_params
 from cstar_dsl.run_report import Candidate, EpochRow, StructureChoice
+from cstar_dsl.train.checkpoint import CheckpointError
 from cstar_dsl.train.optimize import TrainingDiverged
 from tests.helpers import DIGITS, line_of, variant
 
@@ -188,9 +189,9 @@ def test_the_channel_cut_is_the_uniform_prune_and_its_own_projection(arch: str, 
     pruned = channel_prune(net, example, weight_params(net) // 16)
     # mnist-cnn's doubling widths leave its uniform share 5% under the budget: layers rounded up fill it, and the
     # cut must follow them. The others' shares come within 3% of it alone.
-    assert bool(pruned.widened) == (arch == "cstar:mnist-cnn")
+    assert bool(pruned.kept_counts) == (arch == "cstar:mnist-cnn")
     weights = {name: m.weight.detach() for name, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    cut = cut_channels(net, example, pruned.pruning_ratio, weights, widened=pruned.widened)
+    cut = cut_channels(net, example, pruned.pruning_ratio, weights, kept_counts=pruned.kept_counts)
     applied = cut.apply(net)
     assert weight_params(applied) == pruned.params
     assert applied(example).shape == (1, 10)
@@ -203,7 +204,7 @@ def test_the_channel_cut_is_the_uniform_prune_and_its_own_projection(arch: str, 
     for name, kept in shrunk.items():
         zero_rows = int((z[name].flatten(1) == 0).all(dim=1).sum())
         assert zero_rows == weights[name].shape[0] - kept, name
-    again = cut_channels(net, example, pruned.pruning_ratio, z, widened=pruned.widened)
+    again = cut_channels(net, example, pruned.pruning_ratio, z, kept_counts=pruned.kept_counts)
     assert sorted(map(repr, again.items)) == sorted(map(repr, cut.items))  # Z's zeros are what is cut
     assert torch.equal(torch.cat([v.flatten() for v in again.project(z).values()]),
                        torch.cat([v.flatten() for v in z.values()]))
@@ -239,7 +240,7 @@ def test_a_budget_only_channels_reach_is_compiled_and_low_rank_steps_aside(tmp_p
     assert choice is not None and choice.winner == "prune-uniform"
     low_rank = choice.candidates[0]
     assert low_rank.robust is None and low_rank.problem is not None
-    assert "low rank cannot meet the budget 64x params" in low_rank.problem and "20.00x" in low_rank.problem
+    assert "the budget 64x params cannot be met" in low_rank.problem and "20.00x" in low_rank.problem
     assert 64 * 0.97 <= compiled.report.compression.ratio <= 64 / 0.97
     pruned = variant(tmp_path, recipe, "compress {\n  method = channel-prune\n}\n", "pruned.cstar")
     assert main(["plan", str(pruned)]) == 0
@@ -268,9 +269,10 @@ def test_auto_with_an_admm_phase_is_cstar_onto_the_structure_it_chose(tmp_path: 
         r.model_dump(exclude=timeless) for r in named.report.history]
 
 
-def test_admm_onto_a_global_prune_keeps_its_widths(tmp_path: Path) -> None:
-    auto = cstar_dsl.compile(_recipe(tmp_path, "auto", "method = auto\n  candidates = [prune-global]", ADMM),
-                             tmp_path / "auto")
+@pytest.mark.parametrize("compress", ["method = auto\n  candidates = [prune-global]",
+                                      "method = cstar\n  structure = prune-global"])
+def test_admm_onto_a_global_prune_keeps_its_widths(tmp_path: Path, compress: str) -> None:
+    auto = cstar_dsl.compile(_recipe(tmp_path, "auto", compress, ADMM), tmp_path / "auto")
     pruned = cstar_dsl.compile(_recipe(tmp_path, "pruned", "method = channel-prune\n  allocation = global"),
                                tmp_path / "pruned")
     widths = [(layer.name, layer.shape_after) for layer in pruned.report.layers]
@@ -282,9 +284,10 @@ def test_admm_onto_a_global_prune_keeps_its_widths(tmp_path: Path) -> None:
                if layer.name != "fc3")
 
 
-def test_admm_onto_a_joint_structure_cuts_channels_then_factorizes(tmp_path: Path) -> None:
-    compiled = cstar_dsl.compile(_recipe(tmp_path, "joint", "method = auto\n  candidates = [joint-50]", ADMM),
-                                 tmp_path / "joint")
+@pytest.mark.parametrize("compress", ["method = auto\n  candidates = [joint-50]",
+                                      "method = cstar\n  structure = joint"])
+def test_admm_onto_a_joint_structure_cuts_channels_then_factorizes(tmp_path: Path, compress: str) -> None:
+    compiled = cstar_dsl.compile(_recipe(tmp_path, "joint", compress, ADMM), tmp_path / "joint")
     layers = compiled.report.layers
     assert any(layer.ranks and layer.shape_after and layer.shape_after[0] < layer.shape[0] for layer in layers)
     assert compiled.report.compression.params_compressed == sum(layer.params_after for layer in layers)
@@ -320,6 +323,19 @@ def test_a_resumed_run_ends_as_an_uninterrupted_one(tmp_path: Path, compress: st
     assert resumed.report.layers == whole.report.layers
 
 
+def test_a_checkpoint_that_counted_other_phases_is_not_resumed(tmp_path: Path) -> None:
+    recipe = _recipe(tmp_path, "resumed", "method = auto\n  candidates = [prune-uniform]", ADMM)
+    with pytest.raises(KeyboardInterrupt):
+        cstar_dsl.compile(recipe, tmp_path / "cut", progress=_StopAfter("admm"))
+    path = tmp_path / "cut" / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    del state["phases"]  # as written before `auto` ran its ADMM phase: then it ran pretrain and finetune only
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match="counts the phases pretrain, finetune") as caught:
+        cstar_dsl.compile(recipe, tmp_path / "cut", resume=True)
+    assert "--force" in (caught.value.help or "")
+
+
 def _scores(choice: StructureChoice | None) -> object:
     """A choice without its timings, which no two runs share."""
     if choice is None:
@@ -330,6 +346,10 @@ def _scores(choice: StructureChoice | None) -> object:
 @pytest.mark.parametrize("compress, train, words", [
     ("method = auto\n  candidates = [prune-global, low-rank]", "admm = none",
      "auto: `cstar compile` probes prune-global, low-rank at this budget"),
+    ("method = auto\n  candidates = [joint-25]", "admm = none",
+     "joint: `cstar compile` removes one share of the output channels of each of the 2 pruned layers"),
+    ("method = cstar\n  structure = prune-global", "admm {\n    epochs = 1\n    lr = 0.01\n  }",
+     "cstar onto channels: the ADMM phase, then the compile, ranks the output channels of the 2 pruned layers"),
     ("method = cstar\n  structure = prune-uniform", "admm {\n    epochs = 1\n    lr = 0.01\n  }",
      "cstar onto channels: the ADMM phase, then the compile, removes one share"),
 ])

@@ -84,13 +84,21 @@ def test_a_uniform_prune_fills_the_budget_to_within_3_percent(divisor):
     assert same_state(model, before), "the caller's model was changed"
     assert model.fc.in_features == 256 and model.training
     assert pruned.model.training, "the pruned copy should stay in the caller's mode"
-    # Uniform: every conv keeps the same share of its channels, rounded down; a widened one keeps one channel more.
-    kept, widened = 1 - pruned.pruning_ratio, dict(pruned.widened)
+    # Uniform: every conv keeps the same share of its channels, rounded down; a raised one keeps one channel more.
+    kept, raised = 1 - pruned.pruning_ratio, dict(pruned.kept_counts)
     names = {id(m): name for name, m in model.named_modules()}
     for old, new in zip(convs(model), convs(pruned.model), strict=True):
         at_share = math.floor(old.out_channels * kept + 1e-6)
-        assert new.out_channels == widened.get(names[id(old)], at_share) >= 1
-        assert widened.get(names[id(old)], at_share + 1) == at_share + 1
+        assert new.out_channels == raised.get(names[id(old)], at_share) >= 1
+        assert raised.get(names[id(old)], at_share + 1) == at_share + 1
+
+
+def test_raises_the_layers_in_order_leave_unused_are_packed_largest_first():
+    model = small_cnn()
+    target = weight_params(model) // 247
+    # Raising the cheap early layers first blocks a costly one that fits alone: 94.4% of the budget.
+    pruned = channel_prune(model, CNN_INPUT, target)
+    assert 0.97 * target <= pruned.params <= target
 
 
 def test_the_next_uniform_share_breaks_the_budget():

@@ -751,3 +751,42 @@ def test_digits_plan_meets_its_budget():
     decided = {layer.name: layer for layer in plan.layers}
     assert decided["fc"].reason == "kept dense by `keep`"
     assert decided["features.0"].reason == "rank 1 already"  # one input channel
+
+
+# ---------------------------------------------------------------- budget plans
+
+
+@FEW
+@given(layers=inventories(), ratio=st.sampled_from([2.0, 8.0, 64.0, 512.0]), head=st.booleans())
+def test_a_budget_plan_asks_channels_for_the_budget_and_no_more(layers, ratio, head):
+    if head:  # an output layer keeps full rank in the low-rank plan, never in the budget plan (pruning keeps it)
+        layers = [*layers, dataclasses.replace(linear("classifier.out", 40, 10), produces_output=True)]
+    recipe = spec(budget=f"{ratio:g}x params", min_rank=2)
+    plan = planning.budget_plan(recipe, layers)
+    assert [layer.name for layer in plan.layers] == sorted((layer.name for layer in layers), key=planning_order)
+    assert plan.params_budget <= plan.target
+    try:
+        ranks_alone = planning.make_plan(recipe, layers)
+    except SpecProblem as problem:
+        ranks_alone = None
+        reason = problem.message
+    if plan.warnings and plan.warnings[-1].startswith("low rank: "):
+        # Ranks cannot reach it: every layer dense, and channels prune to the budget's own target.
+        assert all(layer.ranks is None for layer in plan.layers) and plan.params_after == plan.params_before
+        assert plan.params_budget == math.floor(plan.target)
+        assert ranks_alone is None  # the output layer's full rank only makes the budget harder for ranks
+        assert reason in plan.warnings[-1] or head
+    else:
+        assert plan.params_after <= plan.target and plan.params_budget == plan.params_after
+        if not head and ranks_alone is not None:
+            assert plan.layers == ranks_alone.layers  # without an output layer the two plans agree
+
+
+def planning_order(name: str) -> tuple[str | int, ...]:
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
+
+
+def test_a_macs_budget_ranks_cannot_reach_is_still_an_error():
+    layers = [conv("features.0", 3, 8), dataclasses.replace(linear("fc", 8, 10), produces_output=True)]
+    with pytest.raises(SpecProblem, match="cannot be met"):
+        planning.budget_plan(spec(budget="500x macs"), layers)

@@ -256,7 +256,8 @@ class CompressSpec(Block):
 
     @property
     def removes_channels(self) -> bool:
-        """Whether the compiled model is channel-pruned: `channel-prune`, or cstar's ADMM onto channels."""
+        """Whether the compiled model is channel-pruned and nothing else: `channel-prune`, or cstar's ADMM onto
+        channels (`prune-uniform`, `prune-global`; a joint structure is factorized as well)."""
         return self.method == "channel-prune" or (self.method == "cstar" and self.structure.startswith("prune-"))
 
     @field_validator("keep", mode="after")
