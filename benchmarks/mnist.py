@@ -37,10 +37,12 @@ DATA = ROOT.parent / "shared" / "data" / "mnist-10k"
 # -taylor adds `importance = taylor`: channels scored on the adversarial loss instead of by their L1 norm.
 # auto is cstar's structure choice: every structure probed on held-out training images, the most robust compiled.
 # cstar-channels is `method = cstar` with `structure = prune-uniform`: its ADMM phase projects onto channels.
-# joint-N is `method = auto` with that one candidate: channels pruned to N% of the compression, then ranks.
+# joint-N is `method = auto` with that one candidate: channels pruned to N% of the compression, then ranks
+# (-admm: an ADMM phase first projects onto it).
 # auto-admm is `method = auto` with an ADMM phase: the probe's winner is the structure ADMM projects onto.
 METHODS = ("auto", "auto-admm", "cstar", "cstar-channels", "svd-finetune", "channel-prune", "channel-prune-global",
-           "channel-prune-taylor", "channel-prune-global-taylor", "joint-25", "joint-50", "joint-75")
+           "channel-prune-taylor", "channel-prune-global-taylor", "joint-25", "joint-50", "joint-75",
+           "joint-50-admm")
 
 
 @dataclass(frozen=True)
@@ -171,7 +173,7 @@ def variant(method: str, ratio: int, setting: Setting = DEFAULT, folder: Path | 
                                                                       ("-taylor", "importance", "taylor"),
                                                                       ("-channels", "structure", "prune-uniform"))
                       if part in method)
-    name = f"auto\n  candidates = [{method}]" if method.startswith("joint") else \
+    name = f"auto\n  candidates = [{method.removesuffix('-admm')}]" if method.startswith("joint") else \
         method.removesuffix("-taylor").removesuffix("-global").removesuffix("-channels").removesuffix("-admm")
     return f"""# benchmarks/mnist.py: {method} at {ratio}x from {start}
 model {{

@@ -58,7 +58,8 @@ def run_plan(args: argparse.Namespace, console: Console) -> int:
         notes.append(f"auto: `cstar compile` probes {', '.join(compress.candidates)} at this budget "
                      f"({si(plan.params_after)} conv and linear weights; the plan above is {structure}'s), each "
                      f"fine-tuned {plural(compress.probe_epochs, 'epoch')} and scored on "
-                     f"{compress.probe_holdout:.0%} of the training set held out, and compiles the most robust")
+                     f"{compress.probe_holdout:.0%} of the training set held out, and compiles the most robust"
+                     + (" after its ADMM phase has projected onto it" if checked.spec.train.admm else ""))
     for line in [*notes, *summary]:
         console.out(wrapped(line, console.width))
     if latency is not None:

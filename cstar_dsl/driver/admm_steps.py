@@ -132,10 +132,19 @@ def _channel_projection(context: Context, run: Run, weights: dict[str, Tensor], 
     assert run.net is not None
     cut = cut_channels(run.net, torch.zeros(1, *context.spec.model.input), pruning_ratio, weights,
                        keep=kept_whole(context.spec, context.layer_names), kept_counts=kept_counts)
-    touched = {name for name, _, _ in cut.items} & set(weights)
-    z = cut.project({name: weights[name] for name in touched})
+    ranks = _joint_ranks(context, run)
+    touched = ({name for name, _, _ in cut.items} | set(ranks)) & set(weights)
+    z = cut.project({name: weights[name] for name in touched}, ranks, context.spec.compress.hooi_sweeps)
     kept = cut.kept_outputs(run.net)
     return z, {name: (kept.get(name, weights[name].shape[0]),) for name in z}
+
+
+def _joint_ranks(context: Context, run: Run) -> dict[str, Ranks]:
+    """The ranks Z truncates what a joint structure's channels keep to: those its plan set at the start of the
+    phase (none for a structure of channels alone)."""
+    if registry.channel_share(admm_structure(context, run)) is None or run.plan is None:
+        return {}
+    return rewrite.planned_ranks(run.plan)
 
 
 def admm_hooks(context: Context, run: Run, phase: PhaseSpec,

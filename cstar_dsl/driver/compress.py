@@ -12,7 +12,7 @@ from ..lang import registry
 from ..model import inventory, rewrite
 from ..model import zoo as models
 from ..model.channel_cut import cut_channels
-from ..model.joint import factorized_after_pruning, joint_description, joint_structure
+from ..model.joint import Joint, joint_description, joint_structure
 from ..model.prune import Pruned, admm_channels_rule, kept_whole, pruned_plan, weight_params
 from ..plan.costs import energy_kept
 from ..plan.plans import Plan
@@ -66,7 +66,7 @@ def choose(context: Context, run: Run, progress: Progress | None = None) -> None
 def _after_admm(context: Context, run: Run, net: nn.Module) -> Built:
     """The structure the ADMM phase projected onto, taken from W: factorized at the ranks of the last Z-step, or the
     channels the last Z-step zeroed removed (what W keeps is its own), and for a joint structure what they keep
-    factorized by the recipe's policy."""
+    factorized at the ranks Z truncated it to."""
     assert run.admm is not None and run.plan is not None  # every Z-step planned
     spec, structure = context.spec, admm_structure(context, run)
     if structure == "low-rank":
@@ -82,8 +82,8 @@ def _after_admm(context: Context, run: Run, net: nn.Module) -> Built:
     allocation = registry.channel_allocation(structure)
     rule = admm_channels_rule(allocation)
     if registry.channel_share(structure) is not None:
-        budget = structure_plan(context, admm_weights(run, context.layer_names), structure)  # on W, before the cut
-        joint = factorized_after_pruning(pruned, spec, budget, context.layers, rule)
+        # The joint plan the phase started from: the widths of the cut, and the ranks every Z truncated to.
+        joint = Joint(pruned, run.plan)
         return Built(joint.build(spec), joint.plan, joint_description(joint.plan))
     # run.plan is the pruned plan the ADMM phase started from: the same widths, so only the rule changes.
     return Built(model, pruned_plan(run.plan, context.layers, pruned, spec.model, rule, allocation), {"kind": "pruned"})

@@ -80,7 +80,9 @@ def _pruning_settings_for_method(spec: SimpleNamespace, root: Section) -> list[D
                   for key, (default, what) in _PRUNING_SETTINGS.items()
                   if getattr(compress, key) != default and key not in used]
     if compress.method != "cstar" and "structure" in compress.model_fields_set:
-        found.append(_ignored(root, "structure", f"method `{compress.method}` has no ADMM phase",
+        why = ("method `auto` projects its ADMM phase onto the candidate its probe chose" if compress.method == "auto"
+               else f"method `{compress.method}` has no ADMM phase")
+        found.append(_ignored(root, "structure", why,
                               "`structure` chooses what cstar's ADMM projects onto; drop it for this method"))
     if compress.method != "auto":
         found += [_ignored(root, key, f"method `{compress.method}` compiles the structure it names",

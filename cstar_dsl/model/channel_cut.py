@@ -13,6 +13,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from ..lang.problems import SpecProblem
+from .decompose import project
 from .prune import kept_count_ratios, module_named, output_layer, torch_pruning_ratio
 
 # Torch-Pruning's handlers that remove a Conv2d's or Linear's outputs (rows of its weight) or inputs (columns).
@@ -27,16 +28,33 @@ class ChannelCut:
 
     items: tuple[tuple[str, Callable[[nn.Module, list[int]], nn.Module], tuple[int, ...]], ...]
 
-    def project(self, weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def project(self, weights: Mapping[str, Tensor], ranks: Mapping[str, tuple[int, ...]] | None = None,
+                sweeps: int = 0) -> dict[str, Tensor]:
         """``weights`` with the rows (outputs) and columns (inputs) of the removed channels set to zero: the
-        nearest point of the pruned structure once the channels are chosen."""
+        nearest point of the pruned structure once the channels are chosen. With ``ranks`` (a joint structure),
+        what each named layer keeps is then truncated to its Tucker-2 / SVD ranks (HOSVD, plus ``sweeps``)."""
         projected = {name: weight.detach().clone() for name, weight in weights.items()}
         for name, handler, indices in self.items:
             if name in projected and handler in _REMOVES_OUTPUTS:
                 projected[name][list(indices)] = 0
             elif name in projected and handler in _REMOVES_INPUTS:
                 projected[name][:, list(indices)] = 0
+        for name, layer_ranks in (ranks or {}).items():
+            weight = projected[name]
+            rows, columns = (torch.tensor(kept) for kept in self.kept_slices(name, tuple(weight.shape)))
+            kept = weight[rows][:, columns]
+            pair = layer_ranks[0] if len(layer_ranks) == 1 else (layer_ranks[0], layer_ranks[1])
+            weight[rows.unsqueeze(1), columns] = project(kept, pair, sweeps)
         return projected
+
+    def kept_slices(self, name: str, shape: tuple[int, ...]) -> tuple[list[int], list[int]]:
+        """The output rows and input columns of the layer ``name`` (its weight of ``shape``) the cut keeps."""
+        removed_rows = {i for owner, handler, indices in self.items if owner == name and handler in _REMOVES_OUTPUTS
+                        for i in indices}
+        removed_columns = {i for owner, handler, indices in self.items
+                           if owner == name and handler in _REMOVES_INPUTS for i in indices}
+        return ([i for i in range(shape[0]) if i not in removed_rows],
+                [i for i in range(shape[1]) if i not in removed_columns])
 
     def kept_outputs(self, model: nn.Module) -> dict[str, int]:
         """The output channels each Conv2d / Linear the cut shrinks keeps."""

@@ -210,6 +210,27 @@ def test_the_channel_cut_is_the_uniform_prune_and_its_own_projection(arch: str, 
                        torch.cat([v.flatten() for v in z.values()]))
 
 
+def test_a_joint_projection_keeps_the_channels_and_truncates_what_they_keep_to_their_ranks() -> None:
+    net = zoo.build_model(ModelSpec(arch="cstar:mnist-cnn", classes=10, input=(1, 28, 28)), seed=0)
+    example = torch.zeros(1, 1, 28, 28)
+    pruned = channel_prune(net, example, weight_params(net) // 4)
+    weights = {name: m.weight.detach() for name, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    cut = cut_channels(net, example, pruned.pruning_ratio, weights, kept_counts=pruned.kept_counts)
+    ranks = {"features.10": (5, 7), "features.21": (9, 4), "fc": (3,)}
+    z = cut.project(weights, ranks)
+    channels_only = cut.project(weights)
+    for name, weight in z.items():
+        rows, columns = cut.kept_slices(name, tuple(weight.shape))
+        assert int((weight.flatten(1).abs().sum(1) > 0).sum()) <= len(rows)  # removed outputs stay zero
+        if name not in ranks:
+            assert torch.equal(weight, channels_only[name])
+            continue
+        kept = weight[rows][:, columns]
+        unfoldings = [kept.flatten(1), kept.transpose(0, 1).flatten(1)] if kept.dim() == 4 else [kept]
+        for unfolding, rank in zip(unfoldings, ranks[name], strict=True):
+            assert int(torch.linalg.matrix_rank(unfolding)) <= rank < min(unfolding.shape)
+
+
 def test_cstar_onto_channels_compiles_a_pruned_model_at_the_budget(tmp_path: Path) -> None:
     recipe = _recipe(tmp_path, "channels", "method = cstar\n  structure = prune-uniform",
                      "admm {\n    epochs = 2\n    lr = 0.01\n    rho = 0.5\n  }")
