@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, fx, nn
 
+from .lang.problems import SpecProblem
 from .lang.registry import channel_allocation, channel_share
 from .lang.spec import Spec
 from .model import inventory, rewrite
@@ -59,6 +60,20 @@ def make_plan(spec: Spec, model: nn.Module, *, structure: str | None = None) -> 
                 "`cstar compile` plans again from the trained weights")
         plan = dataclasses.replace(plan, warnings=(*plan.warnings, note))
     return plan
+
+
+def plan_recipe(spec: Spec, model: nn.Module, structure: str | None = None) -> tuple[str, Plan]:
+    """``make_plan`` and the structure it planned: ``structure``, or what `cstar compile` builds (see
+    ``planned_structure``). Under `method = auto`, where ranks cannot meet the budget, the plan is the first other
+    candidate's, as the compile's low-rank candidate steps aside; the plan's warnings say why."""
+    chosen = structure or planned_structure(spec)
+    try:
+        return chosen, make_plan(spec, model, structure=chosen)
+    except SpecProblem as problem:
+        others = [name for name in spec.compress.candidates if name != "low-rank"]
+        if structure or spec.compress.method != "auto" or problem.code != "infeasible-budget" or not others:
+            raise
+        return others[0], make_plan(spec, model, structure=others[0])
 
 
 def planned_structure(spec: Spec) -> str:

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 
 def run_diff(args: argparse.Namespace, console: Console) -> int:
-    from ..api import build_model, make_plan
+    from ..api import build_model, plan_recipe
     from ..lang.validate import check_file
     from ..plan.diff import plan_changes, spec_changes
 
@@ -36,7 +36,7 @@ def run_diff(args: argparse.Namespace, console: Console) -> int:
     plans = []
     for side in [] if args.settings_only else checked:
         try:
-            plans.append(make_plan(side.spec, build_model(side.spec, allow_import=args.allow_import)))
+            plans.append(plan_recipe(side.spec, build_model(side.spec, allow_import=args.allow_import))[1])
         except USER_ERRORS as error:
             return print_error(console, error, diagnostics_format, checked=side)
     settings = spec_changes(checked[0].spec, checked[1].spec)

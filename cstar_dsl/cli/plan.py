@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 def run_plan(args: argparse.Namespace, console: Console) -> int:
     import time
 
-    from ..api import build_model, make_plan, measure_latency, planned_structure
+    from ..api import build_model, measure_latency, plan_recipe
     from ..lang.validate import check_file
 
     started = time.perf_counter()
@@ -34,8 +34,7 @@ def run_plan(args: argparse.Namespace, console: Console) -> int:
         return print_error(console, error, diagnostic_format)
     try:
         model = build_model(checked.spec, allow_import=args.allow_import)
-        structure = args.structure or planned_structure(checked.spec)
-        plan = make_plan(checked.spec, model, structure=structure)
+        structure, plan = plan_recipe(checked.spec, model, args.structure)
         seconds = time.perf_counter() - started
         latency = measure_latency(checked.spec, model, plan, threads=args.threads, structure=structure) \
             if args.latency else None
@@ -53,7 +52,8 @@ def run_plan(args: argparse.Namespace, console: Console) -> int:
     summary = [_plan_summary(plan, seconds, pruning=pruning)]
     notes = _plan_notes(plan, console.width, pruning=pruning, allocation=registry.channel_allocation(structure),
                         admm=compress.removes_channels and compress.method == "cstar" and not args.structure,
-                        importance="L1" if compress.importance == "l1" else "Taylor")
+                        importance="L1" if compress.importance == "l1" else "Taylor",
+                        name="channel-prune" if compress.method == "channel-prune" else structure)
     if compress.method == "auto" and len(compress.candidates) > 1:
         notes.append(f"auto: `cstar compile` probes {', '.join(compress.candidates)} at this budget "
                      f"({si(plan.params_after)} conv and linear weights; the plan above is {structure}'s), each "
@@ -133,7 +133,7 @@ def _channels(layer: LayerPlan, arrow: str) -> str:
 
 
 def _plan_notes(plan: Plan, width: int, *, pruning: bool = False, allocation: str = "uniform",
-                admm: bool = False, importance: str = "L1") -> list[str]:
+                admm: bool = False, importance: str = "L1", name: str = "channel-prune") -> list[str]:
     """What a narrow table leaves out, said once under it: why each dense layer is dense, and which
     rule chose the ranks of the others."""
     if pruning:
@@ -144,7 +144,7 @@ def _plan_notes(plan: Plan, width: int, *, pruning: bool = False, allocation: st
                "up" if allocation == "uniform" else f"ranks the output channels of the {layers} together by "
                f"{importance} score (each layer's divided by its mean) to set each layer's count, and removes "
                f"the {'channels of ' + order if admm else 'smallest'}")
-        who = "cstar onto channels: the ADMM phase, then the compile," if admm else "channel-prune: `cstar compile`"
+        who = "cstar onto channels: the ADMM phase, then the compile," if admm else f"{name}: `cstar compile`"
         if any(layer.ranks is not None for layer in plan.layers):
             return [f"joint: `cstar compile` {how}, the largest such model within its share of the budget, then "
                     f"factorizes what they keep to the rest (policy {plan.policy}): the channels and ranks above"]

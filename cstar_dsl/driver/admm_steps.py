@@ -102,15 +102,15 @@ def admm_update(context: Context, run: Run, phase: AdmmSpec) -> float:
 
 def _channel_start(context: Context, run: Run, structure: str) -> admm.AdmmState:
     """ADMM onto channels: each layer's count of channels is fixed once, by the structure's prune of the trained
-    dense model (a uniform share and the layers rounded up, one global ranking, or a joint structure's channels);
-    which channels, each Z-step chooses again on W + U. Z = Proj(W), U = 0."""
+    dense model (a uniform share and the layers rounded up, one global ranking, or a joint structure's channels,
+    with its ranks); which channels, each Z-step chooses again on W + U. Z = Proj(W), U = 0."""
     assert run.net is not None
     net = copy.deepcopy(run.net).cpu()
     spec, plan = context.spec, structure_plan(context, admm_weights(run, context.layer_names), structure)
     share = registry.channel_share(structure)
-    if share is not None:  # a joint structure: its channels now, the ranks of what they keep after the cut
+    if share is not None:  # a joint structure: its channels, and the ranks every Z truncates what they keep to
         pruned = joint_channels(net, spec, plan, share)
-        # Planned now, so that ranks its split cannot meet stop the compile before the ADMM epochs, not after.
+        # Planned once, now: ranks its split cannot meet stop the compile before the ADMM epochs, not after them.
         run.plan = factorized_after_pruning(pruned, spec, plan, context.layers, admm_channels_rule("uniform")).plan
     else:
         allocation = registry.channel_allocation(structure)

@@ -79,14 +79,14 @@ def _after_admm(context: Context, run: Run, net: nn.Module) -> Built:
                        kept_counts=run.admm.kept_counts)
     model = cut.apply(net)
     pruned = Pruned(model, run.admm.pruning_ratio or 0.0, weight_params(model), run.admm.kept_counts)
-    allocation = registry.channel_allocation(structure)
-    rule = admm_channels_rule(allocation)
     if registry.channel_share(structure) is not None:
         # The joint plan the phase started from: the widths of the cut, and the ranks every Z truncated to.
         joint = Joint(pruned, run.plan)
         return Built(joint.build(spec), joint.plan, joint_description(joint.plan))
     # run.plan is the pruned plan the ADMM phase started from: the same widths, so only the rule changes.
-    return Built(model, pruned_plan(run.plan, context.layers, pruned, spec.model, rule, allocation), {"kind": "pruned"})
+    allocation = registry.channel_allocation(structure)
+    plan = pruned_plan(run.plan, context.layers, pruned, spec.model, admm_channels_rule(allocation), allocation)
+    return Built(model, plan, {"kind": "pruned"})
 
 
 def build_structure(context: Context, net: nn.Module, structure: str, plan: Plan) -> Built:

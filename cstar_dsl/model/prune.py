@@ -150,8 +150,6 @@ def admm_channels_rule(allocation: str) -> str:
     return f"cstar ADMM onto channels ({allocation})"
 
 
-
-
 def widths_of(model: nn.Module, pruned: Pruned) -> Pruned:
     """``pruned`` described by every layer's count of outputs rather than by a share: what a cut replays for a prune
     that is not uniform (a global ranking), where no one share gives each layer its count."""
