@@ -108,7 +108,7 @@ def _channels_removed(spec: Spec, model: nn.Module, plan: Plan, layers: Sequence
     pruned = prune_to_plan(model, spec, plan, example, allocation=allocation)
     rule = admm_channels_rule(allocation) if spec.compress.method == "cstar" \
         else prune_rule(spec.compress.importance, allocation)
-    notes = plan.warnings  # the budget they meet is the factorized plan's parameter count, and its notes hold
+    notes = plan.warnings  # the budget they meet is the budget plan's (Plan.params_budget), and its notes hold
     if allocation == "global":
         notes += ("a global ranking's widths depend on the trained weights: these are an estimate by L1 norm on "
                   "the starting weights",)
@@ -144,7 +144,7 @@ def _compressed(spec: Spec, model: nn.Module, plan: Plan, example: Tensor, struc
     from .model.prune import prune_to_plan
 
     share = channel_share(structure)
-    if share is not None:  # the low-rank plan's budget, met by pruning and then ranks, as make_plan did
+    if share is not None:  # the budget plan, met by pruning and then ranks, as make_plan did
         found = inventory.collect(model, spec.model.input, spec.model.leaf)
         budget = planning.budget_plan(spec, found.layers, found.other_params)
         return joint_structure(model, spec, budget, found.layers, example, share).build(spec)

@@ -47,7 +47,8 @@ def compress(context: Context, run: Run, progress: Progress | None = None) -> No
 
 
 def choose(context: Context, run: Run, progress: Progress | None = None) -> None:
-    """`method = auto`: the candidates probed from the trained dense model and the winner kept in ``run.choice``."""
+    """`method = auto`: the candidates probed from the trained dense model and the winner kept in ``run.choice``;
+    the dense network is left on the CPU, where the candidates are built."""
     assert run.net is not None
     compress, net = context.spec.compress, run.net.cpu()
     weights = admm_weights(run, context.layer_names)
@@ -60,7 +61,6 @@ def choose(context: Context, run: Run, progress: Progress | None = None) -> None
     run.choice = choose_structure(
         context, lambda name: build_structure(context, net, name, structure_plan(context, weights, name)), announce)
     run.phase_seconds["probe"] = run.choice.seconds
-    run.net = place(net, context.device)
 
 
 def _after_admm(context: Context, run: Run, net: nn.Module) -> Built:

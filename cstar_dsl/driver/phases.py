@@ -12,7 +12,7 @@ from . import admm_steps
 from .batches import batches, epoch_seed
 from .compress import choose, compress
 from .resume import save_checkpoint
-from .state import CompileError, Context, Progress, Run, start_optimizer
+from .state import CompileError, Context, Progress, Run, place, start_optimizer
 
 
 def phases(spec: Spec) -> tuple[tuple[str, PhaseSpec], ...]:
@@ -39,6 +39,7 @@ def train(context: Context, run: Run, progress: Progress) -> None:
         if name == "admm" and context.spec.compress.method == "auto" and run.choice is None:
             # The ADMM phase projects onto the structure the probe chooses from the trained dense model.
             choose(context, run, progress)
+            place(run.net, context.device)  # back where it trains (in place: the model wraps the same network)
         if run.optimizer is None:
             start_optimizer(context, run)
             save_checkpoint(context, run)

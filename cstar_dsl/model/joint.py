@@ -51,7 +51,8 @@ def channel_target(plan: Plan, channel_share: float) -> int:
 def joint_structure(model: nn.Module, spec: Spec, plan: Plan, layers: Sequence[LayerInfo], example: torch.Tensor,
                     channel_share: float) -> Joint:
     """``model`` (left untouched) pruned uniformly to ``channel_target``, then planned by the recipe's rank policy to
-    the budget ``plan`` (the low-rank plan of the dense model) meets; ``layers`` is the dense model's inventory.
+    the budget of ``plan`` (the dense model's budget plan, plan.allocate.budget_plan); ``layers`` is the dense
+    model's inventory.
 
     Raises:
         SpecProblem: channel pruning or the ranks cannot meet their share of the budget.
@@ -70,10 +71,10 @@ def joint_channels(model: nn.Module, spec: Spec, plan: Plan, channel_share: floa
 
 def factorized_after_pruning(pruned: Pruned, spec: Spec, plan: Plan, layers: Sequence[LayerInfo],
                              rule: str) -> Joint:
-    """A channel-pruned model (its channels removed by ``rule``) planned by the recipe's rank policy to the budget
-    ``plan``, the dense model's low-rank plan, meets; ``layers`` is the dense model's inventory."""
+    """A channel-pruned model (its channels removed by ``rule``) planned by the recipe's rank policy to the target of
+    ``plan``, the dense model's budget plan; ``layers`` is the dense model's inventory."""
     shrunk = collect(pruned.model, spec.model.input, spec.model.leaf)
-    # The ranks meet the same target as the low-rank plan, in the recipe's metric, over the pruned layers.
+    # The ranks meet the budget's target, in the recipe's metric, over the pruned layers.
     limit = LimitBudget(metric=spec.compress.budget.metric, limit=plan.target)
     ranks_spec = spec.model_copy(update={"compress": spec.compress.model_copy(update={"budget": limit})})
     ranked = allocate.make_plan(ranks_spec, shrunk.layers)
