@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -74,6 +75,34 @@ def plan_recipe(spec: Spec, model: nn.Module, structure: str | None = None) -> t
         if structure or spec.compress.method != "auto" or problem.code != "infeasible-budget" or not others:
             raise
         return others[0], make_plan(spec, model, structure=others[0])
+
+
+@dataclass(frozen=True)
+class CandidateCost:
+    """One structure `method = auto` will probe, planned at the recipe's budget: its conv and linear weights and
+    MACs, or why it cannot meet the budget."""
+
+    name: str
+    params: int | None
+    macs: int | None
+    problem: str | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return {"name": self.name, "params": self.params, "macs": self.macs, "problem": self.problem}
+
+
+def candidate_costs(spec: Spec, model: nn.Module) -> list[CandidateCost]:
+    """Every candidate of the recipe, planned as ``make_plan`` plans it (a global ranking's widths estimated on the
+    starting weights); what the probe will compare, before it trains anything."""
+    costs = []
+    for name in spec.compress.candidates:
+        try:
+            plan = make_plan(spec, model, structure=name)
+        except SpecProblem as problem:
+            costs.append(CandidateCost(name, None, None, problem.message))
+            continue
+        costs.append(CandidateCost(name, plan.params_after, plan.macs_after))
+    return costs
 
 
 def planned_structure(spec: Spec) -> str:

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 def run_plan(args: argparse.Namespace, console: Console) -> int:
     import time
 
-    from ..api import build_model, measure_latency, plan_recipe
+    from ..api import build_model, candidate_costs, measure_latency, plan_recipe
     from ..lang.validate import check_file
 
     started = time.perf_counter()
@@ -35,18 +35,22 @@ def run_plan(args: argparse.Namespace, console: Console) -> int:
     try:
         model = build_model(checked.spec, allow_import=args.allow_import)
         structure, plan = plan_recipe(checked.spec, model, args.structure)
+        compress = checked.spec.compress
+        costs = candidate_costs(checked.spec, model) if compress.method == "auto" and len(compress.candidates) > 1 \
+            and not args.structure else []
         seconds = time.perf_counter() - started
         latency = measure_latency(checked.spec, model, plan, threads=args.threads, structure=structure) \
             if args.latency else None
     except USER_ERRORS as error:
         return print_error(console, error, diagnostic_format, checked=checked)
     if args.format == "json":
-        extra = {} if latency is None else {"latency": latency.to_dict()}
+        extra: dict[str, object] = {} if latency is None else {"latency": latency.to_dict()}
+        if costs:
+            extra["candidates"] = [cost.to_dict() for cost in costs]
         console.out(json.dumps({"spec": args.files[0], "model": checked.spec.model.arch, "structure": structure,
                                 "seconds": seconds, **plan.to_dict(), **extra}, indent=2))
         return EXIT_OK
     print_diagnostics(console, list(checked.warnings), diagnostic_format)
-    compress = checked.spec.compress
     pruning = any(layer.shape_after is not None for layer in plan.layers)
     console.print(_plan_table(plan, f"{args.files[0]}: {checked.spec.model.arch}", console.width, pruning=pruning))
     summary = [_plan_summary(plan, seconds, pruning=pruning)]
@@ -60,6 +64,10 @@ def run_plan(args: argparse.Namespace, console: Console) -> int:
                      f"fine-tuned {plural(compress.probe_epochs, 'epoch')} and scored on "
                      f"{compress.probe_holdout:.0%} of the training set held out, and compiles the most robust"
                      + (" after its ADMM phase has projected onto it" if checked.spec.train.admm else ""))
+    if costs:
+        notes.append("candidates at this budget (conv and linear weights, MACs): " + "; ".join(
+            f"{cost.name} {si(cost.params)}, {si(cost.macs)}" if cost.params is not None and cost.macs is not None
+            else f"{cost.name} cannot meet it ({cost.problem})" for cost in costs))
     for line in [*notes, *summary]:
         console.out(wrapped(line, console.width))
     if latency is not None:

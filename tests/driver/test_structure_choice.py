@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -269,6 +270,27 @@ def test_a_budget_only_channels_reach_is_compiled_and_low_rank_steps_aside(tmp_p
         out = capsys.readouterr().out
         assert "budget 64x params, 2 of 3 layers pruned" in out
         assert "low rank: the budget 64x params cannot be met" in out
+
+
+def test_plan_lists_what_each_candidate_costs_at_the_budget(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from cstar_dsl.cli import main
+
+    recipe = _recipe(tmp_path, "auto", "method = auto\n  candidates = [low-rank, prune-uniform, joint-50]")
+    assert main(["plan", str(recipe), "--format", "json"]) == 0
+    costs = {cost["name"]: cost for cost in json.loads(capsys.readouterr().out)["candidates"]}
+    assert list(costs) == ["low-rank", "prune-uniform", "joint-50"]
+    for name, cost in costs.items():
+        assert main(["plan", str(recipe), "--format", "json", "--structure", name]) == 0
+        alone = json.loads(capsys.readouterr().out)
+        assert "candidates" not in alone
+        assert (cost["params"], cost["macs"], cost["problem"]) == (
+            alone["totals"]["params_after"], alone["totals"]["macs_after"], None)
+        assert cost["params"] <= alone["target"]
+    far = variant(tmp_path, recipe, "compress {\n  budget = 64x params\n}\n", "far.cstar")
+    assert main(["plan", str(far)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "low-rank cannot meet it (the budget 64x params cannot be met" in out and "prune-uniform 1.31k" in out
 
 
 ADMM = "admm {\n    epochs = 2\n    lr = 0.01\n    rho = 0.5\n  }"
