@@ -49,12 +49,17 @@ def make_plan(spec: Spec, model: nn.Module, *, structure: str | None = None) -> 
 
     ``structure`` (a name `method = auto` may choose: ``low-rank``, ``prune-uniform``, ``joint-25``...) plans that
     structure at the recipe's budget instead of the one ``cstar compile`` builds (see ``planned_structure``)."""
-    found = inventory.collect(model, spec.model.input, spec.model.leaf)
-    structure = structure or planned_structure(spec)
-    plan = planning.make_plan(spec, found.layers, found.other_params) if structure == "low-rank" else \
-        planning.budget_plan(spec, found.layers, found.other_params)
-    if structure != "low-rank":
-        plan = _channels_removed(spec, model, plan, found.layers, structure)
+    return _structure_plan(spec, model, inventory.collect(model, spec.model.input, spec.model.leaf),
+                           structure or planned_structure(spec))
+
+
+def _structure_plan(spec: Spec, model: nn.Module, found: inventory.Inventory, structure: str) -> Plan:
+    """``make_plan`` of one structure, on the model's inventory ``found``."""
+    if structure == "low-rank":
+        plan = planning.make_plan(spec, found.layers, found.other_params)
+    else:
+        plan = _channels_removed(spec, model, planning.budget_plan(spec, found.layers, found.other_params),
+                                 found.layers, structure)
     if spec.model.weights is None and spec.compress.policy.kind in ("global", "energy") and any(
             layer.ranks for layer in plan.layers):
         note = ("no starting weights, so these ranks follow the spectra of a random initialization; "
@@ -94,10 +99,10 @@ class CandidateCost:
 def candidate_costs(spec: Spec, model: nn.Module) -> list[CandidateCost]:
     """Every candidate of the recipe, planned as ``make_plan`` plans it (a global ranking's widths estimated on the
     starting weights); what the probe will compare, before it trains anything."""
-    costs = []
+    found, costs = inventory.collect(model, spec.model.input, spec.model.leaf), []
     for name in spec.compress.candidates:
         try:
-            plan = make_plan(spec, model, structure=name)
+            plan = _structure_plan(spec, model, found, name)
         except SpecProblem as problem:
             costs.append(CandidateCost(name, None, None, problem.message))
             continue

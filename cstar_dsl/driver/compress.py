@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 
 import torch
@@ -53,13 +54,20 @@ def choose(context: Context, run: Run, progress: Progress | None = None) -> None
     compress, net = context.spec.compress, run.net.cpu()
     weights = admm_weights(run, context.layer_names)
 
+    @functools.cache
+    def plan_of(kind: str) -> Plan:  # every structure that removes channels is built to the same budget plan
+        return structure_plan(context, weights, kind)
+
     def announce(name: str, index: int, count: int) -> None:
         if progress is not None:
             progress.stage(f"probing structure {index + 1} of {count}: {name} ({compress.probe_epochs} epoch(s), "
                            f"{compress.probe_holdout:.0%} of the training set held out)")
 
-    run.choice = choose_structure(
-        context, lambda name: build_structure(context, net, name, structure_plan(context, weights, name)), announce)
+    def build(name: str) -> Built:
+        # Inside the build: a plan that cannot meet the budget makes its candidate step aside.
+        return build_structure(context, net, name, plan_of("low-rank" if name == "low-rank" else "prune-uniform"))
+
+    run.choice = choose_structure(context, build, announce)
     run.phase_seconds["probe"] = run.choice.seconds
 
 

@@ -52,5 +52,3 @@ def prune_structure(context: Context, net: nn.Module, plan: Plan, allocation: st
         model.zero_grad(set_to_none=True)
     rule = prune_rule(importance, allocation)
     return pruned, pruned_plan(plan, context.layers, pruned, spec.model, rule, allocation)
-
-

@@ -42,9 +42,8 @@ STRUCTURES: tuple[str, ...] = ("low-rank", "prune-uniform", "prune-global")
 JOINT = "joint"
 JOINT_SHARES: tuple[int, ...] = tuple(range(5, 100, 5))
 JOINT_STRUCTURES: tuple[str, ...] = (JOINT, *(f"{JOINT}-{share}" for share in JOINT_SHARES))
-
-
 _CHANNEL_SHARES = {JOINT: 0.5, **{f"{JOINT}-{share}": share / 100 for share in JOINT_SHARES}}
+EXPORT_FORMATS: tuple[str, ...] = ("safetensors", "onnx", "torchscript")
 
 
 def channel_share(structure: str) -> float | None:
@@ -55,7 +54,7 @@ def channel_share(structure: str) -> float | None:
 def channel_allocation(structure: str) -> str:
     """How a structure that removes channels spreads them: one global ranking, or a uniform share (joint too)."""
     return "global" if structure == "prune-global" else "uniform"
-EXPORT_FORMATS: tuple[str, ...] = ("safetensors", "onnx", "torchscript")
+
 
 _MODULE_PREFIXES = ("module.", "_orig_mod.")
 _IMPORT_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")

@@ -83,7 +83,7 @@ def make_slot(layer: LayerInfo, compress: CompressSpec, *, removes_channels: boo
     if kept is not None:
         return Slot(layer, f'keep "{kept}"', reason="kept dense by `keep`")
     rule = _matching_rule(layer, compress.layers)
-    if layer.produces_output and not (removes_channels or compress.removes_channels) and not (
+    if layer.produces_output and not removes_channels and not (
             rule and rule.selector.kind in ("name", "glob")):
         # A rank below the number of outputs confines the logits to a subspace: the margins shrink,
         # and with them robustness. The layer is a sliver of a conv net (0.4% of cstar:mnist-cnn).

@@ -473,8 +473,11 @@ def test_channel_prune_plans_its_parameter_count_with_the_output_layer_cut():
     # The pruner protects the classifier's outputs itself; the plan only says how many parameters to keep.
     base = spec(budget="1.5x params")
     pruned = base.model_copy(update={"compress": base.compress.model_copy(update={"method": "channel-prune"})})
-    head = layer_plan(planning.make_plan(pruned, with_output(model(), "classifier.3")), "classifier.3")
+    head = layer_plan(planning.budget_plan(pruned, with_output(model(), "classifier.3")), "classifier.3")
     assert head.rule == "default"
+    # Low rank itself keeps that layer's rank whole, whatever the method: `cstar plan --structure low-rank`.
+    assert layer_plan(planning.make_plan(pruned, with_output(model(), "classifier.3")), "classifier.3").rule == \
+        planning.OUTPUT_RULE
 
 
 def test_an_infeasible_budget_says_the_output_layer_can_be_cut():
