@@ -38,11 +38,12 @@ DATA = ROOT.parent / "shared" / "data" / "mnist-10k"
 # auto is cstar's structure choice: every structure probed on held-out training images, the most robust compiled.
 # cstar-channels is `method = cstar` with `structure = prune-uniform`: its ADMM phase projects onto channels.
 # joint-N is `method = auto` with that one candidate: channels pruned to N% of the compression, then ranks
-# (-admm: an ADMM phase first projects onto it).
+# (-admm: an ADMM phase first projects onto it); joint-fisher removes channels and cuts ranks by Fisher scores on the
+# adversarial loss per weight saved.
 # auto-admm is `method = auto` with an ADMM phase: the probe's winner is the structure ADMM projects onto.
 METHODS = ("auto", "auto-admm", "cstar", "cstar-channels", "svd-finetune", "channel-prune", "channel-prune-global",
            "channel-prune-taylor", "channel-prune-global-taylor", "joint-25", "joint-50", "joint-75",
-           "joint-50-admm")
+           "joint-50-admm", "joint-fisher", "joint-fisher-admm")
 
 
 @dataclass(frozen=True)

@@ -23,13 +23,18 @@ from typing import TYPE_CHECKING
 from torch import Tensor, fx, nn
 
 from .lang.problems import SpecProblem
-from .lang.registry import channel_allocation, channel_share
+from .lang.registry import JOINT_FISHER, channel_allocation, channel_share
 from .lang.spec import Spec
 from .model import inventory, rewrite
 from .model import zoo as models
 from .plan import allocate as planning
 from .plan.layers import LayerInfo
 from .plan.plans import Plan
+
+# What `cstar plan` says of `joint-fisher`, whose layers only the compile can choose.
+FISHER_DEFERRED = (f"{JOINT_FISHER} chooses each layer's channels and ranks at compile time, from Fisher scores of "
+                   "the trained model on adversarial examples of the training set; the table above is the low-rank "
+                   "plan of the budget it meets, and the compile's plan.json and report list its own layers")
 
 if TYPE_CHECKING:
     from .deploy.latency import LatencyComparison
@@ -57,6 +62,9 @@ def _structure_plan(spec: Spec, model: nn.Module, found: inventory.Inventory, st
     """``make_plan`` of one structure, on the model's inventory ``found``."""
     if structure == "low-rank":
         plan = planning.make_plan(spec, found.layers, found.other_params)
+    elif structure == JOINT_FISHER:
+        plan = planning.budget_plan(spec, found.layers, found.other_params)
+        return dataclasses.replace(plan, warnings=(*plan.warnings, FISHER_DEFERRED))
     else:
         plan = _channels_removed(spec, model, planning.budget_plan(spec, found.layers, found.other_params),
                                  found.layers, structure)
@@ -91,9 +99,11 @@ class CandidateCost:
     params: int | None
     macs: int | None
     problem: str | None = None
+    measured: bool = False  # chosen at compile time from the trained model (joint-fisher): no cost before that
 
     def to_dict(self) -> dict[str, object]:
-        return {"name": self.name, "params": self.params, "macs": self.macs, "problem": self.problem}
+        return {"name": self.name, "params": self.params, "macs": self.macs, "problem": self.problem,
+                "measured": self.measured}
 
 
 def candidate_costs(spec: Spec, model: nn.Module) -> list[CandidateCost]:
@@ -101,6 +111,9 @@ def candidate_costs(spec: Spec, model: nn.Module) -> list[CandidateCost]:
     starting weights); what the probe will compare, before it trains anything."""
     found, costs = inventory.collect(model, spec.model.input, spec.model.leaf), []
     for name in spec.compress.candidates:
+        if name == JOINT_FISHER:
+            costs.append(CandidateCost(name, None, None, measured=True))
+            continue
         try:
             plan = _structure_plan(spec, model, found, name)
         except SpecProblem as problem:
@@ -177,6 +190,12 @@ def _compressed(spec: Spec, model: nn.Module, plan: Plan, example: Tensor, struc
     from .model.joint import joint_structure
     from .model.prune import prune_to_plan
 
+    if structure == JOINT_FISHER:
+        raise SpecProblem(("compress", "structure" if spec.compress.method == "cstar" else "candidates"),
+                          "measured-structure", f"`{JOINT_FISHER}` has no layers to time before it is compiled: "
+                          "its channels and ranks follow Fisher scores of the trained model",
+                          help="compile it first; `cstar plan --latency --structure joint-50` times a joint structure "
+                                       "of fixed split")
     share = channel_share(structure)
     if share is not None:  # the budget plan, met by pruning and then ranks, as make_plan did
         found = inventory.collect(model, spec.model.input, spec.model.leaf)

@@ -67,6 +67,7 @@ def run_plan(args: argparse.Namespace, console: Console) -> int:
     if costs:
         notes.append("candidates at this budget (conv and linear weights, MACs): " + "; ".join(
             f"{cost.name} {si(cost.params)}, {si(cost.macs)}" if cost.params is not None and cost.macs is not None
+            else f"{cost.name} chosen at compile time" if cost.measured
             else f"{cost.name} cannot meet it ({cost.problem})" for cost in costs))
     for line in [*notes, *summary]:
         console.out(wrapped(line, console.width))

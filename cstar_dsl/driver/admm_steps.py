@@ -15,12 +15,13 @@ from ..lang import registry
 from ..lang.spec import AdmmSpec, PhaseSpec
 from ..model import inventory, rewrite
 from ..model.channel_cut import cut_channels
-from ..model.joint import factorized_after_pruning, joint_channels
+from ..model.joint import factorized_after_pruning, fisher_structure, joint_channels
 from ..model.prune import admm_channels_rule, kept_whole, widths_of
 from ..plan import allocate as planning
 from ..plan.plans import Plan, Ranks
 from ..train import admm, distributed
-from .pruning import prune_structure
+from .probe import fisher_context
+from .pruning import prune_structure, robust_scores
 from .state import Context, Run
 
 
@@ -108,7 +109,11 @@ def _channel_start(context: Context, run: Run, structure: str) -> admm.AdmmState
     net = copy.deepcopy(run.net).cpu()
     spec, plan = context.spec, structure_plan(context, admm_weights(run, context.layer_names), structure)
     share = registry.channel_share(structure)
-    if share is not None:  # a joint structure: its channels, and the ranks every Z truncates what they keep to
+    if structure == registry.JOINT_FISHER:  # its channels and ranks, by Fisher scores on the dense model
+        joint = fisher_structure(net, spec, plan, context.layers, torch.zeros(1, *spec.model.input),
+                                 *robust_scores(fisher_context(context), net))
+        pruned, run.plan = joint.pruned, joint.plan
+    elif share is not None:  # a joint structure: its channels, and the ranks every Z truncates what they keep to
         pruned = joint_channels(net, spec, plan, share)
         # Planned once, now: ranks its split cannot meet stop the compile before the ADMM epochs, not after them.
         run.plan = factorized_after_pruning(pruned, spec, plan, context.layers, admm_channels_rule("uniform")).plan
@@ -142,7 +147,7 @@ def _channel_projection(context: Context, run: Run, weights: dict[str, Tensor], 
 def _joint_ranks(context: Context, run: Run) -> dict[str, Ranks]:
     """The ranks Z truncates what a joint structure's channels keep to: those its plan set at the start of the
     phase (none for a structure of channels alone)."""
-    if registry.channel_share(admm_structure(context, run)) is None or run.plan is None:
+    if not registry.is_joint(admm_structure(context, run)) or run.plan is None:
         return {}
     return rewrite.planned_ranks(run.plan)
 

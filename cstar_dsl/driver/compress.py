@@ -13,13 +13,13 @@ from ..lang import registry
 from ..model import inventory, rewrite
 from ..model import zoo as models
 from ..model.channel_cut import cut_channels
-from ..model.joint import Joint, joint_description, joint_structure
+from ..model.joint import Joint, fisher_structure, joint_description, joint_structure
 from ..model.prune import Pruned, admm_channels_rule, kept_whole, pruned_plan, weight_params
 from ..plan.costs import energy_kept
 from ..plan.plans import Plan
 from .admm_steps import admm_structure, admm_weights, structure_plan
-from .probe import Built, choose_structure
-from .pruning import prune_structure
+from .probe import Built, choose_structure, fisher_context
+from .pruning import prune_structure, robust_scores
 from .state import Context, Progress, Run, place
 
 
@@ -87,7 +87,7 @@ def _after_admm(context: Context, run: Run, net: nn.Module) -> Built:
                        kept_counts=run.admm.kept_counts)
     model = cut.apply(net)
     pruned = Pruned(model, run.admm.pruning_ratio or 0.0, weight_params(model), run.admm.kept_counts)
-    if registry.channel_share(structure) is not None:
+    if registry.is_joint(structure):
         # The joint plan the phase started from: the widths of the cut, and the ranks every Z truncated to.
         joint = Joint(pruned, run.plan)
         return Built(joint.build(spec), joint.plan, joint_description(joint.plan))
@@ -101,9 +101,11 @@ def build_structure(context: Context, net: nn.Module, structure: str, plan: Plan
     """``net`` (left untouched) compressed to one structure of the plan's budget: factorized at its ranks,
     channel-pruned (uniformly or by one global ranking) to the parameters it leaves, or both (joint)."""
     share = registry.channel_share(structure)
-    if share is not None:
-        joint = joint_structure(net, context.spec, plan, context.layers, torch.zeros(1, *context.spec.model.input),
-                                share)
+    if share is not None or structure == registry.JOINT_FISHER:
+        example = torch.zeros(1, *context.spec.model.input)
+        joint = (joint_structure(net, context.spec, plan, context.layers, example, share) if share is not None
+                 else fisher_structure(net, context.spec, plan, context.layers, example,
+                                       *robust_scores(fisher_context(context), net)))
         return Built(joint.build(context.spec), joint.plan, joint_description(joint.plan))
     if structure == "low-rank":
         ranks = rewrite.planned_ranks(plan)

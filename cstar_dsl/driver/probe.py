@@ -53,6 +53,16 @@ def split_holdout(size: int, share: float, seed: int) -> tuple[torch.Tensor, tor
     return order[held:].sort().values, order[:held].sort().values
 
 
+def fisher_context(context: Context) -> Context:
+    """What a structure measured on the training data (Fisher scores) measures on: under `method = auto`, the part of
+    the training set the probe fine-tunes on, never the images it holds out to score the candidates."""
+    if context.spec.compress.method != "auto":
+        return context
+    fit, _ = split_holdout(dataset_size(context.data.train), context.spec.compress.probe_holdout,
+                           context.spec.train.seed)
+    return dataclasses.replace(context, data=dataclasses.replace(context.data, train=_subset(context.data.train, fit)))
+
+
 def choose_structure(context: Context, build: Callable[[str], Built],
                      on_candidate: Callable[[str, int, int], None] | None = None) -> StructureChoice:
     """The recipe's candidates, each built by ``build`` and probed; the winner is the most robust on the held-out
@@ -68,10 +78,9 @@ def choose_structure(context: Context, build: Callable[[str], Built],
 def _choose(context: Context, build: Callable[[str], Built],
             on_candidate: Callable[[str, int, int], None] | None) -> StructureChoice:
     compress, started = context.spec.compress, time.perf_counter()
-    fit, held = split_holdout(dataset_size(context.data.train), compress.probe_holdout, context.spec.train.seed)
+    _, held = split_holdout(dataset_size(context.data.train), compress.probe_holdout, context.spec.train.seed)
     # Every rank probes the whole batches itself: the scores need no exchange, and rank 0's winner is broadcast.
-    fit_data = dataclasses.replace(context.data, train=_subset(context.data.train, fit))
-    fitting = dataclasses.replace(context, data=fit_data, world=distributed.World())
+    fitting = dataclasses.replace(fisher_context(context), world=distributed.World())
     held_batches = test_batches(_subset(_evaluated(context.data.train, context.data.test), held), None,
                                 context.device)
     results: list[Candidate] = []

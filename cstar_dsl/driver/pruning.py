@@ -1,5 +1,6 @@
 """Compile driver, channel pruning: the trained dense model pruned by Torch-Pruning to a plan's parameters (L1 or
-Taylor scores on the adversarial loss), and the plan of what it kept."""
+Taylor scores on the adversarial loss), and the plan of what it kept; Fisher scores for the robustness-aware joint
+structure."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model import zoo as models
-from ..model.prune import Pruned, prune_rule, prune_to_plan, pruned_plan
+from ..model.channel_groups import channel_groups
+from ..model.prune import Pruned, kept_whole, prune_rule, prune_to_plan, pruned_plan
 from ..plan.plans import Plan
+from ..plan.robust import ChannelGroup, Fisher
 from ..train import distributed
+from ..train.fisher import fisher_scores
 from ..train.optimize import training_attack
 from .batches import batches
 from .state import Context
@@ -52,3 +56,26 @@ def prune_structure(context: Context, net: nn.Module, plan: Plan, allocation: st
         model.zero_grad(set_to_none=True)
     rule = prune_rule(importance, allocation)
     return pruned, pruned_plan(plan, context.layers, pruned, spec.model, rule, allocation)
+
+
+def robust_scores(context: Context, net: nn.Module) -> tuple[tuple[ChannelGroup, ...], Fisher]:
+    """``net``'s channel groups, and the Fisher scores of its channels and rank components on PGD examples of the
+    first TAYLOR_BATCHES batches of ``context``'s training set (rank 0's on every rank); ``net`` ends on the CPU."""
+    spec = context.spec
+    groups = channel_groups(net.cpu(), torch.zeros(1, *spec.model.input), kept_whole(spec, context.layer_names))
+    model = models.Normalized(net, context.data.mean, context.data.std).to(context.device)
+    weights = {name: net.get_parameter(f"{name}.weight") for name in sorted(context.layer_names)}
+    seed = spec.train.seed
+    channels, modes = fisher_scores(
+        model, weights, groups, itertools.islice(batches(context, torch.Generator().manual_seed(seed)), TAYLOR_BATCHES),
+        training_attack(spec.threat), torch.Generator(device=context.device).manual_seed(seed))
+    net.cpu()
+    # Each rank saw its own share of the batches; all must build the same structure, so rank 0's scores count (sent
+    # from the device: NCCL carries no CPU tensors).
+    shared = {key: scores.to(context.device) for key, scores in channels.items()}
+    shared_modes = {name: [scores.to(context.device) for scores in layer] for name, layer in modes.items()}
+    distributed.broadcast([*shared.values(), *(scores for layer in shared_modes.values() for scores in layer)],
+                          context.world)
+    return groups, Fisher({root: tuple(scores.tolist()) for root, scores in shared.items()},
+                          {name: tuple(tuple(scores.tolist()) for scores in layer)
+                           for name, layer in shared_modes.items()})

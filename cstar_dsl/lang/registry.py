@@ -39,9 +39,12 @@ METHODS: tuple[str, ...] = ("cstar", "svd-finetune", "channel-prune", "auto")
 STRUCTURES: tuple[str, ...] = ("low-rank", "prune-uniform", "prune-global")
 # Channels removed uniformly, then what the layers keep factorized: `joint-25` gives channels a quarter of the
 # compression (on a log scale) and ranks the rest; `joint` is `joint-50`.
+# `joint-fisher` removes channels and cuts ranks of least Fisher score on the adversarial loss per weight saved,
+# measured at compile time (plan/robust.py).
 JOINT = "joint"
+JOINT_FISHER = "joint-fisher"
 JOINT_SHARES: tuple[int, ...] = tuple(range(5, 100, 5))
-JOINT_STRUCTURES: tuple[str, ...] = (JOINT, *(f"{JOINT}-{share}" for share in JOINT_SHARES))
+JOINT_STRUCTURES: tuple[str, ...] = (JOINT, *(f"{JOINT}-{share}" for share in JOINT_SHARES), JOINT_FISHER)
 _CHANNEL_SHARES = {JOINT: 0.5, **{f"{JOINT}-{share}": share / 100 for share in JOINT_SHARES}}
 EXPORT_FORMATS: tuple[str, ...] = ("safetensors", "onnx", "torchscript")
 
@@ -49,6 +52,11 @@ EXPORT_FORMATS: tuple[str, ...] = ("safetensors", "onnx", "torchscript")
 def channel_share(structure: str) -> float | None:
     """The share of the compression a joint structure gives channel pruning (None: not a joint structure)."""
     return _CHANNEL_SHARES.get(structure)
+
+
+def is_joint(structure: str) -> bool:
+    """Whether a structure both removes channels and factorizes what they keep."""
+    return structure in JOINT_STRUCTURES
 
 
 def channel_allocation(structure: str) -> str:

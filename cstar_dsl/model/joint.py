@@ -1,27 +1,30 @@
-"""Model surgery, joint structure: channels removed (a uniform prune) and what the layers keep factorized, one plan
-whose totals are those of the model it builds."""
+"""Model surgery, joint structure: channels removed (a uniform prune, or by Fisher scores on the adversarial loss)
+and what the layers keep factorized, one plan whose totals are those of the model it builds."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
 from torch import fx, nn
 
 from ..lang.spec import LimitBudget, Spec
-from ..plan import allocate
+from ..plan import allocate, robust
 from ..plan.layers import LayerInfo
 from ..plan.plans import LayerPlan, Plan
 from .inventory import collect
-from .prune import Pruned, channel_prune, kept_whole, prune_rule, pruned_plan
+from .prune import Pruned, channel_prune, kept_whole, prune_counts, prune_rule, pruned_plan
 from .rewrite import factorize_ranks, planned_ranks
+
+# The rule of a layer whose channels and ranks the Fisher allocation chose (plan.robust).
+FISHER_RULE = "Fisher on the adversarial loss"
 
 
 @dataclass(frozen=True)
 class Joint:
-    """A model pruned to ``channel_share`` of the compression, then factorized to the rest of the budget."""
+    """A channel-pruned model, then factorized to the rest of the budget."""
 
     pruned: Pruned
     plan: Plan  # every layer: the dense shape, the shape pruning left, the ranks, and the totals of the built model
@@ -81,6 +84,29 @@ def factorized_after_pruning(pruned: Pruned, spec: Spec, plan: Plan, layers: Seq
     channels = pruned_plan(plan, layers, pruned, spec.model, rule, "uniform")
     return Joint(pruned, replace(ranked, budget=plan.budget, target=plan.target, other_params=shrunk.other_params,
                                  layers=_joined(channels, ranked)))
+
+
+def fisher_structure(model: nn.Module, spec: Spec, plan: Plan, layers: Sequence[LayerInfo], example: torch.Tensor,
+                     groups: Sequence[robust.ChannelGroup], fisher: robust.Fisher) -> Joint:
+    """``model`` (left untouched) with the channels and ranks of least Fisher score per unit saved removed, to the
+    target of ``plan`` (the dense model's budget plan, plan.allocate.budget_plan): plan.robust's allocation, the
+    channels of least score gone from each layer; ``layers`` is the dense inventory, ``groups`` its channel groups.
+
+    Raises:
+        SpecProblem: no removal of channels and ranks meets the budget.
+    """
+    kept = kept_whole(spec, (layer.name for layer in plan.layers))
+
+    def measure(counts: Mapping[str, int]) -> tuple[LayerInfo, ...]:
+        return collect(prune_counts(model, example, counts, keep=kept).model, spec.model.input, spec.model.leaf).layers
+
+    allocation = robust.allocate(groups, fisher, layers, measure, spec.compress, plan.target)
+    pruned = prune_counts(model, example, allocation.kept_counts, keep=kept, scores=fisher.channels)
+    shrunk = collect(pruned.model, spec.model.input, spec.model.leaf)
+    ranked = allocate.given_plan(spec, shrunk.layers, allocation.ranks, plan.target, shrunk.other_params,
+                                 policy="fisher", reason="not worth factorizing at the price that meets the budget")
+    channels = pruned_plan(plan, layers, pruned, spec.model, FISHER_RULE, "fisher")
+    return Joint(pruned, replace(ranked, budget=plan.budget, layers=_joined(channels, ranked)))
 
 
 def _joined(channels: Plan, ranked: Plan) -> tuple[LayerPlan, ...]:

@@ -189,6 +189,8 @@ def _pruned_layer(layer: LayerInfo, new: LayerInfo | None, rule: str, reason: st
 
 def _pruned_reason(before: LayerInfo, after: LayerInfo | None, pruned: Pruned, allocation: str) -> str:
     kept = after.shape[0] if after is not None else 0
+    if allocation == "fisher":
+        return f"{kept} of {before.shape[0]} outputs kept (Fisher on the adversarial loss, per weight saved)"
     if allocation != "uniform":
         return f"{kept} of {before.shape[0]} outputs kept (the channels of all layers ranked together)"
     if before.name in dict(pruned.kept_counts):
@@ -256,7 +258,7 @@ class _Trials:
     """One-shot pruning of a fresh deep copy per kept share: Torch-Pruning cannot undo or redo a pruning step."""
 
     def __init__(self, template: nn.Module, example_input: torch.Tensor, protected: list[nn.Module], *,
-                 global_pruning: bool = False, importance: str = "l1") -> None:
+                 global_pruning: bool = False, importance: str | Mapping[str, Sequence[float]] = "l1") -> None:
         self.template, self.example_input = template, example_input
         self.protected_names = [_name(template, m) for m in protected]
         self.global_pruning, self.importance = global_pruning, importance
@@ -281,9 +283,13 @@ class _Trials:
         # couple by every layer they touch, not by one arbitrary root layer.
         # Across layers the scores must be comparable, so global ranking divides each layer's by its mean.
         normalizer = "mean" if self.global_pruning else None
-        importance = (tp.importance.TaylorImportance(group_reduction="mean", normalizer=normalizer)
-                      if self.importance == "taylor" else
-                      tp.importance.MagnitudeImportance(p=1, group_reduction="mean", normalizer=normalizer))
+        importance: tp.importance.Importance
+        if not isinstance(self.importance, str):
+            importance = _GivenScores(model, self.importance)
+        elif self.importance == "taylor":
+            importance = tp.importance.TaylorImportance(group_reduction="mean", normalizer=normalizer)
+        else:
+            importance = tp.importance.MagnitudeImportance(p=1, group_reduction="mean", normalizer=normalizer)
         # The dependency graph is traced with autograd, so it needs grad even if the caller runs under no_grad.
         with torch.enable_grad(), warnings.catch_warnings():
             # Torch-Pruning warns about cases it then handles itself (unwrapped parameters it prunes along their last
@@ -299,6 +305,31 @@ class _Trials:
         # Tracing leaves the model in eval mode; give back the mode the caller's model was in.
         model.train(self.template.training)
         return Pruned(model, float(1 - share), weight_params(model), tuple(sorted((kept_counts or {}).items())))
+
+
+class _GivenScores(tp.importance.Importance):
+    """Scores measured elsewhere (Fisher on the adversarial loss), by the name of each group's root layer."""
+
+    def __init__(self, model: nn.Module, scores: Mapping[str, Sequence[float]]) -> None:
+        self.names = {id(module): name for name, module in model.named_modules()}
+        self.scores = scores
+
+    def __call__(self, group: Any) -> torch.Tensor:
+        name = self.names[id(group[0].dep.target.module)]
+        if name not in self.scores:
+            raise ValueError(f"no channel scores for the layer {name!r}")
+        return torch.tensor(self.scores[name], dtype=torch.float64)
+
+
+def prune_counts(model: nn.Module, example_input: torch.Tensor, kept_counts: Mapping[str, int], *,
+                 keep: Iterable[str] = (), scores: Mapping[str, Sequence[float]] | None = None) -> Pruned:
+    """``model`` (left untouched) with each named layer down to its count of outputs, and the layers its channels
+    reach following; the channels of lowest ``scores`` go (by the name of their group's root layer), or of lowest
+    L1 norm."""
+    template = copy.deepcopy(model)
+    protected = [output_layer(template, example_input), *(module_named(template, name) for name in keep)]
+    pruned = _Trials(template, example_input, protected, importance=scores or "l1")(Fraction(1), kept_counts)
+    return replace(pruned, pruning_ratio=0.0)
 
 
 def torch_pruning_ratio(pruning_ratio: float) -> float:

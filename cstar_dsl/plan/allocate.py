@@ -7,11 +7,20 @@ rules.py decides each layer's rule and bounds, costs.py prices ranks, plans.py h
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from ..lang.problems import SpecProblem
 from ..lang.spec import CompressSpec, Spec
-from .costs import Cost, cost_function, energy_kept, factorized_macs, factorized_params, full_ranks, weighted_loss
+from .costs import (
+    Cost,
+    Loss,
+    cost_function,
+    energy_kept,
+    factorized_macs,
+    factorized_params,
+    full_ranks,
+    weighted_loss,
+)
 from .layers import LayerInfo
 from .plans import LayerPlan, Plan, Ranks
 from .rules import DEFAULT_MIN_RANK, OUTPUT_RULE, Slot, check_selectors, make_slot, natural, ratio_ranks
@@ -71,6 +80,20 @@ def budget_plan(spec: Spec, layers: Sequence[LayerInfo], other_params: int = 0) 
         return Plan(policy=_policy_text(compress), budget=compress.budget.text(), metric="params", target=target,
                     layers=tuple(_layer_plan(s) for s in slots), other_params=other_params,
                     warnings=(f"low rank: {problem.message}",))
+
+
+def given_plan(spec: Spec, layers: Sequence[LayerInfo], ranks: Mapping[str, Ranks], target: float,
+               other_params: int = 0, *, policy: str, reason: str) -> Plan:
+    """The plan of ranks ``policy`` chose (``ranks``: the factorized layers; the others dense, each with its rule's
+    reason or ``reason``), under the spec's budget at ``target`` in its metric."""
+    compress = spec.compress
+    slots = [make_slot(layer, compress, removes_channels=True)
+             for layer in sorted(layers, key=lambda x: natural(x.name))]
+    for slot in slots:
+        if not slot.reason and not slot.fixed:
+            slot.ranks, slot.reason = ranks.get(slot.layer.name), "" if slot.layer.name in ranks else reason
+    return Plan(policy=policy, budget=compress.budget.text(), metric=compress.budget.metric, target=target,
+                layers=tuple(_layer_plan(s) for s in slots), other_params=other_params)
 
 
 # ------------------------------------------------------------------- budgets
@@ -147,7 +170,7 @@ def _uniform_ranks(free: Sequence[Slot], slots: Sequence[Slot], cost: Cost, targ
     ratio = _lowest_meeting(apply, target, start=(1.0, 2.0), growth=2, limit=1e9, halvings=60)
     if ratio is None:
         raise _infeasible(slots, cost, compress)
-    _give_back(free, cost, target - apply(ratio))
+    give_back(free, cost, target - apply(ratio), weighted_loss)
     for slot in free:
         if slot.ranks is None:
             slot.reason = "factorizing saves nothing at the uniform ratio"
@@ -162,7 +185,7 @@ def _global_ranks(free: Sequence[Slot], slots: Sequence[Slot], cost: Cost, targe
     minimizes loss + lam * cost; bisection finds the lowest price that meets the budget, and the
     slack left is then given back one rank at a time. Deterministic: no randomness, fixed order.
     """
-    paths = {id(slot): _path(slot, cost) for slot in free}
+    paths = {id(slot): rank_path(slot, cost, weighted_loss) for slot in free}
     fixed_cost = _total([s for s in slots if s not in free], cost)
 
     def choose(lam: float) -> float:
@@ -176,7 +199,7 @@ def _global_ranks(free: Sequence[Slot], slots: Sequence[Slot], cost: Cost, targe
     price = _lowest_meeting(choose, target, start=(0.0, 1.0), growth=16, limit=1e30, halvings=100)
     if price is None:
         raise _infeasible(slots, cost, compress)
-    _give_back(free, cost, target - choose(price))
+    give_back(free, cost, target - choose(price), weighted_loss)
     for slot in free:
         if slot.ranks is None:
             slot.reason = "not worth factorizing under this budget"
@@ -197,23 +220,22 @@ def _lowest_meeting(total: Callable[[float], float], target: float, *, start: tu
     return high
 
 
-def _path(slot: Slot, cost: Cost) -> list[tuple[Ranks | None, int, float]]:
+def rank_path(slot: Slot, cost: Cost, loss: Loss) -> list[tuple[Ranks | None, int, float]]:
     """Dense, then the layer's ranks from its ceiling down to its floor, always cutting the mode
-    that loses the least per unit of cost saved: (ranks, cost, weighted loss) per point."""
+    that loses the least per unit of cost saved: (ranks, cost, loss) per point."""
     layer, ranks = slot.layer, slot.high
     points: list[tuple[Ranks | None, int, float]] = [(None, cost(layer, None), 0.0)]
     while True:
-        points.append((ranks, cost(layer, ranks), weighted_loss(layer, ranks)))
+        points.append((ranks, cost(layer, ranks), loss(layer, ranks)))
         cuts = [ranks[:m] + (ranks[m] - 1,) + ranks[m + 1:] for m in range(len(ranks)) if ranks[m] > slot.low[m]]
         cuts = [c for c in cuts if cost(layer, c) < cost(layer, ranks)]
         if not cuts:
             return points
-        ranks = min(cuts, key=lambda c: ((weighted_loss(layer, c) - points[-1][2])
-                                         / (points[-1][1] - cost(layer, c)), c))
+        ranks = min(cuts, key=lambda c: ((loss(layer, c) - points[-1][2]) / (points[-1][1] - cost(layer, c)), c))
 
 
-def _give_back(free: Sequence[Slot], cost: Cost, slack: float) -> None:
-    """Raise ranks again, most energy regained per unit first, while the budget still holds."""
+def give_back(free: Sequence[Slot], cost: Cost, slack: float, loss: Loss) -> None:
+    """Raise ranks again, most loss regained per unit first, while the budget still holds."""
     while True:
         best = None
         for slot in free:
@@ -226,7 +248,7 @@ def _give_back(free: Sequence[Slot], cost: Cost, slack: float) -> None:
                 extra = cost(slot.layer, ranks) - cost(slot.layer, slot.ranks)
                 if extra > slack or cost(slot.layer, ranks) >= cost(slot.layer, None):
                     continue
-                gain = (weighted_loss(slot.layer, slot.ranks) - weighted_loss(slot.layer, ranks)) / max(1, extra)
+                gain = (loss(slot.layer, slot.ranks) - loss(slot.layer, ranks)) / max(1, extra)
                 candidate = (-gain, slot.layer.name, mode, ranks, extra)
                 best = candidate if best is None or candidate < best else best
         if best is None:

@@ -49,6 +49,8 @@ def full_ranks(layer: LayerInfo) -> Ranks:
 
 
 Cost = Callable[[LayerInfo, Ranks | None], int]
+# What cutting a layer to its ranks loses (0 dense), in units one allocation compares across layers.
+Loss = Callable[[LayerInfo, Ranks | None], float]
 
 
 def cost_function(metric: str) -> Cost:

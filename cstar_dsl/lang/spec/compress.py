@@ -167,9 +167,9 @@ def _structures(value: object) -> tuple[str, ...]:
 
 def _structure(value: object) -> str:
     word = value.value if isinstance(value, (ast.Name, ast.String)) else ""
-    if word.startswith(f"{registry.JOINT}-") and registry.channel_share(word) is None:
+    if word.startswith(f"{registry.JOINT}-") and not registry.is_joint(word):
         c.fail("unknown-option", f"unknown structure `{c.clip(word)}`: a joint structure's share of channels is a "
-               "multiple of 5 between 5 and 95", label="not a joint share",
+               f"multiple of 5 between 5 and 95, or `{registry.JOINT_FISHER}`", label="not a joint share",
                help="for example `joint-25` (channels take a quarter of the compression, ranks the rest)")
     return c.choice(value, (*registry.STRUCTURES, *registry.JOINT_STRUCTURES), what="structure")
 
