@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
@@ -111,7 +112,7 @@ def _channel_start(context: Context, run: Run, structure: str) -> admm.AdmmState
     share = registry.channel_share(structure)
     if structure == registry.JOINT_FISHER:  # its channels and ranks, by Fisher scores on the dense model
         joint = fisher_structure(net, spec, plan, context.layers, torch.zeros(1, *spec.model.input),
-                                 *robust_scores(fisher_context(context), net))
+                                 functools.partial(robust_scores, fisher_context(context)))
         pruned, run.plan = joint.pruned, joint.plan
     elif share is not None:  # a joint structure: its channels, and the ranks every Z truncates what they keep to
         pruned = joint_channels(net, spec, plan, share)

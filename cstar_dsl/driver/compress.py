@@ -105,7 +105,7 @@ def build_structure(context: Context, net: nn.Module, structure: str, plan: Plan
         example = torch.zeros(1, *context.spec.model.input)
         joint = (joint_structure(net, context.spec, plan, context.layers, example, share) if share is not None
                  else fisher_structure(net, context.spec, plan, context.layers, example,
-                                       *robust_scores(fisher_context(context), net)))
+                                       functools.partial(robust_scores, fisher_context(context))))
         return Built(joint.build(context.spec), joint.plan, joint_description(joint.plan))
     if structure == "low-rank":
         ranks = rewrite.planned_ranks(plan)

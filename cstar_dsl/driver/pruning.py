@@ -64,7 +64,8 @@ def robust_scores(context: Context, net: nn.Module) -> tuple[tuple[ChannelGroup,
     spec = context.spec
     groups = channel_groups(net.cpu(), torch.zeros(1, *spec.model.input), kept_whole(spec, context.layer_names))
     model = models.Normalized(net, context.data.mean, context.data.std).to(context.device)
-    weights = {name: net.get_parameter(f"{name}.weight") for name in sorted(context.layer_names)}
+    weights = {name: module.weight for name, module in net.named_modules()
+               if isinstance(module, (nn.Conv2d, nn.Linear))}
     seed = spec.train.seed
     channels, modes = fisher_scores(
         model, weights, groups, itertools.islice(batches(context, torch.Generator().manual_seed(seed)), TAYLOR_BATCHES),

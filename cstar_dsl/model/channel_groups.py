@@ -23,6 +23,7 @@ def channel_groups(model: nn.Module, example_input: torch.Tensor, keep: Iterable
     protected = [output_layer(model, example_input), *(module_named(model, name) for name in keep)]
     ignored = [sub for module in protected for sub in module.modules()]
     names = {id(module): name for name, module in model.named_modules()}
+    training = model.training
     with torch.enable_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", module=r"torch_pruning\.")  # see prune._Trials
         graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
@@ -33,4 +34,5 @@ def channel_groups(model: nn.Module, example_input: torch.Tensor, keep: Iterable
                                 tuple(int(channel) for channel in item.root_idxs))
                           for item in group.items if isinstance(item.dep.target.module, _WEIGHTED))
             groups.append(ChannelGroup(names[id(root)], len(group[0].idxs), reach))
+    model.train(training)  # tracing leaves the model in eval mode
     return tuple(groups)

@@ -83,8 +83,10 @@ def _user_frame(error: BaseException) -> traceback.FrameSummary:
     return (outside or frames)[-1]
 
 
-def collect(model: nn.Module, input_shape: tuple[int, ...], leaves: Iterable[str] = ()) -> Inventory:
-    """Trace the model, run it once on zeros to learn each layer's positions, and read spectra."""
+def collect(model: nn.Module, input_shape: tuple[int, ...], leaves: Iterable[str] = (), *,
+            read_spectra: bool = True) -> Inventory:
+    """Trace the model, run it once on zeros to learn each layer's positions, and read spectra (unless told not to:
+    only the shapes and costs are needed)."""
     graph = trace(model, leaves)
     calls = Counter(node.target for node in graph.graph.nodes if node.op == "call_module")
     shapes = _io_positions(model, input_shape)
@@ -92,7 +94,7 @@ def collect(model: nn.Module, input_shape: tuple[int, ...], leaves: Iterable[str
     layers = []
     for name, module in model.named_modules():
         if name in calls and isinstance(module, (nn.Linear, nn.Conv2d)) and name in shapes:
-            layers.append(_layer_info(name, module, calls[name], shapes[name], name in outputs))
+            layers.append(_layer_info(name, module, calls[name], shapes[name], name in outputs, read_spectra))
     total = sum(p.numel() for p in model.parameters())
     return Inventory(graph, tuple(layers), total)
 
@@ -164,14 +166,14 @@ def _positions(tensor: torch.Tensor, module: nn.Module) -> int:
 
 
 def _layer_info(name: str, module: nn.Linear | nn.Conv2d, calls: int, positions: tuple[int, int],
-                produces_output: bool) -> LayerInfo:
+                produces_output: bool, read_spectra: bool = True) -> LayerInfo:
     weight = module.weight.detach()
     if isinstance(module, nn.Conv2d):
         in_features, out_features = module.in_channels, module.out_channels
         kernel, groups = (int(module.kernel_size[0]), int(module.kernel_size[1])), module.groups
     else:
         in_features, out_features, kernel, groups = module.in_features, module.out_features, (1, 1), 1
-    useful = groups == 1 and calls == 1
+    useful = groups == 1 and calls == 1 and read_spectra
     energies = tuple(_normalized(s) for s in spectra(weight)) if useful else ()
     return LayerInfo(name, type(module).__name__, in_features, out_features, kernel, groups, calls,
                      positions[0], positions[1], energies, produces_output)

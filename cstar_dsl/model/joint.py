@@ -4,7 +4,7 @@ and what the layers keep factorized, one plan whose totals are those of the mode
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -12,10 +12,11 @@ from torch import fx, nn
 
 from ..lang.spec import LimitBudget, Spec
 from ..plan import allocate, robust
+from ..plan.costs import cost_function
 from ..plan.layers import LayerInfo
 from ..plan.plans import LayerPlan, Plan
 from .inventory import collect
-from .prune import Pruned, channel_prune, kept_whole, prune_counts, prune_rule, pruned_plan
+from .prune import Pruned, channel_prune, kept_whole, prune_counts, prune_rule, pruned_plan, weight_params, widths_of
 from .rewrite import factorize_ranks, planned_ranks
 
 # The rule of a layer whose channels and ranks the Fisher allocation chose (plan.robust).
@@ -86,27 +87,53 @@ def factorized_after_pruning(pruned: Pruned, spec: Spec, plan: Plan, layers: Seq
                                  layers=_joined(channels, ranked)))
 
 
+# Scores a model's channel groups and rank components (Fisher on the adversarial loss, measured by the driver).
+Scorer = Callable[[nn.Module], tuple[Sequence[robust.ChannelGroup], robust.Fisher]]
+# Each step of the Fisher allocation compresses what is left by at most this factor before the scores are measured
+# again (the last step factorizes too).
+FISHER_STEP = 2.0
+
+
 def fisher_structure(model: nn.Module, spec: Spec, plan: Plan, layers: Sequence[LayerInfo], example: torch.Tensor,
-                     groups: Sequence[robust.ChannelGroup], fisher: robust.Fisher) -> Joint:
+                     score: Scorer) -> Joint:
     """``model`` (left untouched) with the channels and ranks of least Fisher score per unit saved removed, to the
-    target of ``plan`` (the dense model's budget plan, plan.allocate.budget_plan): plan.robust's allocation, the
-    channels of least score gone from each layer; ``layers`` is the dense inventory, ``groups`` its channel groups.
+    target of ``plan`` (the dense model's budget plan, plan.allocate.budget_plan); ``layers`` is the dense inventory.
+
+    The budget is reached in steps of at most FISHER_STEP, the scores measured again on what each step left: scores
+    of the dense model alone describe removing a few units, not most of them, and a one-shot allocation at 64x
+    starves whole layers ("layer collapse", Tanaka et al. 2020). Every step but the last removes channels only; the
+    last removes channels and cuts ranks together (plan.robust).
 
     Raises:
         SpecProblem: no removal of channels and ranks meets the budget.
     """
+    cost = cost_function(spec.compress.budget.metric)
+    dense = sum(cost(layer, None) for layer in layers)
+    steps = max(1, math.ceil(math.log(max(1.0, dense / plan.target), FISHER_STEP) - 1e-9))
     kept = kept_whole(spec, (layer.name for layer in plan.layers))
-
-    def measure(counts: Mapping[str, int]) -> tuple[LayerInfo, ...]:
-        return collect(prune_counts(model, example, counts, keep=kept).model, spec.model.input, spec.model.leaf).layers
-
-    allocation = robust.allocate(groups, fisher, layers, measure, spec.compress, plan.target)
-    pruned = prune_counts(model, example, allocation.kept_counts, keep=kept, scores=fisher.channels)
-    shrunk = collect(pruned.model, spec.model.input, spec.model.leaf)
+    current = model
+    for step in range(1, steps + 1):
+        groups, fisher = score(current)
+        target = plan.target if step == steps else dense / (dense / plan.target) ** (step / steps)
+        allocation = robust.allocate(groups, fisher, _inventory(current, spec), _measure(current, spec, example, kept),
+                                     spec.compress, target, factorize=step == steps)
+        current = prune_counts(current, example, allocation.kept_counts, keep=kept, scores=fisher.channels).model
+    pruned = widths_of(model, Pruned(current, 0.0, weight_params(current)))
+    shrunk = collect(current, spec.model.input, spec.model.leaf)
     ranked = allocate.given_plan(spec, shrunk.layers, allocation.ranks, plan.target, shrunk.other_params,
                                  policy="fisher", reason="not worth factorizing at the price that meets the budget")
     channels = pruned_plan(plan, layers, pruned, spec.model, FISHER_RULE, "fisher")
     return Joint(pruned, replace(ranked, budget=plan.budget, layers=_joined(channels, ranked)))
+
+
+def _inventory(model: nn.Module, spec: Spec) -> tuple[LayerInfo, ...]:
+    return collect(model, spec.model.input, spec.model.leaf, read_spectra=False).layers
+
+
+def _measure(model: nn.Module, spec: Spec, example: torch.Tensor,
+             kept: Sequence[str]) -> Callable[[Mapping[str, int]], tuple[LayerInfo, ...]]:
+    """The inventory of ``model`` pruned to a count of outputs per group root (the scores do not change widths)."""
+    return lambda counts: _inventory(prune_counts(model, example, counts, keep=kept).model, spec)
 
 
 def _joined(channels: Plan, ranked: Plan) -> tuple[LayerPlan, ...]:

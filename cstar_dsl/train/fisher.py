@@ -18,8 +18,9 @@ def fisher_scores(model: nn.Module, weights: Mapping[str, Tensor], groups: Seque
                   batches: Iterable[tuple[Tensor, Tensor]], attack: Attack,
                   generator: torch.Generator) -> tuple[dict[str, Tensor], dict[str, list[Tensor]]]:
     """(channel scores by group root, rank component scores by layer and mode) of ``model``, whose Conv2d / Linear
-    ``weights`` are named: for each unit, the square of the first-order change of the adversarial loss when it is
-    removed, summed over ``batches`` (Fisher's approximation of the loss increase, Molchanov et al. 2019).
+    ``weights`` are named (every layer the groups reach): for each unit, the square of the first-order change of the
+    adversarial loss when it is removed, summed over ``batches`` (Fisher's approximation of the loss increase,
+    Molchanov et al. 2019).
 
     A channel's change is read where its removal acts, on the columns of the layers that consume it (after a batch
     norm, zeroing a filter would not silence the channel); a rank component's is that of projecting it out of the
