@@ -12,11 +12,10 @@ from torch import fx, nn
 
 from ..lang.spec import LimitBudget, Spec
 from ..plan import allocate, robust
-from ..plan.costs import cost_function
 from ..plan.layers import LayerInfo
 from ..plan.plans import LayerPlan, Plan
 from .inventory import collect
-from .prune import Pruned, channel_prune, kept_whole, prune_counts, prune_rule, pruned_plan, weight_params, widths_of
+from .prune import Pruned, channel_prune, kept_whole, prune_counts, prune_rule, pruned_plan
 from .rewrite import factorize_ranks, planned_ranks
 
 # The rule of a layer whose channels and ranks the Fisher allocation chose (plan.robust).
@@ -89,37 +88,24 @@ def factorized_after_pruning(pruned: Pruned, spec: Spec, plan: Plan, layers: Seq
 
 # Scores a model's channel groups and rank components (Fisher on the adversarial loss, measured by the driver).
 Scorer = Callable[[nn.Module], tuple[Sequence[robust.ChannelGroup], robust.Fisher]]
-# Each step of the Fisher allocation compresses what is left by at most this factor before the scores are measured
-# again (the last step factorizes too).
-FISHER_STEP = 2.0
 
 
 def fisher_structure(model: nn.Module, spec: Spec, plan: Plan, layers: Sequence[LayerInfo], example: torch.Tensor,
                      score: Scorer) -> Joint:
     """``model`` (left untouched) with the channels and ranks of least Fisher score per unit saved removed, to the
-    target of ``plan`` (the dense model's budget plan, plan.allocate.budget_plan); ``layers`` is the dense inventory.
-
-    The budget is reached in steps of at most FISHER_STEP, the scores measured again on what each step left: scores
-    of the dense model alone describe removing a few units, not most of them, and a one-shot allocation at 64x
-    starves whole layers ("layer collapse", Tanaka et al. 2020). Every step but the last removes channels only; the
-    last removes channels and cuts ranks together (plan.robust).
+    target of ``plan`` (the dense model's budget plan, plan.allocate.budget_plan): plan.robust's allocation on the
+    scores ``score`` measures of ``model``, the channels of least score gone from each layer; ``layers`` is the
+    dense inventory.
 
     Raises:
         SpecProblem: no removal of channels and ranks meets the budget.
     """
-    cost = cost_function(spec.compress.budget.metric)
-    dense = sum(cost(layer, None) for layer in layers)
-    steps = max(1, math.ceil(math.log(max(1.0, dense / plan.target), FISHER_STEP) - 1e-9))
     kept = kept_whole(spec, (layer.name for layer in plan.layers))
-    current = model
-    for step in range(1, steps + 1):
-        groups, fisher = score(current)
-        target = plan.target if step == steps else dense / (dense / plan.target) ** (step / steps)
-        allocation = robust.allocate(groups, fisher, _inventory(current, spec), _measure(current, spec, example, kept),
-                                     spec.compress, target, factorize=step == steps)
-        current = prune_counts(current, example, allocation.kept_counts, keep=kept, scores=fisher.channels).model
-    pruned = widths_of(model, Pruned(current, 0.0, weight_params(current)))
-    shrunk = collect(current, spec.model.input, spec.model.leaf)
+    groups, fisher = score(model)
+    allocation = robust.allocate(groups, fisher, layers, _measure(model, spec, example, kept), spec.compress,
+                                 plan.target)
+    pruned = prune_counts(model, example, allocation.kept_counts, keep=kept, scores=fisher.channels)
+    shrunk = collect(pruned.model, spec.model.input, spec.model.leaf)
     ranked = allocate.given_plan(spec, shrunk.layers, allocation.ranks, plan.target, shrunk.other_params,
                                  policy="fisher", reason="not worth factorizing at the price that meets the budget")
     channels = pruned_plan(plan, layers, pruned, spec.model, FISHER_RULE, "fisher")

@@ -113,10 +113,9 @@ def channel_savings(groups: Sequence[ChannelGroup], layers: Sequence[LayerInfo],
 
 
 def allocate(groups: Sequence[ChannelGroup], fisher: Fisher, dense: Sequence[LayerInfo], measure: Measure,
-             compress: CompressSpec, target: float, *, factorize: bool = True) -> Allocation:
-    """The channels and ranks (channels alone, unless ``factorize``) of least Fisher score per unit saved that meet
-    ``target`` (in the metric of ``compress.budget``), as close to it as single channels and ranks allow; ``dense``
-    is the inventory of the model the groups belong to.
+             compress: CompressSpec, target: float) -> Allocation:
+    """The channels and ranks of least Fisher score per unit saved that meet ``target`` (in the metric of
+    ``compress.budget``), as close to it as single channels and ranks allow; ``dense`` is the dense inventory.
 
     Raises:
         SpecProblem: even the highest price (every removable channel and rank gone) misses the budget.
@@ -131,7 +130,7 @@ def allocate(groups: Sequence[ChannelGroup], fisher: Fisher, dense: Sequence[Lay
             cache[key] = tuple(measure(dict(key)))
         return cache[key]
 
-    ranked = _Ranked(fisher, cost, compress, factorize)
+    ranked = _Ranked(fisher, cost, compress)
 
     def at(price: float) -> tuple[dict[str, int], list[Slot], int]:
         counts = _kept_counts(groups, prices, price)
@@ -191,15 +190,13 @@ class _Ranked:
     that is cheapest; the recipe's rules and bounds respected). A layer's path of ranks does not depend on the price,
     so each width's is walked once."""
 
-    def __init__(self, fisher: Fisher, cost: Cost, compress: CompressSpec, factorize: bool) -> None:
-        self.fisher, self.cost, self.compress, self.factorize = fisher, cost, compress, factorize
+    def __init__(self, fisher: Fisher, cost: Cost, compress: CompressSpec) -> None:
+        self.fisher, self.cost, self.compress = fisher, cost, compress
         self.paths: dict[tuple[str, int, int], list[tuple[Ranks | None, int, float]]] = {}
 
     def __call__(self, layers: Sequence[LayerInfo], price: float) -> list[Slot]:
         slots = [make_slot(layer, self.compress, removes_channels=True) for layer in layers]
         for slot in slots:
-            if not self.factorize:
-                slot.ranks, slot.reason = None, slot.reason or "channels only"
             if slot.reason or slot.fixed:
                 continue
             key = (slot.layer.name, slot.layer.out_features, slot.layer.in_features)

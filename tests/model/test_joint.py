@@ -19,9 +19,12 @@ from cstar_dsl.lang.problems import SpecProblem
 from cstar_dsl.lang.spec import Spec
 from cstar_dsl.lang.validate import load_spec
 from cstar_dsl.model import inventory
-from cstar_dsl.model.joint import channel_target, joint_structure
-from cstar_dsl.model.prune import output_layer, weight_params
-from cstar_dsl.plan import allocate
+from cstar_dsl.model.channel_cut import cut_channels
+from cstar_dsl.model.channel_groups import channel_groups
+from cstar_dsl.model.joint import Joint, channel_target, fisher_structure, joint_structure
+from cstar_dsl.model.prune import kept_whole, output_layer, weight_params
+from cstar_dsl.plan import allocate, robust
+from cstar_dsl.plan.plans import Plan
 from tests.helpers import SPECS, variant
 
 MOBILENET = ('model {\n  arch = "torchvision:mobilenet_v2"\n  classes = 10\n  input = [3, 32, 32]\n'
@@ -97,3 +100,67 @@ def test_the_split_is_a_share_of_the_compression_on_a_log_scale() -> None:
     assert channel_target(plan, 0.25) == 22_627  # 64 ** 0.25 = 2.83x from channels
     assert [registry.channel_share(name) for name in ("joint", "joint-25", "joint-95", "joint-33", "low-rank")] == [
         0.5, 0.25, 0.95, None, None]
+
+
+def _weight_scores(model: nn.Module, example: torch.Tensor, keep: list[str]) -> tuple[
+        tuple[robust.ChannelGroup, ...], robust.Fisher]:
+    """A stand-in for the driver's Fisher scores, a function of the weights alone: each channel scores its filter's
+    squared L1 norm, each rank component its squared singular value."""
+    groups = channel_groups(model, example, keep)
+    weights = {name: m.weight.detach() for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    channels = {group.root: tuple(float(row.abs().sum()) ** 2 for row in weights[group.root]) for group in groups}
+    modes = {name: tuple(tuple((torch.linalg.svdvals(w.transpose(0, mode).reshape(w.shape[mode], -1)) ** 2).tolist())
+                         for mode in range(2 if w.dim() == 4 else 1)) for name, w in weights.items()}
+    return groups, robust.Fisher(channels, modes)
+
+
+def _check_joint_plan(joint: Joint, spec: Spec, model: nn.Module, budget: Plan) -> None:
+    """The plan's totals are the built model's, the budget is met within 3%, the shapes are the pruned model's, and
+    the output layer keeps its classes."""
+    built = joint.build(spec, decompose=False)
+    measured = inventory.collect(built, spec.model.input, spec.model.leaf)
+    assert joint.plan.params_after == weight_params(built)
+    assert joint.plan.macs_after == sum(layer.macs for layer in measured.layers)
+    assert 0.97 * budget.target <= joint.plan.params_after <= budget.target
+    pruned = {name: m.weight.shape for name, m in joint.pruned.model.named_modules()
+              if isinstance(m, (nn.Conv2d, nn.Linear))}
+    for layer in joint.plan.layers:
+        assert layer.shape_after == tuple(pruned[layer.name])
+    example = torch.zeros(1, *spec.model.input)
+    head = next(name for name, m in model.named_modules() if m is output_layer(model, example))
+    assert next(layer for layer in joint.plan.layers if layer.name == head).shape_after[0] == spec.model.classes
+    # A cut replaying the counts (the ADMM phase's projection and its final cut) leaves the same widths.
+    weights = {name: m.weight for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    cut = cut_channels(model, example, joint.pruned.pruning_ratio, weights, keep=kept_whole(spec, weights),
+                       kept_counts=joint.pruned.kept_counts).apply(model)
+    assert {name: m.weight.shape for name, m in cut.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))} == pruned
+    with torch.no_grad():
+        assert built.eval()(torch.randn(2, *spec.model.input)).shape == (2, spec.model.classes)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ratio=st.integers(3, 300))
+def test_a_fisher_plan_costs_what_its_model_costs(tmp_path_factory: pytest.TempPathFactory, ratio: int) -> None:
+    folder = tmp_path_factory.getbasetemp()
+    spec, model = _recipe("mnist-cnn", ratio, folder), _model("mnist-cnn", folder)
+    dense = inventory.collect(model, spec.model.input, spec.model.leaf)
+    example = torch.zeros(1, *spec.model.input)
+    budget = allocate.budget_plan(spec, dense.layers, dense.other_params)
+    keep = kept_whole(spec, (layer.name for layer in dense.layers))
+    joint = fisher_structure(model, spec, budget, dense.layers, example,
+                             lambda current: _weight_scores(current, example, keep))
+    _check_joint_plan(joint, spec, model, budget)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_a_fisher_plan_follows_residual_sums_and_depthwise_convs(tmp_path_factory: pytest.TempPathFactory,
+                                                                 arch: str) -> None:
+    folder = tmp_path_factory.getbasetemp()
+    spec, model = _recipe(arch, 3, folder), _model(arch, folder)
+    dense = inventory.collect(model, spec.model.input, spec.model.leaf)
+    example = torch.zeros(1, *spec.model.input)
+    budget = allocate.budget_plan(spec, dense.layers, dense.other_params)
+    keep = kept_whole(spec, (layer.name for layer in dense.layers))
+    joint = fisher_structure(model, spec, budget, dense.layers, example,
+                             lambda current: _weight_scores(current, example, keep))
+    _check_joint_plan(joint, spec, model, budget)
