@@ -191,11 +191,8 @@ def _compressed(spec: Spec, model: nn.Module, plan: Plan, example: Tensor, struc
     from .model.prune import prune_to_plan
 
     if structure == JOINT_FISHER:
-        raise SpecProblem(("compress", "structure" if spec.compress.method == "cstar" else "candidates"),
-                          "measured-structure", f"`{JOINT_FISHER}` has no layers to time before it is compiled: "
-                          "its channels and ranks follow Fisher scores of the trained model",
-                          help="compile it first; `cstar plan --latency --structure joint-50` times a joint structure "
-                                       "of fixed split")
+        raise ValueError(f"{JOINT_FISHER} has no layers to time before it is compiled: its channels and ranks follow "
+                         "Fisher scores of the trained model")
     share = channel_share(structure)
     if share is not None:  # the budget plan, met by pruning and then ranks, as make_plan did
         found = inventory.collect(model, spec.model.input, spec.model.leaf)

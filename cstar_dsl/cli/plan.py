@@ -40,7 +40,7 @@ def run_plan(args: argparse.Namespace, console: Console) -> int:
             and not args.structure else []
         seconds = time.perf_counter() - started
         latency = measure_latency(checked.spec, model, plan, threads=args.threads, structure=structure) \
-            if args.latency else None
+            if args.latency and structure != registry.JOINT_FISHER else None
     except USER_ERRORS as error:
         return print_error(console, error, diagnostic_format, checked=checked)
     if args.format == "json":
@@ -73,6 +73,9 @@ def run_plan(args: argparse.Namespace, console: Console) -> int:
         console.out(wrapped(line, console.width))
     if latency is not None:
         console.out(_latency_line(latency, plan, time.perf_counter() - started - seconds))
+    elif args.latency:
+        console.out(wrapped(f"latency: {structure}'s layers are chosen at compile time; the compile's report times "
+                            "them", console.width))
     for warning in plan.warnings:
         console.out(wrapped(f"note: {warning}.", console.width))
     return EXIT_OK

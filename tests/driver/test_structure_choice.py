@@ -12,7 +12,7 @@ from torch import nn
 
 import cstar_dsl
 from cstar_dsl.driver import compress as compress_module
-from cstar_dsl.driver import probe
+from cstar_dsl.driver import probe, pruning
 from cstar_dsl.driver.probe import split_holdout
 from cstar_dsl.driver.state import CompileError, Progress
 from cstar_dsl.lang.errors import CStarError
@@ -96,7 +96,10 @@ def test_auto_compiles_exactly_what_the_winning_method_compiles(tmp_path: Path) 
     assert cstar_dsl.load(tmp_path / "auto") is not None
 
 
-def test_the_probe_sees_training_images_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("candidates", ["prune-uniform", "joint-fisher"])
+def test_the_probe_sees_training_images_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, candidates: str) -> None:
+    """The probe fine-tunes on the fit part of the training set and scores on the held-out rest; joint-fisher's
+    scores (the adversarial loss's gradients) are measured on the fit part too."""
     seen: dict[str, list[torch.Tensor]] = {"fit": [], "held": []}
     real_batches, real_accuracy = probe.batches, probe.accuracy
 
@@ -110,8 +113,9 @@ def test_the_probe_sees_training_images_only(tmp_path: Path, monkeypatch: pytest
         return real_accuracy(model, batches, attack, generator)
 
     monkeypatch.setattr(probe, "batches", fit_batches)
+    monkeypatch.setattr(pruning, "batches", fit_batches)
     monkeypatch.setattr(probe, "accuracy", held_accuracy)
-    recipe = _recipe(tmp_path, "auto", "method = auto\n  candidates = [prune-uniform]\n  probe_holdout = 20%")
+    recipe = _recipe(tmp_path, "auto", f"method = auto\n  candidates = [{candidates}]\n  probe_holdout = 20%")
     cstar_dsl.compile(recipe, tmp_path / "out")
     data = cstar_dsl.datasets(check_file(recipe).spec)
     train, test = data.train.tensors[0].flatten(1), data.test.tensors[0].flatten(1)
