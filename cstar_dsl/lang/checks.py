@@ -79,6 +79,10 @@ def _pruning_settings_for_method(spec: SimpleNamespace, root: Section) -> list[D
         found += [_ignored(root, key, why, f"`{key}` chooses how `channel-prune` {what}; drop it for this method")
                   for key, (default, what) in _PRUNING_SETTINGS.items()
                   if getattr(compress, key) != default and key not in used]
+    removes_channels = compress.method in ("channel-prune", "auto") or channel_admm
+    if not removes_channels and compress.min_channels is not None:
+        found.append(_ignored(root, "min_channels", f"method `{compress.method}` removes no channels",
+                              "`min_channels` bounds the structures that remove channels; drop it for this method"))
     if compress.method != "cstar" and "structure" in compress.model_fields_set:
         why = ("method `auto` projects its ADMM phase onto the candidate its probe chose" if compress.method == "auto"
                else f"method `{compress.method}` has no ADMM phase")

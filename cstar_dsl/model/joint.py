@@ -15,7 +15,7 @@ from ..plan import allocate, robust
 from ..plan.layers import LayerInfo
 from ..plan.plans import LayerPlan, Plan
 from .inventory import collect
-from .prune import Pruned, channel_prune, kept_whole, prune_counts, prune_rule, pruned_plan
+from .prune import Pruned, channel_prune, floors_of, kept_whole, prune_counts, prune_rule, pruned_plan
 from .rewrite import factorize_ranks, planned_ranks
 
 # The rule of a layer whose channels and ranks the Fisher allocation chose (plan.robust).
@@ -66,10 +66,11 @@ def joint_structure(model: nn.Module, spec: Spec, plan: Plan, layers: Sequence[L
 
 def joint_channels(model: nn.Module, spec: Spec, plan: Plan, channel_share: float,
                    example: torch.Tensor | None = None) -> Pruned:
-    """A joint structure's channels: ``model`` pruned uniformly (L1) to ``channel_target``, `keep` layers whole."""
+    """A joint structure's channels: ``model`` pruned uniformly (L1) to ``channel_target``, `keep` layers whole, none
+    below its `min_channels`."""
     example = torch.zeros(1, *spec.model.input) if example is None else example
     kept = kept_whole(spec, (layer.name for layer in plan.layers))
-    return channel_prune(model, example, channel_target(plan, channel_share), keep=kept)
+    return channel_prune(model, example, channel_target(plan, channel_share), keep=kept, floors=floors_of(spec, plan))
 
 
 def factorized_after_pruning(pruned: Pruned, spec: Spec, plan: Plan, layers: Sequence[LayerInfo],
@@ -103,7 +104,7 @@ def fisher_structure(model: nn.Module, spec: Spec, plan: Plan, layers: Sequence[
     kept = kept_whole(spec, (layer.name for layer in plan.layers))
     groups, fisher = score(model)
     allocation = robust.allocate(groups, fisher, layers, _measure(model, spec, example, kept), spec.compress,
-                                 plan.target)
+                                 plan.target, floors=floors_of(spec, plan))
     pruned = prune_counts(model, example, allocation.kept_counts, keep=kept, scores=fisher.channels)
     shrunk = collect(pruned.model, spec.model.input, spec.model.leaf)
     ranked = allocate.given_plan(spec, shrunk.layers, allocation.ranks, plan.target, shrunk.other_params,

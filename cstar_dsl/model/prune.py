@@ -18,7 +18,7 @@ from ..lang.problems import SpecProblem
 from ..lang.spec import ModelSpec, Spec
 from ..plan.layers import LayerInfo
 from ..plan.plans import LayerPlan, Plan
-from ..plan.rules import kept_by
+from ..plan.rules import channel_floors, kept_by
 from .factorized import conv_geometry
 from .inventory import collect, replace_module
 
@@ -45,7 +45,8 @@ def weight_params(model: nn.Module) -> int:
 
 
 def channel_prune(model: nn.Module, example_input: torch.Tensor, target_params: int, *,
-                  keep: Iterable[str] = (), allocation: str = "uniform", importance: str = "l1") -> Pruned:
+                  keep: Iterable[str] = (), allocation: str = "uniform", importance: str = "l1",
+                  floors: Mapping[str, int] | None = None) -> Pruned:
     """A pruned model with weight_params(pruned) <= target_params, as close to it as the allocation allows: the
     smallest pruning ratio that fits, by bisection.
 
@@ -54,6 +55,7 @@ def channel_prune(model: nn.Module, example_input: torch.Tensor, target_params: 
     layers together by their mean-normalized scores (Torch-Pruning's global pruning), so layers lose different shares.
     A channel's score is its filters' L1 norm (``l1``), or the first-order Taylor estimate |weight x gradient| of the
     loss change on removing it (``taylor``, Molchanov et al.): the caller leaves that loss's gradients on ``model``.
+    No layer named in ``floors`` keeps fewer outputs than its floor (the recipe's `min_channels`).
     """
     template = copy.deepcopy(model)
     if weight_params(template) <= target_params:
@@ -65,10 +67,10 @@ def channel_prune(model: nn.Module, example_input: torch.Tensor, target_params: 
         for copied, original in zip(template.parameters(), model.parameters(), strict=True):
             copied.grad = original.grad.detach().clone() if original.grad is not None else None
     if allocation == "global":
-        return _global_prune(_Trials(template, example_input, protected, global_pruning=True, importance=importance),
-                             target_params)
+        return _global_prune(_Trials(template, example_input, protected, global_pruning=True, importance=importance,
+                                     floors=floors), target_params)
     shares = _kept_shares(template, protected)
-    trial = _Trials(template, example_input, protected, importance=importance)
+    trial = _Trials(template, example_input, protected, importance=importance, floors=floors)
     smallest = trial(shares[0]) if shares else Pruned(template, 0.0, weight_params(template))
     if smallest.params > target_params:
         raise _infeasible(smallest, target_params)
@@ -132,10 +134,15 @@ def _kept(share: Fraction, width: int) -> int:
 def prune_to_plan(model: nn.Module, spec: Spec, plan: Plan, example_input: torch.Tensor, *,
                   allocation: str = "uniform", importance: str = "l1") -> Pruned:
     """``model`` channel-pruned to the parameters ``plan`` leaves: the layers the recipe's `compress.keep` names,
-    and those a `keep` rule leaves dense, stay whole."""
+    and those a `keep` rule leaves dense, stay whole; no layer goes below its `min_channels`."""
     kept = kept_whole(spec, (layer.name for layer in plan.layers))
-    return channel_prune(model, example_input, plan.params_budget, keep=kept,
-                         allocation=allocation, importance=importance)
+    return channel_prune(model, example_input, plan.params_budget, keep=kept, allocation=allocation,
+                         importance=importance, floors=floors_of(spec, plan))
+
+
+def floors_of(spec: Spec, plan: Plan) -> dict[str, int]:
+    """Each layer's `min_channels` (plan.rules.channel_floors) by the plan's layers."""
+    return channel_floors(spec.compress, [(layer.name, layer.type_name, layer.shape[0]) for layer in plan.layers])
 
 
 def kept_whole(spec: Spec, layer_names: Iterable[str]) -> list[str]:
@@ -205,14 +212,28 @@ _GLOBAL_BISECTIONS = 16
 
 
 def _global_prune(trial: _Trials, target_params: int) -> Pruned:
-    """The smallest global pruning ratio (the share of all prunable channels removed) that meets the budget.
+    """The smallest global pruning ratio that meets the budget (see _global_search), the layers the ranking would
+    take below their floor (`min_channels`) held at it and the rest ranked again, until none is below."""
+    fixed: dict[str, int] = {}
+    while True:
+        pruned = _global_search(trial, target_params, fixed)
+        widths = {name: _out_channels(m) for name, m in pruned.model.named_modules() if isinstance(m, _WEIGHTED)}
+        below = {name: floor for name, floor in trial.floors.items() if name in widths and widths[name] < floor}
+        if not below:
+            return pruned
+        fixed.update(below)
+
+
+def _global_search(trial: _Trials, target_params: int, fixed: Mapping[str, int]) -> Pruned:
+    """The smallest global pruning ratio (the share of all prunable channels removed) that meets the budget, the
+    layers of ``fixed`` keeping their counts.
 
     Params fall as the ratio grows only until the threshold would empty a layer: Torch-Pruning then skips that layer
     whole, and the model grows again. So a forward scan stops at the first ratio that fits (or where params stop
     falling), and bisection refines the last step, inside the region where params are monotone."""
     low, smallest = Fraction(0), None
     while (high := low + _GLOBAL_SCAN_STEP) < 1:
-        pruned = trial(1 - high)
+        pruned = trial(1 - high, fixed)
         if smallest is not None and pruned.params >= smallest.params:
             break  # past the monotone region
         smallest = pruned
@@ -220,11 +241,11 @@ def _global_prune(trial: _Trials, target_params: int) -> Pruned:
             break
         low = high
     if smallest is None or smallest.params > target_params:
-        raise _infeasible(smallest or trial(1 - _GLOBAL_SCAN_STEP), target_params)
+        raise _infeasible(smallest or trial(1 - _GLOBAL_SCAN_STEP, fixed), target_params)
     best = smallest
     for _ in range(_GLOBAL_BISECTIONS):
         mid = (low + high) / 2
-        pruned = trial(1 - mid)
+        pruned = trial(1 - mid, fixed)
         if pruned.params <= target_params:
             high, best = mid, pruned
         else:
@@ -237,7 +258,8 @@ def _infeasible(smallest: Pruned, target_params: int) -> SpecProblem:
         ("compress", "budget"), "infeasible-budget",
         f"channel pruning reaches no fewer than {smallest.params:,} weight parameters (removing "
         f"{smallest.pruning_ratio:.1%} of the channels), above the budget of {target_params:,}",
-        help=f"raise the budget to at least {smallest.params:,} parameters, or keep fewer layers unpruned",
+        help=f"raise the budget to at least {smallest.params:,} parameters, or keep fewer layers unpruned (`keep`, "
+             "`min_channels`)",
     )
 
 
@@ -258,11 +280,26 @@ class _Trials:
     """One-shot pruning of a fresh deep copy per kept share: Torch-Pruning cannot undo or redo a pruning step."""
 
     def __init__(self, template: nn.Module, example_input: torch.Tensor, protected: list[nn.Module], *,
-                 global_pruning: bool = False, importance: str | Mapping[str, Sequence[float]] = "l1") -> None:
+                 global_pruning: bool = False, importance: str | Mapping[str, Sequence[float]] = "l1",
+                 floors: Mapping[str, int] | None = None) -> None:
         self.template, self.example_input = template, example_input
         self.protected_names = [_name(template, m) for m in protected]
         self.global_pruning, self.importance = global_pruning, importance
         self.protected = protected
+        self.floors = dict(floors or {})
+
+    def counts(self, share: Fraction, kept_counts: Mapping[str, int] | None) -> dict[str, int]:
+        """``kept_counts``, with every floored layer raised to its floor where the count (or, uniform, the share's)
+        is below it; a global ranking's layers have no share, so only the counts given are raised."""
+        counts = dict(kept_counts or {})
+        widths = dict(self.prunable)
+        for name, floor in self.floors.items():
+            if name not in widths:
+                continue
+            count = counts.get(name, widths[name] if self.global_pruning else _kept(share, widths[name]))
+            if count < floor or name in counts:
+                counts[name] = max(count, floor)
+        return counts
 
     @functools.cached_property
     def prunable(self) -> list[tuple[str, int]]:
@@ -272,6 +309,7 @@ class _Trials:
                 if id(m) not in skip and _out_channels(m) > 1]
 
     def __call__(self, share: Fraction, kept_counts: Mapping[str, int] | None = None) -> Pruned:
+        kept_counts = self.counts(share, kept_counts)
         model = copy.deepcopy(self.template)
         for copied, original in zip(model.parameters(), self.template.parameters(), strict=True):
             # deepcopy drops gradients; Taylor scores read them (a copy each: the pruner slices them with the weights).

@@ -113,15 +113,18 @@ def channel_savings(groups: Sequence[ChannelGroup], layers: Sequence[LayerInfo],
 
 
 def allocate(groups: Sequence[ChannelGroup], fisher: Fisher, dense: Sequence[LayerInfo], measure: Measure,
-             compress: CompressSpec, target: float) -> Allocation:
+             compress: CompressSpec, target: float, floors: Mapping[str, int] | None = None) -> Allocation:
     """The channels and ranks of least Fisher score per unit saved that meet ``target`` (in the metric of
-    ``compress.budget``), as close to it as single channels and ranks allow; ``dense`` is the dense inventory.
+    ``compress.budget``), as close to it as single channels and ranks allow; ``dense`` is the dense inventory, and
+    no layer goes below its entry of ``floors`` (the recipe's `min_channels`; a group keeps its members' highest).
 
     Raises:
         SpecProblem: even the highest price (every removable channel and rank gone) misses the budget.
     """
     cost = cost_function(compress.budget.metric)
     prices = _prices(groups, fisher, channel_savings(groups, dense, compress.budget.metric))
+    group_floors = {group.root: max((floors or {}).get(reach.layer, 1) for reach in group.reach
+                                    if reach.removes_outputs) for group in groups}
     cache: dict[tuple[tuple[str, int], ...], tuple[LayerInfo, ...]] = {}
 
     def inventory(counts: Mapping[str, int]) -> tuple[LayerInfo, ...]:
@@ -133,7 +136,7 @@ def allocate(groups: Sequence[ChannelGroup], fisher: Fisher, dense: Sequence[Lay
     ranked = _Ranked(fisher, cost, compress)
 
     def at(price: float) -> tuple[dict[str, int], list[Slot], int]:
-        counts = _kept_counts(groups, prices, price)
+        counts = _kept_counts(groups, prices, price, group_floors)
         slots = ranked(inventory(counts), price)
         return counts, slots, sum(cost(s.layer, s.ranks) for s in slots)
 
@@ -174,12 +177,14 @@ def _prices(groups: Sequence[ChannelGroup], fisher: Fisher,
     return prices
 
 
-def _kept_counts(groups: Sequence[ChannelGroup], prices: Mapping[str, list[float]], price: float) -> dict[str, int]:
+def _kept_counts(groups: Sequence[ChannelGroup], prices: Mapping[str, list[float]], price: float,
+                 floors: Mapping[str, int]) -> dict[str, int]:
     """The outputs each group's root keeps at ``price`` (only roots that lose some): the channels whose price is
-    below it go, at least one stays."""
+    below it go, down to the root's floor, and at least one stays."""
     counts = {}
     for group in groups:
-        kept = max(1, group.width - sum(1 for going in prices[group.root] if going < price))
+        removed = sum(1 for going in prices[group.root] if going < price)
+        kept = max(1, floors.get(group.root, 1), group.width - removed)
         if kept < group.width:
             counts[group.root] = kept
     return counts

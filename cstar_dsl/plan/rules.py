@@ -62,12 +62,26 @@ def check_selectors(compress: CompressSpec, layers: Sequence[LayerInfo]) -> None
                 help="`cstar plan` lists every layer name")
 
 
-def _matching_rule(layer: LayerInfo, rules: Sequence[LayerRule]) -> LayerRule | None:
+def _matching_rule(name: str, type_name: str, rules: Sequence[LayerRule]) -> LayerRule | None:
     for kind in ("name", "glob", "type"):
         for rule in rules:
-            if rule.selector.kind == kind and rule.selector.matches(layer.name, layer.type_name):
+            if rule.selector.kind == kind and rule.selector.matches(name, type_name):
                 return rule
     return None
+
+
+def channel_floors(compress: CompressSpec, layers: Sequence[tuple[str, str, int]]) -> dict[str, int]:
+    """The outputs each layer (name, type name, outputs) keeps at least under a structure that removes channels: its
+    rule's `min_channels` (by name, then glob, then type), else the compress block's, capped at its width; layers
+    without a floor are left out."""
+    rules = [rule for rule in compress.layers if rule.min_channels is not None]
+    floors = {}
+    for name, type_name, width in layers:
+        rule = _matching_rule(name, type_name, rules)
+        floor = rule.min_channels if rule is not None else compress.min_channels
+        if floor is not None:
+            floors[name] = min(floor, width)
+    return floors
 
 
 def kept_by(compress: CompressSpec, layer_name: str) -> str | None:
@@ -82,7 +96,7 @@ def make_slot(layer: LayerInfo, compress: CompressSpec, *, removes_channels: boo
     kept = kept_by(compress, layer.name)
     if kept is not None:
         return Slot(layer, f'keep "{kept}"', reason="kept dense by `keep`")
-    rule = _matching_rule(layer, compress.layers)
+    rule = _matching_rule(layer.name, layer.type_name, compress.layers)
     if layer.produces_output and not removes_channels and not (
             rule and rule.selector.kind in ("name", "glob")):
         # A rank below the number of outputs confines the logits to a subspace: the margins shrink,

@@ -166,6 +166,8 @@ def test_every_candidate_diverging_stops_the_compile_with_help(tmp_path: Path, m
     ("probe_holdout = 100%", "out-of-range", "strictly between"),
     ("probe_holdout = 0.1", "missing-unit", "percentage"),
     ("probe_epochs = 0", "out-of-range", "probe_epochs"),
+    ("min_channels = 0", "out-of-range", "min_channels"),
+    ("candidates = [joint-fishr]", "unknown-option", "joint-fisher"),
 ])
 def test_probe_settings_are_checked_at_their_line(tmp_path: Path, setting: str, code: str, words: str) -> None:
     recipe = _recipe(tmp_path, "bad", f"method = auto\n  {setting}")
@@ -180,6 +182,7 @@ def test_probe_settings_are_checked_at_their_line(tmp_path: Path, setting: str, 
     ("method = channel-prune\n  probe_epochs = 2", "probe_epochs"),
     ("method = svd-finetune\n  candidates = [low-rank]", "candidates"),
     ("method = auto\n  allocation = global", "allocation"),
+    ("method = svd-finetune\n  min_channels = 4", "min_channels"),
 ])
 def test_settings_a_method_does_not_use_are_warned_about(tmp_path: Path, compress: str, key: str) -> None:
     checked = check_file(_recipe(tmp_path, "warned", compress))

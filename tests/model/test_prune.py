@@ -12,9 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from cstar_dsl import api
 from cstar_dsl.lang.problems import SpecProblem
+from cstar_dsl.lang.validate import load_spec
 from cstar_dsl.model.prune import Pruned, channel_prune, resize_to, weight_params
 from cstar_dsl.model.zoo import SmallCnn
+from tests.helpers import SPECS, variant
 
 WIDTHS = (32, 32, "M", 64, 64, "M", 128, 128, "M", 256)
 
@@ -251,3 +254,44 @@ def test_taylor_importance_keeps_other_channels_than_l1_and_meets_the_budget(all
 def test_taylor_importance_needs_gradients():
     with pytest.raises(ValueError, match="gradients"):
         channel_prune(small_cnn(), CNN_INPUT, 10_000, importance="taylor")
+
+
+@settings(max_examples=8, deadline=None)
+@given(divisor=st.sampled_from([16, 64, 256]), floor=st.integers(2, 24), allocation=st.sampled_from(["uniform",
+                                                                                                      "global"]))
+def test_no_layer_falls_below_its_floor_and_the_budget_still_holds(divisor: int, floor: int, allocation: str):
+    model = small_cnn()
+    target = weight_params(model) // divisor
+    names = {id(m): name for name, m in model.named_modules()}
+    floors = {names[id(conv)]: min(floor, conv.out_channels) for conv in convs(model)[1:]}  # the first has none
+    try:
+        pruned = channel_prune(model, CNN_INPUT, target, allocation=allocation, floors=floors)
+    except SpecProblem as problem:  # the floors alone are over the budget
+        assert problem.code == "infeasible-budget" and "min_channels" in (problem.help or "")
+        return
+    assert pruned.params <= target
+    kept = {names[id(old)]: new.out_channels for old, new in zip(convs(model), convs(pruned.model), strict=True)}
+    assert all(kept[name] >= low for name, low in floors.items())
+    if allocation == "uniform":  # the floors cost the other layers channels, not the budget its fill
+        assert pruned.params >= 0.97 * target
+        # A cut replays the floors with the counts (the ADMM phase's projection onto the same structure).
+        assert all(kept[name] == count for name, count in pruned.kept_counts)
+
+
+@pytest.mark.parametrize("structure", ["prune-uniform", "prune-global", "joint-50"])
+def test_a_recipes_min_channels_bounds_every_structure_that_removes_channels(tmp_path, structure: str):
+    recipe = variant(tmp_path, SPECS / "mnist.cstar", """compress {
+  method = auto
+  budget = 64x params
+  min_channels = 3
+  layer "features.2*" {
+    min_channels = 40
+  }
+}
+""")
+    spec = load_spec(recipe)
+    plan = api.make_plan(spec, api.build_model(spec), structure=structure)
+    kept = {layer.name: (layer.shape_after or layer.shape)[0] for layer in plan.layers}
+    assert kept["features.21"] >= 40  # the glob's floor, over the block's
+    assert all(count >= 3 for count in kept.values())
+    assert plan.params_after <= plan.target

@@ -170,3 +170,15 @@ def test_savings_count_every_row_and_column_a_channel_takes() -> None:
     assert savings["features.1"] == (8 * 9 + 10,) * 16  # its filter, and the classifier's input column
     macs = robust.channel_savings(chain.groups(), chain.layers(), "macs")
     assert macs["features.0"] == ((3 * 9 + 16 * 9) * 16,) * 8
+
+
+def test_no_layer_goes_below_its_floor() -> None:
+    chain = Chain([32, 32, 32])
+    dense = chain.layers()
+    target = sum(layer.params for layer in dense) / 32
+    fisher = chain.fisher(random.Random(2))
+    allocation = robust.allocate(chain.groups(), fisher, dense, chain.measure, spec(budget="32x params").compress,
+                                 target, floors={"features.1": 12})
+    assert allocation.kept_counts.get("features.1", 32) >= 12
+    free = robust.allocate(chain.groups(), fisher, dense, chain.measure, spec(budget="32x params").compress, target)
+    assert free.kept_counts.get("features.1", 32) < 12  # the floor bound: without it the layer loses more

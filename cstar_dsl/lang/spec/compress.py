@@ -191,6 +191,9 @@ class LayerRule(Block):
     min_rank: Annotated[int | None, int_at_least(1, "`min_rank`", limits.MAX_RANK)] = None
     max_rank: Annotated[int | None, int_at_least(1, "`max_rank`", limits.MAX_RANK)] = None
     dense: Annotated[bool, typed(c.boolean)] = False
+    # The outputs no structure that removes channels takes this layer below (ranks are a separate axis: a dense
+    # layer may lose channels).
+    min_channels: Annotated[int | None, int_at_least(1, "`min_channels`", limits.MAX_RANK)] = None
 
     @field_validator("rank")
     @classmethod
@@ -239,6 +242,8 @@ class CompressSpec(Block):
     )
     keep: Annotated[tuple[str, ...], typed(names, what="module names")] = ()
     min_rank: Annotated[int | None, int_at_least(1, "`min_rank`", limits.MAX_RANK)] = None
+    # A floor on every layer's outputs for the structures that remove channels (a layer rule's own overrides it).
+    min_channels: Annotated[int | None, int_at_least(1, "`min_channels`", limits.MAX_RANK)] = None
     hooi_sweeps: Annotated[int, int_at_least(0, "`hooi_sweeps`")] = 0
     # channel-prune only: the same share of every layer's channels, or one ranking of all channels.
     allocation: Annotated[str, typed(c.choice, options=("uniform", "global"), what="channel allocation")] = "uniform"
