@@ -159,7 +159,7 @@ def _channels_removed(spec: Spec, model: nn.Module, plan: Plan, layers: Sequence
     if allocation == "global":
         notes += ("a global ranking's widths depend on the trained weights: these are an estimate by L1 norm on "
                   "the starting weights",)
-    return dataclasses.replace(pruned_plan(plan, layers, pruned, spec.model, rule, allocation), warnings=notes)
+    return dataclasses.replace(pruned_plan(plan, layers, pruned, spec, rule, allocation), warnings=notes)
 
 
 def factorize(model: nn.Module, plan: Plan, spec: Spec | None = None) -> fx.GraphModule:

@@ -93,7 +93,7 @@ def _after_admm(context: Context, run: Run, net: nn.Module) -> Built:
         return Built(joint.build(spec), joint.plan, joint_description(joint.plan))
     # run.plan is the pruned plan the ADMM phase started from: the same widths, so only the rule changes.
     allocation = registry.channel_allocation(structure)
-    plan = pruned_plan(run.plan, context.layers, pruned, spec.model, admm_channels_rule(allocation), allocation)
+    plan = pruned_plan(run.plan, context.layers, pruned, spec, admm_channels_rule(allocation), allocation)
     return Built(model, plan, {"kind": "pruned"})
 
 

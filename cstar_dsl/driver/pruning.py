@@ -55,7 +55,7 @@ def prune_structure(context: Context, net: nn.Module, plan: Plan, allocation: st
     for model in (net, pruned.model):  # the scores are spent: no stale gradient travels on to the device or a step
         model.zero_grad(set_to_none=True)
     rule = prune_rule(importance, allocation)
-    return pruned, pruned_plan(plan, context.layers, pruned, spec.model, rule, allocation)
+    return pruned, pruned_plan(plan, context.layers, pruned, spec, rule, allocation)
 
 
 def robust_scores(context: Context, net: nn.Module) -> tuple[tuple[ChannelGroup, ...], Fisher]:

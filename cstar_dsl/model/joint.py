@@ -82,7 +82,7 @@ def factorized_after_pruning(pruned: Pruned, spec: Spec, plan: Plan, layers: Seq
     limit = LimitBudget(metric=spec.compress.budget.metric, limit=plan.target)
     ranks_spec = spec.model_copy(update={"compress": spec.compress.model_copy(update={"budget": limit})})
     ranked = allocate.make_plan(ranks_spec, shrunk.layers)
-    channels = pruned_plan(plan, layers, pruned, spec.model, rule, "uniform")
+    channels = pruned_plan(plan, layers, pruned, spec, rule, "uniform")
     return Joint(pruned, replace(ranked, budget=plan.budget, target=plan.target, other_params=shrunk.other_params,
                                  layers=_joined(channels, ranked)))
 
@@ -109,7 +109,7 @@ def fisher_structure(model: nn.Module, spec: Spec, plan: Plan, layers: Sequence[
     shrunk = collect(pruned.model, spec.model.input, spec.model.leaf)
     ranked = allocate.given_plan(spec, shrunk.layers, allocation.ranks, plan.target, shrunk.other_params,
                                  policy="fisher", reason="not worth factorizing at the price that meets the budget")
-    channels = pruned_plan(plan, layers, pruned, spec.model, FISHER_RULE, "fisher")
+    channels = pruned_plan(plan, layers, pruned, spec, FISHER_RULE, "fisher")
     return Joint(pruned, replace(ranked, budget=plan.budget, layers=_joined(channels, ranked)))
 
 

@@ -15,7 +15,7 @@ import torch_pruning as tp
 from torch import nn
 
 from ..lang.problems import SpecProblem
-from ..lang.spec import ModelSpec, Spec
+from ..lang.spec import Spec
 from ..plan.layers import LayerInfo
 from ..plan.plans import LayerPlan, Plan
 from ..plan.rules import channel_floors, kept_by
@@ -171,16 +171,18 @@ def prune_rule(importance: str, allocation: str) -> str:
     return f"channel-prune ({'L1' if importance == 'l1' else 'Taylor'}, {allocation})"
 
 
-def pruned_plan(plan: Plan, before: Sequence[LayerInfo], pruned: Pruned, model_spec: ModelSpec, rule: str,
+def pruned_plan(plan: Plan, before: Sequence[LayerInfo], pruned: Pruned, spec: Spec, rule: str,
                 allocation: str) -> Plan:
     """``plan`` as pruning carried it out: every layer's channels, params and MACs after, measured on the pruned
     model, so the totals are the built model's."""
-    after = {layer.name: layer for layer in collect(pruned.model, model_spec.input, model_spec.leaf).layers}
+    after = {layer.name: layer for layer in collect(pruned.model, spec.model.input, spec.model.leaf).layers}
+    floors = floors_of(spec, plan)
     # A layer whose outputs stay whole (kept, or the output layer) keeps the rule that said so; see kept_whole.
     whole = {entry.name: entry.rule for entry in plan.layers if (new := after.get(entry.name)) is not None
              and new.shape[0] == entry.shape[0]}
     layers = tuple(_pruned_layer(layer, after.get(layer.name), whole.get(layer.name, rule),
-                                 _pruned_reason(layer, after.get(layer.name), pruned, allocation))
+                                 _pruned_reason(layer, after.get(layer.name), pruned, allocation,
+                                                floors.get(layer.name)))
                    for layer in before)
     return replace(plan, layers=layers)
 
@@ -194,8 +196,11 @@ def _pruned_layer(layer: LayerInfo, new: LayerInfo | None, rule: str, reason: st
                      shape_after=tuple(new.shape) if new else None)
 
 
-def _pruned_reason(before: LayerInfo, after: LayerInfo | None, pruned: Pruned, allocation: str) -> str:
+def _pruned_reason(before: LayerInfo, after: LayerInfo | None, pruned: Pruned, allocation: str,
+                   floor: int | None) -> str:
     kept = after.shape[0] if after is not None else 0
+    if kept == floor:
+        return f"{kept} of {before.shape[0]} outputs kept: its `min_channels`"
     if allocation == "fisher":
         return f"{kept} of {before.shape[0]} outputs kept (Fisher on the adversarial loss, per weight saved)"
     if allocation != "uniform":

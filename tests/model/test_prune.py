@@ -295,3 +295,5 @@ def test_a_recipes_min_channels_bounds_every_structure_that_removes_channels(tmp
     assert kept["features.21"] >= 40  # the glob's floor, over the block's
     assert all(count >= 3 for count in kept.values())
     assert plan.params_after <= plan.target
+    if kept["features.21"] == 40:
+        assert "min_channels" in next(layer.reason for layer in plan.layers if layer.name == "features.21")
