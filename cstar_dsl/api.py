@@ -33,8 +33,8 @@ from .plan.plans import Plan
 
 # What `cstar plan` says of `joint-fisher`, whose layers only the compile can choose.
 FISHER_DEFERRED = (f"{JOINT_FISHER} chooses each layer's channels and ranks at compile time, from Fisher scores of "
-                   "the trained model on adversarial examples of the training set; the table above is the low-rank "
-                   "plan of the budget it meets, and the compile's plan.json and report list its own layers")
+                   "the trained model on adversarial examples of the training set; the table above is the dense model "
+                   "and the budget it meets, and the compile's report lists its layers")
 
 if TYPE_CHECKING:
     from .deploy.latency import LatencyComparison
@@ -63,8 +63,8 @@ def _structure_plan(spec: Spec, model: nn.Module, found: inventory.Inventory, st
     if structure == "low-rank":
         plan = planning.make_plan(spec, found.layers, found.other_params)
     elif structure == JOINT_FISHER:
-        plan = planning.budget_plan(spec, found.layers, found.other_params)
-        return dataclasses.replace(plan, warnings=(*plan.warnings, FISHER_DEFERRED))
+        plan = planning.target_plan(spec, found.layers, found.other_params, "chosen at compile time")
+        return dataclasses.replace(plan, warnings=(FISHER_DEFERRED,))
     else:
         plan = _channels_removed(spec, model, planning.budget_plan(spec, found.layers, found.other_params),
                                  found.layers, structure)

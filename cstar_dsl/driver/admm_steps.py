@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import time
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
@@ -21,8 +20,7 @@ from ..model.prune import admm_channels_rule, kept_whole, widths_of
 from ..plan import allocate as planning
 from ..plan.plans import Plan, Ranks
 from ..train import admm, distributed
-from .probe import fisher_context
-from .pruning import prune_structure, robust_scores
+from .pruning import cached_scores, prune_structure
 from .state import Context, Run
 
 
@@ -40,10 +38,12 @@ def replan(context: Context, weights: dict[str, Tensor]) -> Plan:
 
 def structure_plan(context: Context, weights: dict[str, Tensor], structure: str) -> Plan:
     """The plan ``structure`` is built to, on the spectra of ``weights``: low rank's own (a `SpecProblem` where ranks
-    cannot meet the budget), or for a structure that removes channels the plan of the budget it prunes to
-    (planning.budget_plan)."""
+    cannot meet the budget), for a structure that removes channels the plan of the budget it prunes to
+    (planning.budget_plan), for joint-fisher the budget's target alone (planning.target_plan)."""
     if structure == "low-rank":
         return replan(context, weights)
+    if structure == registry.JOINT_FISHER:  # its own allocation needs the budget's target alone
+        return planning.target_plan(context.spec, context.layers, context.other_params, "joint-fisher chooses it")
     layers = inventory.with_weights(context.layers, {k: v.detach().cpu() for k, v in weights.items()})
     return planning.budget_plan(context.spec, layers, context.other_params)
 
@@ -112,7 +112,7 @@ def _channel_start(context: Context, run: Run, structure: str) -> admm.AdmmState
     share = registry.channel_share(structure)
     if structure == registry.JOINT_FISHER:  # its channels and ranks, by Fisher scores on the dense model
         joint = fisher_structure(net, spec, plan, context.layers, torch.zeros(1, *spec.model.input),
-                                 functools.partial(robust_scores, fisher_context(context)))
+                                 cached_scores(context, run))
         pruned, run.plan = joint.pruned, joint.plan
     elif share is not None:  # a joint structure: its channels, and the ranks every Z truncates what they keep to
         pruned = joint_channels(net, spec, plan, share)

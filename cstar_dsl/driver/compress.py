@@ -13,13 +13,13 @@ from ..lang import registry
 from ..model import inventory, rewrite
 from ..model import zoo as models
 from ..model.channel_cut import cut_channels
-from ..model.joint import Joint, fisher_structure, joint_description, joint_structure
+from ..model.joint import Joint, Scorer, fisher_structure, joint_description, joint_structure
 from ..model.prune import Pruned, admm_channels_rule, kept_whole, pruned_plan, weight_params
 from ..plan.costs import energy_kept
 from ..plan.plans import Plan
 from .admm_steps import admm_structure, admm_weights, structure_plan
-from .probe import Built, choose_structure, fisher_context
-from .pruning import prune_structure, robust_scores
+from .probe import Built, choose_structure
+from .pruning import cached_scores, prune_structure
 from .state import Context, Progress, Run, place
 
 
@@ -41,7 +41,8 @@ def compress(context: Context, run: Run, progress: Progress | None = None) -> No
         else:
             structure = f"prune-{spec.compress.allocation}" if method == "channel-prune" else "low-rank"
         weights = admm_weights(run, context.layer_names)
-        built = build_structure(context, net, structure, structure_plan(context, weights, structure))
+        built = build_structure(context, net, structure, structure_plan(context, weights, structure),
+                                cached_scores(context, run))
     run.net, run.plan, run.structure = built.net, built.plan, built.structure
     run.admm = None
     run.model = place(models.Normalized(run.net, context.data.mean, context.data.std), context.device)
@@ -65,7 +66,8 @@ def choose(context: Context, run: Run, progress: Progress | None = None) -> None
 
     def build(name: str) -> Built:
         # Inside the build: a plan that cannot meet the budget makes its candidate step aside.
-        return build_structure(context, net, name, plan_of("low-rank" if name == "low-rank" else "prune-uniform"))
+        plan = plan_of(name if name in ("low-rank", registry.JOINT_FISHER) else "prune-uniform")
+        return build_structure(context, net, name, plan, cached_scores(context, run))
 
     run.choice = choose_structure(context, build, announce)
     run.phase_seconds["probe"] = run.choice.seconds
@@ -97,15 +99,15 @@ def _after_admm(context: Context, run: Run, net: nn.Module) -> Built:
     return Built(model, plan, {"kind": "pruned"})
 
 
-def build_structure(context: Context, net: nn.Module, structure: str, plan: Plan) -> Built:
+def build_structure(context: Context, net: nn.Module, structure: str, plan: Plan, score: Scorer) -> Built:
     """``net`` (left untouched) compressed to one structure of the plan's budget: factorized at its ranks,
-    channel-pruned (uniformly or by one global ranking) to the parameters it leaves, or both (joint)."""
+    channel-pruned (uniformly or by one global ranking) to the parameters it leaves, or both (joint; joint-fisher
+    by the scores ``score`` measures)."""
     share = registry.channel_share(structure)
     if share is not None or structure == registry.JOINT_FISHER:
         example = torch.zeros(1, *context.spec.model.input)
         joint = (joint_structure(net, context.spec, plan, context.layers, example, share) if share is not None
-                 else fisher_structure(net, context.spec, plan, context.layers, example,
-                                       functools.partial(robust_scores, fisher_context(context))))
+                 else fisher_structure(net, context.spec, plan, context.layers, example, score))
         return Built(joint.build(context.spec), joint.plan, joint_description(joint.plan))
     if structure == "low-rank":
         ranks = rewrite.planned_ranks(plan)

@@ -56,8 +56,11 @@ def split_holdout(size: int, share: float, seed: int) -> tuple[torch.Tensor, tor
 def fisher_context(context: Context) -> Context:
     """What a structure measured on the training data (Fisher scores) measures on: under `method = auto`, the part of
     the training set the probe fine-tunes on, never the images it holds out to score the candidates."""
-    if context.spec.compress.method != "auto":
-        return context
+    return _fit_context(context) if context.spec.compress.method == "auto" else context
+
+
+def _fit_context(context: Context) -> Context:
+    """``context`` with the training set less the probe's held-out share."""
     fit, _ = split_holdout(dataset_size(context.data.train), context.spec.compress.probe_holdout,
                            context.spec.train.seed)
     return dataclasses.replace(context, data=dataclasses.replace(context.data, train=_subset(context.data.train, fit)))
@@ -80,7 +83,7 @@ def _choose(context: Context, build: Callable[[str], Built],
     compress, started = context.spec.compress, time.perf_counter()
     _, held = split_holdout(dataset_size(context.data.train), compress.probe_holdout, context.spec.train.seed)
     # Every rank probes the whole batches itself: the scores need no exchange, and rank 0's winner is broadcast.
-    fitting = dataclasses.replace(fisher_context(context), world=distributed.World())
+    fitting = dataclasses.replace(_fit_context(context), world=distributed.World())
     held_batches = test_batches(_subset(_evaluated(context.data.train, context.data.test), held), None,
                                 context.device)
     results: list[Candidate] = []

@@ -5,6 +5,9 @@ structure."""
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,30 +19,53 @@ from ..model.prune import Pruned, kept_whole, prune_rule, prune_to_plan, pruned_
 from ..plan.plans import Plan
 from ..plan.robust import ChannelGroup, Fisher
 from ..train import distributed
+from ..train.attacks import Pgd
 from ..train.fisher import fisher_scores
 from ..train.optimize import training_attack
 from .batches import batches
-from .state import Context
+from .probe import fisher_context
+from .state import Context, Run
 
 # Enough adversarial batches for stable Taylor scores; a few seconds even on two cores.
 TAYLOR_BATCHES = 8
 
 
+@dataclass(frozen=True)
+class _Scoring:
+    """What both scorings run: the network on the device behind its normalization, in eval mode, the first
+    TAYLOR_BATCHES training batches of ``context``, and the recipe's training attack with its seeded generator."""
+
+    model: nn.Module
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    attack: Pgd
+    generator: torch.Generator
+
+
+@contextmanager
+def _scoring(context: Context, net: nn.Module) -> Iterator[_Scoring]:
+    """``net`` set up to be scored; afterwards back on the CPU, in the mode it was in."""
+    training, seed = net.training, context.spec.train.seed
+    model = models.Normalized(net, context.data.mean, context.data.std).to(context.device).eval()
+    try:
+        yield _Scoring(model, itertools.islice(batches(context, torch.Generator().manual_seed(seed)), TAYLOR_BATCHES),
+                       training_attack(context.spec.threat), torch.Generator(device=context.device).manual_seed(seed))
+    finally:
+        net.cpu().train(training)
+
+
 def _adversarial_gradients(context: Context, net: nn.Module) -> None:
     """The gradient of the adversarial loss over the first TAYLOR_BATCHES training batches, left on ``net``'s weights
     (then on the CPU): Taylor importance scores each channel by |weight x gradient| of the loss robustness needs."""
-    model = models.Normalized(net, context.data.mean, context.data.std).to(context.device).eval()
-    seed = context.spec.train.seed
-    attack, generator = training_attack(context.spec.threat), torch.Generator(device=context.device).manual_seed(seed)
     net.zero_grad(set_to_none=True)
-    for x, y in itertools.islice(batches(context, torch.Generator().manual_seed(seed)), TAYLOR_BATCHES):
-        F.cross_entropy(model(attack(model, x, y, generator)), y).backward()
-    for parameter in net.parameters():  # a weight the loss never reaches (a training-only head) scores zero
-        if parameter.grad is None:
-            parameter.grad = torch.zeros_like(parameter)
-    # Each rank saw its own share of the batches; all must prune the same channels, so rank 0's scores count.
-    distributed.broadcast([p.grad for p in net.parameters() if p.grad is not None], context.world)
-    net.cpu()
+    with _scoring(context, net) as scoring:
+        for x, y in scoring.batches:
+            adversarial = scoring.attack(scoring.model, x, y, scoring.generator)
+            F.cross_entropy(scoring.model(adversarial), y).backward()
+        for parameter in net.parameters():  # a weight the loss never reaches (a training-only head) scores zero
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+        # Each rank saw its own share of the batches; all must prune the same channels, so rank 0's scores count.
+        distributed.broadcast([p.grad for p in net.parameters() if p.grad is not None], context.world)
 
 
 def prune_structure(context: Context, net: nn.Module, plan: Plan, allocation: str,
@@ -60,23 +86,33 @@ def prune_structure(context: Context, net: nn.Module, plan: Plan, allocation: st
 
 def robust_scores(context: Context, net: nn.Module) -> tuple[tuple[ChannelGroup, ...], Fisher]:
     """``net``'s channel groups, and the Fisher scores of its channels and rank components on PGD examples of the
-    first TAYLOR_BATCHES batches of ``context``'s training set (rank 0's on every rank); ``net`` ends on the CPU."""
+    first TAYLOR_BATCHES batches of ``context``'s training set (rank 0's on every rank); ``net`` ends on the CPU, in
+    the mode it was in."""
     spec = context.spec
     groups = channel_groups(net.cpu(), torch.zeros(1, *spec.model.input), kept_whole(spec, context.layer_names))
-    model = models.Normalized(net, context.data.mean, context.data.std).to(context.device)
-    weights = {name: module.weight for name, module in net.named_modules()
-               if isinstance(module, (nn.Conv2d, nn.Linear))}
-    seed = spec.train.seed
-    channels, modes = fisher_scores(
-        model, weights, groups, itertools.islice(batches(context, torch.Generator().manual_seed(seed)), TAYLOR_BATCHES),
-        training_attack(spec.threat), torch.Generator(device=context.device).manual_seed(seed))
-    net.cpu()
-    # Each rank saw its own share of the batches; all must build the same structure, so rank 0's scores count (sent
-    # from the device: NCCL carries no CPU tensors).
-    shared = {key: scores.to(context.device) for key, scores in channels.items()}
-    shared_modes = {name: [scores.to(context.device) for scores in layer] for name, layer in modes.items()}
-    distributed.broadcast([*shared.values(), *(scores for layer in shared_modes.values() for scores in layer)],
-                          context.world)
+    with _scoring(context, net) as scoring:
+        weights = {name: module.weight for name, module in net.named_modules()
+                   if isinstance(module, (nn.Conv2d, nn.Linear))}
+        channels, modes = fisher_scores(scoring.model, weights, groups, scoring.batches, scoring.attack,
+                                        scoring.generator)
+        # Each rank saw its own share of the batches; all must build the same structure, so rank 0's scores count
+        # (sent from the device: NCCL carries no CPU tensors).
+        shared = {key: scores.to(context.device) for key, scores in channels.items()}
+        shared_modes = {name: [scores.to(context.device) for scores in layer] for name, layer in modes.items()}
+        distributed.broadcast([*shared.values(), *(scores for layer in shared_modes.values() for scores in layer)],
+                              context.world)
     return groups, Fisher({root: tuple(scores.tolist()) for root, scores in shared.items()},
                           {name: tuple(tuple(scores.tolist()) for scores in layer)
                            for name, layer in shared_modes.items()})
+
+
+def cached_scores(context: Context, run: Run) -> Callable[[nn.Module], tuple[tuple[ChannelGroup, ...], Fisher]]:
+    """joint-fisher's scorer for the run's dense network: measured once (on the probe's part of the training set
+    under `method = auto`), then the same scores for every build from those weights."""
+
+    def score(net: nn.Module) -> tuple[tuple[ChannelGroup, ...], Fisher]:
+        if run.fisher is None:
+            run.fisher = robust_scores(fisher_context(context), net)
+        return run.fisher
+
+    return score

@@ -12,6 +12,7 @@ from torch import nn
 from ..errors import RunError
 from ..lang.spec import PhaseSpec, Spec
 from ..plan.plans import Plan
+from ..plan.robust import ChannelGroup, Fisher
 from ..run_report import EpochRow, Requirement, RunReport
 from ..train import admm, distributed
 from ..train.data import Datasets, dataset_size
@@ -81,6 +82,9 @@ class Run:
     rho: float = 0.0
     plan: Plan | None = None
     choice: StructureChoice | None = None  # method auto: the probed candidates and the winner
+    # joint-fisher's scores of the dense network, measured once: the probe, the winner's build and the ADMM start
+    # all build from the same dense weights (not checkpointed: measured again on resume).
+    fisher: tuple[tuple[ChannelGroup, ...], Fisher] | None = None
     history: list[EpochRow] = field(default_factory=list)
     phase_seconds: dict[str, float] = field(default_factory=dict)
 

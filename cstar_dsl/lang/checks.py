@@ -11,6 +11,7 @@ from . import limits
 from .errors import Diagnostic
 from .locate import locate
 from .lower import Section
+from .registry import JOINT_FISHER
 from .render import plural
 from .resolve import is_drop
 
@@ -26,8 +27,8 @@ def semantic_checks(blocks: dict[str, BaseModel], root: Section) -> list[Diagnos
 def _rules_against_keep(spec: SimpleNamespace, root: Section) -> list[Diagnostic]:
     found = []
     for index, rule in enumerate(spec.compress.layers):
-        if rule.dense or rule.selector.kind == "type":
-            continue
+        if rule.dense or not rule.sets_ranks or rule.selector.kind == "type":
+            continue  # a floor on a kept layer's width bounds nothing: `keep` removes no channel of it
         kept = next((k for k in spec.compress.keep
                      if k == rule.selector.pattern or fnmatch.fnmatchcase(rule.selector.pattern, k)), None)
         if kept is not None:
@@ -79,6 +80,10 @@ def _pruning_settings_for_method(spec: SimpleNamespace, root: Section) -> list[D
         found += [_ignored(root, key, why, f"`{key}` chooses how `channel-prune` {what}; drop it for this method")
                   for key, (default, what) in _PRUNING_SETTINGS.items()
                   if getattr(compress, key) != default and key not in used]
+    if compress.method == "cstar" and compress.structure == JOINT_FISHER and "policy" in compress.model_fields_set:
+        found.append(_ignored(root, "policy", f"structure `{JOINT_FISHER}` chooses ranks by its Fisher scores",
+                              "drop `policy`; the layer rules' `rank`, `ratio`, `min_rank`, `max_rank` and `dense` "
+                              "still bound them"))
     removes_channels = compress.method in ("channel-prune", "auto") or channel_admm
     if not removes_channels and compress.min_channels is not None:
         found.append(_ignored(root, "min_channels", f"method `{compress.method}` removes no channels",

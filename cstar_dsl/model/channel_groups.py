@@ -18,21 +18,23 @@ _WEIGHTED = (nn.Conv2d, nn.Linear)
 
 def channel_groups(model: nn.Module, example_input: torch.Tensor, keep: Iterable[str] = ()) -> tuple[ChannelGroup, ...]:
     """Every group of channels a prune of ``model`` may remove (the model's output layer and the ``keep`` modules
-    lose none), with each Conv2d / Linear row and column that goes with each channel; ``model`` is left untouched
-    (its graph is traced on the CPU, as the pruner's trials are)."""
+    lose none), with each Conv2d / Linear row and column that goes with each channel; ``model`` is left as it was,
+    its mode included (the caller puts it and ``example_input`` on one device, the CPU for the pruner's trials)."""
     protected = [output_layer(model, example_input), *(module_named(model, name) for name in keep)]
     ignored = [sub for module in protected for sub in module.modules()]
     names = {id(module): name for name, module in model.named_modules()}
     training = model.training
-    with torch.enable_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", module=r"torch_pruning\.")  # see prune._Trials
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
-        groups = []
-        for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=_WEIGHTED):
-            root = group[0].dep.target.module
-            reach = tuple(Reach(names[id(item.dep.target.module)], graph.is_out_channel_pruning_fn(item.dep.handler),
-                                tuple(int(channel) for channel in item.root_idxs))
-                          for item in group.items if isinstance(item.dep.target.module, _WEIGHTED))
-            groups.append(ChannelGroup(names[id(root)], len(group[0].idxs), reach))
-    model.train(training)  # tracing leaves the model in eval mode
+    groups = []
+    try:
+        with torch.enable_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=r"torch_pruning\.")  # see prune._Trials
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+            for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=_WEIGHTED):
+                reach = tuple(Reach(names[id(item.dep.target.module)],
+                                    graph.is_out_channel_pruning_fn(item.dep.handler),
+                                    tuple(int(channel) for channel in item.root_idxs))
+                              for item in group.items if isinstance(item.dep.target.module, _WEIGHTED))
+                groups.append(ChannelGroup(names[id(group[0].dep.target.module)], len(group[0].idxs), reach))
+    finally:
+        model.train(training)  # tracing leaves the model in eval mode
     return tuple(groups)

@@ -94,9 +94,9 @@ Scorer = Callable[[nn.Module], tuple[Sequence[robust.ChannelGroup], robust.Fishe
 def fisher_structure(model: nn.Module, spec: Spec, plan: Plan, layers: Sequence[LayerInfo], example: torch.Tensor,
                      score: Scorer) -> Joint:
     """``model`` (left untouched) with the channels and ranks of least Fisher score per unit saved removed, to the
-    target of ``plan`` (the dense model's budget plan, plan.allocate.budget_plan): plan.robust's allocation on the
-    scores ``score`` measures of ``model``, the channels of least score gone from each layer; ``layers`` is the
-    dense inventory.
+    target of ``plan`` (a plan of the dense model at the budget, plan.allocate.target_plan): plan.robust's
+    allocation on the scores ``score`` measures of ``model``, the channels of least score gone from each layer;
+    ``layers`` is the dense inventory.
 
     Raises:
         SpecProblem: no removal of channels and ranks meets the budget.
@@ -113,14 +113,16 @@ def fisher_structure(model: nn.Module, spec: Spec, plan: Plan, layers: Sequence[
     return Joint(pruned, replace(ranked, budget=plan.budget, layers=_joined(channels, ranked)))
 
 
-def _inventory(model: nn.Module, spec: Spec) -> tuple[LayerInfo, ...]:
-    return collect(model, spec.model.input, spec.model.leaf, read_spectra=False).layers
-
-
 def _measure(model: nn.Module, spec: Spec, example: torch.Tensor,
              kept: Sequence[str]) -> Callable[[Mapping[str, int]], tuple[LayerInfo, ...]]:
-    """The inventory of ``model`` pruned to a count of outputs per group root (the scores do not change widths)."""
-    return lambda counts: _inventory(prune_counts(model, example, counts, keep=kept).model, spec)
+    """The inventory of ``model`` pruned to a count of outputs per group root: shapes and costs only (which
+    channels go does not change them, and spectra are not needed)."""
+
+    def measure(counts: Mapping[str, int]) -> tuple[LayerInfo, ...]:
+        pruned = prune_counts(model, example, counts, keep=kept).model
+        return collect(pruned, spec.model.input, spec.model.leaf, read_spectra=False).layers
+
+    return measure
 
 
 def _joined(channels: Plan, ranked: Plan) -> tuple[LayerPlan, ...]:

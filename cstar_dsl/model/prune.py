@@ -199,7 +199,7 @@ def _pruned_layer(layer: LayerInfo, new: LayerInfo | None, rule: str, reason: st
 def _pruned_reason(before: LayerInfo, after: LayerInfo | None, pruned: Pruned, allocation: str,
                    floor: int | None) -> str:
     kept = after.shape[0] if after is not None else 0
-    if kept == floor:
+    if floor is not None and kept == floor < before.shape[0]:
         return f"{kept} of {before.shape[0]} outputs kept: its `min_channels`"
     if allocation == "fisher":
         return f"{kept} of {before.shape[0]} outputs kept (Fisher on the adversarial loss, per weight saved)"
@@ -226,6 +226,8 @@ def _global_prune(trial: _Trials, target_params: int) -> Pruned:
         below = {name: floor for name, floor in trial.floors.items() if name in widths and widths[name] < floor}
         if not below:
             return pruned
+        if below.items() <= fixed.items():  # held at its floor and still below: the groups' counts do not apply
+            raise RuntimeError(f"the global ranking cannot hold {', '.join(sorted(below))} at their floors")
         fixed.update(below)
 
 
@@ -285,18 +287,22 @@ class _Trials:
     """One-shot pruning of a fresh deep copy per kept share: Torch-Pruning cannot undo or redo a pruning step."""
 
     def __init__(self, template: nn.Module, example_input: torch.Tensor, protected: list[nn.Module], *,
-                 global_pruning: bool = False, importance: str | Mapping[str, Sequence[float]] = "l1",
-                 floors: Mapping[str, int] | None = None) -> None:
+                 global_pruning: bool = False, importance: str = "l1",
+                 scores: Mapping[str, Sequence[float]] | None = None, floors: Mapping[str, int] | None = None) -> None:
         self.template, self.example_input = template, example_input
         self.protected_names = [_name(template, m) for m in protected]
-        self.global_pruning, self.importance = global_pruning, importance
+        self.global_pruning, self.importance, self.scores = global_pruning, importance, scores
         self.protected = protected
         self.floors = dict(floors or {})
 
     def counts(self, share: Fraction, kept_counts: Mapping[str, int] | None) -> dict[str, int]:
         """``kept_counts``, with every floored layer raised to its floor where the count (or, uniform, the share's)
-        is below it; a global ranking's layers have no share, so only the counts given are raised."""
+        is below it; a global ranking's layers have no share, so only the counts given are raised. Layers whose
+        outputs are removed together (a residual sum) all take the highest count among them: Torch-Pruning prunes
+        such a group by one member's count."""
         counts = dict(kept_counts or {})
+        if not self.floors:
+            return counts
         widths = dict(self.prunable)
         for name, floor in self.floors.items():
             if name not in widths:
@@ -304,7 +310,29 @@ class _Trials:
             count = counts.get(name, widths[name] if self.global_pruning else _kept(share, widths[name]))
             if count < floor or name in counts:
                 counts[name] = max(count, floor)
+        for members in self.coupled:
+            highest = max((counts[name] for name in members if name in counts), default=None)
+            if highest is not None:
+                counts.update({name: highest for name in members})
         return counts
+
+    @functools.cached_property
+    def coupled(self) -> list[list[str]]:
+        """The layers whose outputs each of Torch-Pruning's dependency groups removes together (two or more)."""
+        ignored = [sub for module in self.protected for sub in module.modules()]
+        names = {id(module): name for name, module in self.template.named_modules()}
+        training = self.template.training
+        try:
+            with torch.enable_grad(), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", module=r"torch_pruning\.")
+                graph = tp.DependencyGraph().build_dependency(self.template, example_inputs=self.example_input)
+                groups = [[names[id(item.dep.target.module)] for item in group.items
+                           if isinstance(item.dep.target.module, _WEIGHTED)
+                           and graph.is_out_channel_pruning_fn(item.dep.handler)]
+                          for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=_WEIGHTED)]
+        finally:
+            self.template.train(training)  # tracing leaves the model in eval mode
+        return [members for members in groups if len(members) > 1]
 
     @functools.cached_property
     def prunable(self) -> list[tuple[str, int]]:
@@ -327,8 +355,8 @@ class _Trials:
         # Across layers the scores must be comparable, so global ranking divides each layer's by its mean.
         normalizer = "mean" if self.global_pruning else None
         importance: tp.importance.Importance
-        if not isinstance(self.importance, str):
-            importance = _GivenScores(model, self.importance)
+        if self.scores is not None:
+            importance = _GivenScores(model, self.scores)
         elif self.importance == "taylor":
             importance = tp.importance.TaylorImportance(group_reduction="mean", normalizer=normalizer)
         else:
@@ -357,11 +385,10 @@ class _GivenScores(tp.importance.Importance):
         self.names = {id(module): name for name, module in model.named_modules()}
         self.scores = scores
 
-    def __call__(self, group: Any) -> torch.Tensor:
+    def __call__(self, group: Any) -> torch.Tensor | None:
         name = self.names[id(group[0].dep.target.module)]
-        if name not in self.scores:
-            raise ValueError(f"no channel scores for the layer {name!r}")
-        return torch.tensor(self.scores[name], dtype=torch.float64)
+        # None: Torch-Pruning leaves the group alone (a root of a type the scores do not cover, such as a Conv1d).
+        return torch.tensor(self.scores[name], dtype=torch.float64) if name in self.scores else None
 
 
 def prune_counts(model: nn.Module, example_input: torch.Tensor, kept_counts: Mapping[str, int], *,
@@ -371,7 +398,7 @@ def prune_counts(model: nn.Module, example_input: torch.Tensor, kept_counts: Map
     L1 norm."""
     template = copy.deepcopy(model)
     protected = [output_layer(template, example_input), *(module_named(template, name) for name in keep)]
-    pruned = _Trials(template, example_input, protected, importance=scores or "l1")(Fraction(1), kept_counts)
+    pruned = _Trials(template, example_input, protected, scores=scores)(Fraction(1), kept_counts)
     return replace(pruned, pruning_ratio=0.0)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 
 from ..lang.problems import SpecProblem
 from ..lang.spec import CompressSpec, Spec
@@ -69,17 +70,23 @@ def budget_plan(spec: Spec, layers: Sequence[LayerInfo], other_params: int = 0) 
     try:
         return make_plan(spec, layers, other_params, removes_channels=True)
     except SpecProblem as problem:
-        compress = spec.compress
-        if problem.code != "infeasible-budget" or compress.budget.metric != "params":
+        if problem.code != "infeasible-budget" or spec.compress.budget.metric != "params":
             raise
-        slots = [make_slot(layer, compress, removes_channels=True)
-                 for layer in sorted(layers, key=lambda x: natural(x.name))]
-        for slot in slots:  # each layer's rule still says what decides it (a `keep`)
-            slot.ranks, slot.fixed, slot.reason = None, False, slot.reason or "low rank cannot meet the budget"
-        target = _target(compress, slots, cost_function("params"), other_params)
-        return Plan(policy=_policy_text(compress), budget=compress.budget.text(), metric="params", target=target,
-                    layers=tuple(_layer_plan(s) for s in slots), other_params=other_params,
-                    warnings=(f"low rank: {problem.message}",))
+        plan = target_plan(spec, layers, other_params, "low rank cannot meet the budget")
+        return replace(plan, warnings=(f"low rank: {problem.message}",))
+
+
+def target_plan(spec: Spec, layers: Sequence[LayerInfo], other_params: int, reason: str) -> Plan:
+    """Every layer dense (``reason`` why, where no rule of its own says), under the budget's target in its metric:
+    the plan of a structure that needs only the target."""
+    compress = spec.compress
+    slots = [make_slot(layer, compress, removes_channels=True)
+             for layer in sorted(layers, key=lambda x: natural(x.name))]
+    for slot in slots:  # each layer's rule still says what decides it (a `keep`)
+        slot.ranks, slot.fixed, slot.reason = None, False, slot.reason or reason
+    target = _target(compress, slots, cost_function(compress.budget.metric), other_params)
+    return Plan(policy=_policy_text(compress), budget=compress.budget.text(), metric=compress.budget.metric,
+                target=target, layers=tuple(_layer_plan(s) for s in slots), other_params=other_params)
 
 
 def given_plan(spec: Spec, layers: Sequence[LayerInfo], ranks: Mapping[str, Ranks], target: float,
@@ -87,8 +94,7 @@ def given_plan(spec: Spec, layers: Sequence[LayerInfo], ranks: Mapping[str, Rank
     """The plan of ranks ``policy`` chose (``ranks``: the factorized layers; the others dense, each with its rule's
     reason or ``reason``), under the spec's budget at ``target`` in its metric."""
     compress = spec.compress
-    slots = [make_slot(layer, compress, removes_channels=True)
-             for layer in sorted(layers, key=lambda x: natural(x.name))]
+    slots = [make_slot(layer, compress) for layer in sorted(layers, key=lambda x: natural(x.name))]
     for slot in slots:
         if not slot.reason and not slot.fixed:
             slot.ranks, slot.reason = ranks.get(slot.layer.name), "" if slot.layer.name in ranks else reason

@@ -55,7 +55,7 @@ class Fisher:
     def rank_loss(self, layer: LayerInfo, ranks: Ranks | None) -> float:
         """What the ranks cut from ``layer`` (a layer of the pruned model: components past its pruned width went
         with the channels) loses, each mode's share of scores on the barrier of ``barrier_loss``."""
-        if ranks is None or layer.name not in self.modes:
+        if ranks is None:
             return 0.0
         widths = (layer.out_features, layer.in_features // layer.groups) if layer.is_conv else (
             min(layer.out_features, layer.in_features),)
@@ -76,12 +76,28 @@ def barrier_loss(total: float, removed: float) -> float:
 
 @dataclass(frozen=True)
 class Allocation:
-    """The channels each group's root keeps, the ranks of each factorized layer of the pruned model, and the price."""
+    """The channels each group's root keeps, and the ranks of each factorized layer of the pruned model."""
 
     kept_counts: Mapping[str, int]
     ranks: Mapping[str, Ranks]
     layers: tuple[LayerInfo, ...]  # the pruned model's inventory
-    price: float
+
+
+@dataclass(frozen=True)
+class _Point:
+    """One trial of the allocation: the counts kept, every layer's slot, and their cost (infinite where the
+    recipe's fixed ranks do not fit what pruning left)."""
+
+    counts: dict[str, int]
+    slots: list[Slot]
+    total: float
+
+
+def _point(counts: dict[str, int], ranked: Callable[[Mapping[str, int]], list[Slot] | None], cost: Cost) -> _Point:
+    slots = ranked(counts)
+    if slots is None:
+        return _Point(counts, [], math.inf)
+    return _Point(counts, slots, sum(cost(s.layer, s.ranks) for s in slots))
 
 
 # Measures the pruned model's inventory for a count of kept outputs per group root.
@@ -123,8 +139,7 @@ def allocate(groups: Sequence[ChannelGroup], fisher: Fisher, dense: Sequence[Lay
     """
     cost = cost_function(compress.budget.metric)
     prices = _prices(groups, fisher, channel_savings(groups, dense, compress.budget.metric))
-    group_floors = {group.root: max((floors or {}).get(reach.layer, 1) for reach in group.reach
-                                    if reach.removes_outputs) for group in groups}
+    group_floors = _group_floors(groups, {**(floors or {})}, _rank_floors(dense, compress))
     cache: dict[tuple[tuple[str, int], ...], tuple[LayerInfo, ...]] = {}
 
     def inventory(counts: Mapping[str, int]) -> tuple[LayerInfo, ...]:
@@ -135,26 +150,45 @@ def allocate(groups: Sequence[ChannelGroup], fisher: Fisher, dense: Sequence[Lay
 
     ranked = _Ranked(fisher, cost, compress)
 
-    def at(price: float) -> tuple[dict[str, int], list[Slot], int]:
+    def at(price: float) -> _Point:
         counts = _kept_counts(groups, prices, price, group_floors)
-        slots = ranked(inventory(counts), price)
-        return counts, slots, sum(cost(s.layer, s.ranks) for s in slots)
+        return _point(counts, lambda trial: ranked(inventory(trial), price), cost)
 
     low, high = 0.0, 1e-12
-    while at(high)[2] > target and high < _CEILING:
+    while at(high).total > target and high < _CEILING:
         low, high = high, high * 16
-    if at(high)[2] > target:
-        raise _infeasible(at(high)[2], sum(cost(layer, None) for layer in dense), compress)
+    if at(high).total > target:
+        raise _infeasible(at(high).total, sum(cost(layer, None) for layer in dense), compress)
     for _ in range(_HALVINGS):
         middle = math.sqrt(low * high) if low > 0 else high / 16
-        low, high = (low, middle) if at(middle)[2] <= target else (middle, high)
-    counts, slots, total = at(high)
-    counts, slots = _restore_channels(groups, prices, (counts, slots, total), target,
-                                      lambda trial: ranked(inventory(trial), high), cost)
+        low, high = (low, middle) if at(middle).total <= target else (middle, high)
+    best = _restore_channels(groups, prices, at(high), target, lambda counts: ranked(inventory(counts), high), cost)
+    slots = best.slots
     free = [s for s in slots if not s.reason and not s.fixed]
-    give_back(free, cost, target - sum(cost(s.layer, s.ranks) for s in slots), fisher.rank_loss)
-    return Allocation(counts, {s.layer.name: s.ranks for s in slots if s.ranks is not None},
-                      tuple(s.layer for s in slots), high)
+    give_back(free, cost, target - best.total, fisher.rank_loss)
+    return Allocation(best.counts, {s.layer.name: s.ranks for s in slots if s.ranks is not None},
+                      tuple(s.layer for s in slots))
+
+
+def _rank_floors(dense: Sequence[LayerInfo], compress: CompressSpec) -> dict[tuple[str, bool], int]:
+    """The widths a layer rule's fixed ranks (`rank`, or the ranks of its `ratio`) need: (layer, outputs or
+    inputs) -> the rank of that side, so that no prune takes a layer below the ranks its rule gives it."""
+    needed: dict[tuple[str, bool], int] = {}
+    for layer in dense:
+        slot = make_slot(layer, compress)
+        if slot.fixed and slot.ranks is not None:
+            needed[(layer.name, True)] = slot.ranks[0]
+            needed[(layer.name, False)] = slot.ranks[-1]
+    return needed
+
+
+def _group_floors(groups: Sequence[ChannelGroup], floors: Mapping[str, int],
+                  ranks: Mapping[tuple[str, bool], int]) -> dict[str, int]:
+    """Each group's floor: the highest of its members' `min_channels` (a residual sum's members lose channels
+    together), and of the ranks fixed on any layer it reaches."""
+    return {group.root: max([1, *(floors.get(r.layer, 1) for r in group.reach if r.removes_outputs),
+                             *(ranks.get((r.layer, r.removes_outputs), 1) for r in group.reach)])
+            for group in groups}
 
 
 def _prices(groups: Sequence[ChannelGroup], fisher: Fisher,
@@ -192,15 +226,20 @@ def _kept_counts(groups: Sequence[ChannelGroup], prices: Mapping[str, list[float
 
 class _Ranked:
     """Every layer of a pruned model at the ranks that minimize its Fisher loss + a price x its cost (dense where
-    that is cheapest; the recipe's rules and bounds respected). A layer's path of ranks does not depend on the price,
-    so each width's is walked once."""
+    that is cheapest; the recipe's rules and bounds respected, the output layer at full rank). A layer's path of
+    ranks does not depend on the price, so each width's is walked once."""
 
     def __init__(self, fisher: Fisher, cost: Cost, compress: CompressSpec) -> None:
         self.fisher, self.cost, self.compress = fisher, cost, compress
         self.paths: dict[tuple[str, int, int], list[tuple[Ranks | None, int, float]]] = {}
 
-    def __call__(self, layers: Sequence[LayerInfo], price: float) -> list[Slot]:
-        slots = [make_slot(layer, self.compress, removes_channels=True) for layer in layers]
+    def __call__(self, layers: Sequence[LayerInfo], price: float) -> list[Slot] | None:
+        """None where a layer rule's fixed ranks (or ratio) do not fit what pruning left: too much pruned."""
+        try:
+            # The output layer keeps full rank, as every low-rank plan's: here the ranks are built.
+            slots = [make_slot(layer, self.compress) for layer in layers]
+        except SpecProblem:
+            return None
         for slot in slots:
             if slot.reason or slot.fixed:
                 continue
@@ -211,36 +250,28 @@ class _Ranked:
         return slots
 
 
-_RESTORE_PASSES = 8  # one or two suffice after the price's last step; ties of zero scores may need more
-
-
-def _restore_channels(groups: Sequence[ChannelGroup], prices: Mapping[str, list[float]],
-                      start: tuple[dict[str, int], list[Slot], int], target: float,
-                      ranked: Callable[[Mapping[str, int]], list[Slot]],
-                      cost: Cost) -> tuple[dict[str, int], list[Slot]]:
+def _restore_channels(groups: Sequence[ChannelGroup], prices: Mapping[str, list[float]], start: _Point,
+                      target: float, ranked: Callable[[Mapping[str, int]], list[Slot] | None], cost: Cost) -> _Point:
     """Removed channels given back while the budget holds with the ranks re-chosen: the most valuable per unit
-    first, one per group a pass. What the last step of the price left unused goes back to channels first (a channel
-    is a coarser unit than a rank; the ranks take what is left)."""
+    first, one per group a pass, until a pass gives none back. What the last step of the price left unused goes back
+    to channels first (a channel is a coarser unit than a rank; the ranks take what is left)."""
     widths = {group.root: group.width for group in groups}
-    counts, slots, total = start
-    for _ in range(_RESTORE_PASSES):
-        removed = {root: widths[root] - kept for root, kept in counts.items()}
-        # The next channel back in each group is the last one removed, the dearest.
+    best, changed = start, True
+    while changed:
         changed = False
+        removed = {root: widths[root] - kept for root, kept in best.counts.items()}
+        # The next channel back in each group is the last one removed, the dearest.
         for root in sorted(removed, key=lambda root: (-prices[root][removed[root] - 1], root)):
-            trial = {**counts, root: counts[root] + 1}
-            if trial[root] == widths[root]:
-                del trial[root]
-            tried = ranked(trial)
-            tried_total = sum(cost(s.layer, s.ranks) for s in tried)
-            if total < tried_total <= target:
-                counts, slots, total, changed = trial, tried, tried_total, True
-        if not changed:
-            break
-    return counts, slots
+            counts = {**best.counts, root: best.counts[root] + 1}
+            if counts[root] == widths[root]:
+                del counts[root]
+            tried = _point(counts, ranked, cost)
+            if best.total < tried.total <= target:
+                best, changed = tried, True
+    return best
 
 
-def _infeasible(smallest: int, dense: int, compress: CompressSpec) -> SpecProblem:
+def _infeasible(smallest: float, dense: int, compress: CompressSpec) -> SpecProblem:
     reachable = math.floor(dense / max(1, smallest) * 100) / 100
     return SpecProblem(
         ("compress", "budget"), "infeasible-budget",

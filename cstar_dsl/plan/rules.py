@@ -96,7 +96,7 @@ def make_slot(layer: LayerInfo, compress: CompressSpec, *, removes_channels: boo
     kept = kept_by(compress, layer.name)
     if kept is not None:
         return Slot(layer, f'keep "{kept}"', reason="kept dense by `keep`")
-    rule = _matching_rule(layer.name, layer.type_name, compress.layers)
+    rule = _matching_rule(layer.name, layer.type_name, [rule for rule in compress.layers if rule.sets_ranks])
     if layer.produces_output and not removes_channels and not (
             rule and rule.selector.kind in ("name", "glob")):
         # A rank below the number of outputs confines the logits to a subspace: the margins shrink,

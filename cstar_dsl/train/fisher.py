@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..model.decompose import leading_vectors, unfold
 from ..plan.robust import ChannelGroup
 
 Attack = Callable[[nn.Module, Tensor, Tensor, torch.Generator | None], Tensor]
@@ -27,26 +28,35 @@ def fisher_scores(model: nn.Module, weights: Mapping[str, Tensor], groups: Seque
     weight's unfolding along that mode, in the basis of the dense weight's singular vectors. No parameter's
     ``.grad`` is touched, and the model runs in eval mode (batch norm on its running statistics)."""
     names = list(weights)
-    bases = {name: [_left_vectors(_unfolded(weights[name].detach(), mode)) for mode in _modes(weights[name])]
-             for name in names}
+    # Per layer and mode: the basis U of the dense weight's unfolding W, and Uᵀ W, fixed for every batch.
+    bases = {name: [_basis(weights[name].detach(), mode) for mode in _modes(weights[name])] for name in names}
     channels = {group.root: torch.zeros(group.width, dtype=torch.float64) for group in groups}
-    modes = {name: [torch.zeros(basis.shape[1], dtype=torch.float64) for basis in bases[name]] for name in names}
+    modes = {name: [torch.zeros(basis.shape[1], dtype=torch.float64) for basis, _ in bases[name]] for name in names}
     training = model.training
     model.eval()
     try:
-        for x, y in batches:
-            adversarial = attack(model, x, y, generator)
-            loss = F.cross_entropy(model(adversarial), y)
-            gradients = dict(zip(names, torch.autograd.grad(loss, [weights[n] for n in names]), strict=True))
-            products = {name: (weights[name].detach() * gradients[name]).double() for name in names}
-            for group in groups:
-                channels[group.root] += _channel_change(group, products) ** 2
-            for name in names:
-                for mode, basis in enumerate(bases[name]):
-                    modes[name][mode] += _component_change(weights[name].detach(), gradients[name], mode, basis) ** 2
+        with torch.enable_grad():
+            for x, y in batches:
+                gradients = _gradients(model, weights, attack(model, x, y, generator), y)
+                products = {name: (weights[name].detach() * gradients[name]).double() for name in names}
+                for group in groups:
+                    channels[group.root] += _channel_change(group, products) ** 2
+                for name in names:
+                    for mode, (basis, projected) in enumerate(bases[name]):
+                        modes[name][mode] += _component_change(gradients[name], mode, basis, projected) ** 2
     finally:
         model.train(training)
     return channels, modes
+
+
+def _gradients(model: nn.Module, weights: Mapping[str, Tensor], x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    """The adversarial loss's gradient for each named weight (zero for a weight it never reaches, such as a
+    training-only head's)."""
+    names = list(weights)
+    loss = F.cross_entropy(model(x), y)
+    found = torch.autograd.grad(loss, [weights[name] for name in names], allow_unused=True)
+    return {name: torch.zeros_like(weights[name]) if gradient is None else gradient
+            for name, gradient in zip(names, found, strict=True)}
 
 
 def _channel_change(group: ChannelGroup, products: Mapping[str, Tensor]) -> Tensor:
@@ -67,17 +77,15 @@ def _modes(weight: Tensor) -> range:
     return range(2) if weight.dim() == 4 else range(1)
 
 
-def _unfolded(weight: Tensor, mode: int) -> Tensor:
-    return weight.transpose(0, mode).reshape(weight.shape[mode], -1).double()
+def _basis(weight: Tensor, mode: int) -> tuple[Tensor, Tensor]:
+    """(U, Uᵀ W) for the unfolding W of ``weight`` along ``mode``: U's columns are its left singular vectors, as
+    many as its rank can be (the basis Tucker-2 and the SVD truncate in)."""
+    unfolded = unfold(weight, mode).double().cpu()
+    basis = leading_vectors(unfolded, min(unfolded.shape))
+    return basis, basis.T @ unfolded
 
 
-def _left_vectors(matrix: Tensor) -> Tensor:
-    return torch.linalg.svd(matrix.cpu(), full_matrices=False).U
-
-
-def _component_change(weight: Tensor, gradient: Tensor, mode: int, basis: Tensor) -> Tensor:
+def _component_change(gradient: Tensor, mode: int, basis: Tensor, projected: Tensor) -> Tensor:
     """Each component's first-order loss change: projecting u_k out of the unfolding W changes it by -u_k u_kᵀ W, so
     the loss by -u_kᵀ W Gᵀ u_k."""
-    device = basis.device
-    w, g = _unfolded(weight, mode).cpu(), _unfolded(gradient, mode).to(device)
-    return -((basis.T @ w) * (basis.T @ g)).sum(dim=1)
+    return -(projected * (basis.T @ unfold(gradient, mode).double().cpu())).sum(dim=1)

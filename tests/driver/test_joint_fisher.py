@@ -11,6 +11,7 @@ import torch
 
 import cstar_dsl
 from cstar_dsl.cli import main
+from cstar_dsl.lang.validate import check_file
 from cstar_dsl.model.prune import weight_params
 from tests.helpers import DIGITS, variant
 
@@ -44,8 +45,10 @@ def test_cstar_projects_onto_the_fisher_structure_and_compiles_its_plan(tmp_path
     recipe = _recipe(tmp_path, "fisher", "method = cstar\n  structure = joint-fisher")
     result = cstar_dsl.compile(recipe, tmp_path / "out")
     layers = result.report.layers
-    assert all(layer.rule.startswith(("Fisher", "keep")) or layer.shape_after == layer.shape for layer in layers)
-    assert any(layer.shape_after and layer.shape_after[0] < layer.shape[0] for layer in layers)
+    pruned = [layer for layer in layers if layer.shape_after and layer.shape_after[0] < layer.shape[0]]
+    assert pruned and all(layer.rule.startswith("Fisher on the adversarial loss") for layer in pruned)
+    head = next(layer for layer in layers if layer.name == "fc")
+    assert head.ranks is None and head.shape_after[0] == 10  # the classifier keeps its outputs, at full rank
     params = sum(layer.params_after for layer in layers)
     target = sum(layer.params_before for layer in layers) / 8
     assert 0.97 * target <= params <= target
@@ -78,3 +81,8 @@ def test_cstar_plan_shows_the_budget_and_says_the_layers_are_chosen_at_compile_t
     assert main(["plan", str(recipe), "--structure", "joint-fisher", "--latency"]) == 0
     assert "layers are chosen at compile time; the compile's report times them" in " ".join(
         capsys.readouterr().out.split())
+
+
+def test_a_policy_joint_fisher_does_not_use_is_warned_about(tmp_path: Path) -> None:
+    checked = check_file(_recipe(tmp_path, "policy", "method = cstar\n  structure = joint-fisher\n  policy = uniform"))
+    assert [(w.code, "`policy`" in w.message) for w in checked.warnings] == [("setting-ignored", True)]

@@ -443,10 +443,10 @@ def test_a_candidate_that_cannot_meet_the_budget_steps_aside(tmp_path: Path, mon
 
     real_build = compress.build_structure
 
-    def global_is_infeasible(context, net, structure, plan):  # type: ignore[no-untyped-def]
+    def global_is_infeasible(context, net, structure, plan, score):  # type: ignore[no-untyped-def]
         if structure == "prune-global":
             raise SpecProblem(("compress", "budget"), "infeasible-budget", "channel pruning reaches no fewer than 9")
-        return real_build(context, net, structure, plan)
+        return real_build(context, net, structure, plan, score)
 
     monkeypatch.setattr(compress, "build_structure", global_is_infeasible)
     recipe = _recipe(tmp_path, "auto", "method = auto\n  candidates = [prune-global, prune-uniform]")

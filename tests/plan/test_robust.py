@@ -92,7 +92,7 @@ def test_the_budget_is_met_within_three_percent_and_no_layer_is_emptied(widths: 
         assert total >= 0.97 * target
     assert all(1 <= count < width for name, width in zip(chain.names, widths, strict=True)
                if (count := allocation.kept_counts.get(name, width)) != width)
-    assert built[-1].out_features == chain.classes  # the output layer keeps its classes
+    assert built[-1].out_features == chain.classes and "fc" not in allocation.ranks  # its classes, at full rank
     for layer in built:
         ranks = allocation.ranks.get(layer.name)
         if ranks is not None:  # factorized only where it saves, and never past what pruning left
@@ -182,3 +182,17 @@ def test_no_layer_goes_below_its_floor() -> None:
     assert allocation.kept_counts.get("features.1", 32) >= 12
     free = robust.allocate(chain.groups(), fisher, dense, chain.measure, spec(budget="32x params").compress, target)
     assert free.kept_counts.get("features.1", 32) < 12  # the floor bound: without it the layer loses more
+
+
+def test_a_rules_fixed_ranks_keep_the_channels_they_need() -> None:
+    """Pruning the layer, or the one that feeds it, below a rule's fixed ranks would make them unbuildable: the
+    allocation keeps both wide enough, and the layer at its ranks."""
+    chain = Chain([32, 32, 32])
+    dense = chain.layers()
+    target = sum(layer.params for layer in dense) / 8
+    compress = spec(budget="8x params", rules=(('"features.1"', ("rank = [12, 10]",)),)).compress
+    allocation = robust.allocate(chain.groups(), chain.fisher(random.Random(3)), dense, chain.measure, compress,
+                                 target)
+    assert allocation.ranks["features.1"] == (12, 10)
+    assert allocation.kept_counts.get("features.1", 32) >= 12 and allocation.kept_counts.get("features.0", 32) >= 10
+    assert _cost(chain.layers(allocation.kept_counts), allocation.ranks) <= target

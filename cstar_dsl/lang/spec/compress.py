@@ -195,6 +195,11 @@ class LayerRule(Block):
     # layer may lose channels).
     min_channels: Annotated[int | None, int_at_least(1, "`min_channels`", limits.MAX_RANK)] = None
 
+    @property
+    def sets_ranks(self) -> bool:
+        """Whether the rule decides the layer's ranks (a rule of `min_channels` alone bounds its width only)."""
+        return self.dense or any(value is not None for value in (self.ratio, self.rank, self.min_rank, self.max_rank))
+
     @field_validator("rank")
     @classmethod
     def _rank_or_ratio(cls, rank: object, info: ValidationInfo) -> object:
