@@ -138,29 +138,25 @@ def _check_joint_plan(joint: Joint, spec: Spec, model: nn.Module, budget: Plan) 
         assert built.eval()(torch.randn(2, *spec.model.input)).shape == (2, spec.model.classes)
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(ratio=st.integers(3, 300))
-def test_a_fisher_plan_costs_what_its_model_costs(tmp_path_factory: pytest.TempPathFactory, ratio: int) -> None:
-    folder = tmp_path_factory.getbasetemp()
-    spec, model = _recipe("mnist-cnn", ratio, folder), _model("mnist-cnn", folder)
+def _fisher_plan_checked(arch: str, ratio: int, folder: Path) -> None:
+    """joint-fisher on ``arch`` at ``ratio``, planned to the budget's target as the compile plans it, checked."""
+    spec, model = _recipe(arch, ratio, folder), _model(arch, folder)
     dense = inventory.collect(model, spec.model.input, spec.model.leaf)
     example = torch.zeros(1, *spec.model.input)
-    budget = allocate.budget_plan(spec, dense.layers, dense.other_params)
+    budget = allocate.target_plan(spec, dense.layers, dense.other_params, "joint-fisher chooses it")
     keep = kept_whole(spec, (layer.name for layer in dense.layers))
     joint = fisher_structure(model, spec, budget, dense.layers, example,
                              lambda current: _weight_scores(current, example, keep))
     _check_joint_plan(joint, spec, model, budget)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ratio=st.integers(3, 300))
+def test_a_fisher_plan_costs_what_its_model_costs(tmp_path_factory: pytest.TempPathFactory, ratio: int) -> None:
+    _fisher_plan_checked("mnist-cnn", ratio, tmp_path_factory.getbasetemp())
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
 def test_a_fisher_plan_follows_residual_sums_and_depthwise_convs(tmp_path_factory: pytest.TempPathFactory,
                                                                  arch: str) -> None:
-    folder = tmp_path_factory.getbasetemp()
-    spec, model = _recipe(arch, 3, folder), _model(arch, folder)
-    dense = inventory.collect(model, spec.model.input, spec.model.leaf)
-    example = torch.zeros(1, *spec.model.input)
-    budget = allocate.budget_plan(spec, dense.layers, dense.other_params)
-    keep = kept_whole(spec, (layer.name for layer in dense.layers))
-    joint = fisher_structure(model, spec, budget, dense.layers, example,
-                             lambda current: _weight_scores(current, example, keep))
-    _check_joint_plan(joint, spec, model, budget)
+    _fisher_plan_checked(arch, 3, tmp_path_factory.getbasetemp())
