@@ -85,9 +85,15 @@ def _pruning_settings_for_method(spec: SimpleNamespace, root: Section) -> list[D
                               "drop `policy`; the layer rules' `rank`, `ratio`, `min_rank`, `max_rank` and `dense` "
                               "still bound them"))
     removes_channels = compress.method in ("channel-prune", "auto") or channel_admm
-    if not removes_channels and compress.min_channels is not None:
-        found.append(_ignored(root, "min_channels", f"method `{compress.method}` removes no channels",
-                              "`min_channels` bounds the structures that remove channels; drop it for this method"))
+    if not removes_channels:
+        why, help = (f"method `{compress.method}` removes no channels",
+                     "`min_channels` bounds the structures that remove channels; drop it for this method")
+        if compress.min_channels is not None:
+            found.append(_ignored(root, "min_channels", why, help))
+        found += [Diagnostic("setting-ignored", f"{why}; `min_channels` is not used",
+                             locate(root, ("compress", "layers", index, "min_channels")), severity="warning",
+                             label="ignored", help=help)
+                  for index, rule in enumerate(compress.layers) if rule.min_channels is not None]
     if compress.method != "cstar" and "structure" in compress.model_fields_set:
         why = ("method `auto` projects its ADMM phase onto the candidate its probe chose" if compress.method == "auto"
                else f"method `{compress.method}` has no ADMM phase")

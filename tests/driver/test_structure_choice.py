@@ -183,6 +183,7 @@ def test_probe_settings_are_checked_at_their_line(tmp_path: Path, setting: str, 
     ("method = svd-finetune\n  candidates = [low-rank]", "candidates"),
     ("method = auto\n  allocation = global", "allocation"),
     ("method = svd-finetune\n  min_channels = 4", "min_channels"),
+    ('method = svd-finetune\n  layer "fc1" {\n    min_channels = 4\n  }', "min_channels"),
 ])
 def test_settings_a_method_does_not_use_are_warned_about(tmp_path: Path, compress: str, key: str) -> None:
     checked = check_file(_recipe(tmp_path, "warned", compress))
