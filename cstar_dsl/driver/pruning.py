@@ -15,7 +15,7 @@ from torch import nn
 
 from ..model import zoo as models
 from ..model.channel_groups import channel_groups
-from ..model.prune import Pruned, kept_whole, prune_rule, prune_to_plan, pruned_plan
+from ..model.prune import Pruned, kept_whole, protected_modules, prune_rule, prune_to_plan, pruned_plan
 from ..plan.plans import Plan
 from ..plan.robust import ChannelGroup, Fisher
 from ..train import distributed
@@ -89,7 +89,8 @@ def robust_scores(context: Context, net: nn.Module) -> tuple[tuple[ChannelGroup,
     first TAYLOR_BATCHES batches of ``context``'s training set (rank 0's on every rank); ``net`` ends on the CPU, in
     the mode it was in."""
     spec = context.spec
-    groups = channel_groups(net.cpu(), torch.zeros(1, *spec.model.input), kept_whole(spec, context.layer_names))
+    example = torch.zeros(1, *spec.model.input)
+    groups = channel_groups(net.cpu(), example, protected_modules(net, example, kept_whole(spec, context.layer_names)))
     with _scoring(context, net) as scoring:
         weights = {name: module.weight for name, module in net.named_modules()
                    if isinstance(module, (nn.Conv2d, nn.Linear))}

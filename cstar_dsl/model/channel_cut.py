@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..lang.problems import SpecProblem
 from .decompose import project
-from .prune import kept_count_ratios, module_named, output_layer, torch_pruning_ratio
+from .prune import kept_count_ratios, protected_modules, torch_pruning_ratio
 
 # Torch-Pruning's handlers that remove a Conv2d's or Linear's outputs (rows of its weight) or inputs (columns).
 # A depthwise conv's outputs are its inputs: Torch-Pruning names one handler for both, and its rows go.
@@ -89,7 +89,7 @@ def cut_channels(model: nn.Module, example_input: Tensor, pruning_ratio: float, 
         for name, weight in weights.items():
             target = shadow.get_parameter(f"{name}.weight")
             target.copy_(weight.detach().to(target.device))
-    ignored = [output_layer(shadow, example_input), *(module_named(shadow, name) for name in keep)]
+    ignored = protected_modules(shadow, example_input, keep)
     importance = tp.importance.MagnitudeImportance(p=2, group_reduction="sum", normalizer=None,
                                                    target_types=[nn.Conv2d, nn.Linear])
     names = {id(module): name for name, module in shadow.named_modules()}

@@ -4,30 +4,29 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Sequence
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
 from ..plan.robust import ChannelGroup, Reach
-from .prune import module_named, output_layer
 
 _WEIGHTED = (nn.Conv2d, nn.Linear)
 
 
-def channel_groups(model: nn.Module, example_input: torch.Tensor, keep: Iterable[str] = ()) -> tuple[ChannelGroup, ...]:
-    """Every group of channels a prune of ``model`` may remove (the model's output layer and the ``keep`` modules
+def channel_groups(model: nn.Module, example_input: torch.Tensor,
+                   protected: Sequence[nn.Module]) -> tuple[ChannelGroup, ...]:
+    """Every group of channels a prune of ``model`` may remove (the ``protected`` modules, prune.protected_modules,
     lose none), with each Conv2d / Linear row and column that goes with each channel; ``model`` is left as it was,
     its mode included (the caller puts it and ``example_input`` on one device, the CPU for the pruner's trials)."""
-    protected = [output_layer(model, example_input), *(module_named(model, name) for name in keep)]
     ignored = [sub for module in protected for sub in module.modules()]
     names = {id(module): name for name, module in model.named_modules()}
     training = model.training
     groups = []
     try:
         with torch.enable_grad(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", module=r"torch_pruning\.")  # see prune._Trials
+            warnings.filterwarnings("ignore", module=r"torch_pruning\.")  # notes for its own users; see prune._Trials
             graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
             for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=_WEIGHTED):
                 reach = tuple(Reach(names[id(item.dep.target.module)],

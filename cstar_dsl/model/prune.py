@@ -19,6 +19,7 @@ from ..lang.spec import Spec
 from ..plan.layers import LayerInfo
 from ..plan.plans import LayerPlan, Plan
 from ..plan.rules import channel_floors, kept_by
+from .channel_groups import channel_groups
 from .factorized import conv_geometry
 from .inventory import collect, replace_module
 
@@ -60,7 +61,7 @@ def channel_prune(model: nn.Module, example_input: torch.Tensor, target_params: 
     template = copy.deepcopy(model)
     if weight_params(template) <= target_params:
         return Pruned(template, 0.0, weight_params(template))
-    protected = [output_layer(template, example_input), *(module_named(template, name) for name in keep)]
+    protected = protected_modules(template, example_input, keep)
     if importance == "taylor":
         if any(p.grad is None for p in model.parameters() if p.requires_grad):
             raise ValueError("Taylor importance needs the loss's gradients on the model's parameters")
@@ -319,20 +320,9 @@ class _Trials:
     @functools.cached_property
     def coupled(self) -> list[list[str]]:
         """The layers whose outputs each of Torch-Pruning's dependency groups removes together (two or more)."""
-        ignored = [sub for module in self.protected for sub in module.modules()]
-        names = {id(module): name for name, module in self.template.named_modules()}
-        training = self.template.training
-        try:
-            with torch.enable_grad(), warnings.catch_warnings():
-                warnings.filterwarnings("ignore", module=r"torch_pruning\.")
-                graph = tp.DependencyGraph().build_dependency(self.template, example_inputs=self.example_input)
-                groups = [[names[id(item.dep.target.module)] for item in group.items
-                           if isinstance(item.dep.target.module, _WEIGHTED)
-                           and graph.is_out_channel_pruning_fn(item.dep.handler)]
-                          for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=_WEIGHTED)]
-        finally:
-            self.template.train(training)  # tracing leaves the model in eval mode
-        return [members for members in groups if len(members) > 1]
+        groups = channel_groups(self.template, self.example_input, self.protected)
+        members = [[reach.layer for reach in group.reach if reach.removes_outputs] for group in groups]
+        return [names for names in members if len(names) > 1]
 
     @functools.cached_property
     def prunable(self) -> list[tuple[str, int]]:
@@ -397,7 +387,7 @@ def prune_counts(model: nn.Module, example_input: torch.Tensor, kept_counts: Map
     reach following; the channels of lowest ``scores`` go (by the name of their group's root layer), or of lowest
     L1 norm."""
     template = copy.deepcopy(model)
-    protected = [output_layer(template, example_input), *(module_named(template, name) for name in keep)]
+    protected = protected_modules(template, example_input, keep)
     pruned = _Trials(template, example_input, protected, scores=scores)(Fraction(1), kept_counts)
     return replace(pruned, pruning_ratio=0.0)
 
@@ -461,6 +451,11 @@ def _layer_runs(model: nn.Module, example_input: torch.Tensor) -> list[nn.Conv2d
         for hook in hooks:
             hook.remove()
     return order
+
+
+def protected_modules(model: nn.Module, example_input: torch.Tensor, keep: Iterable[str]) -> list[nn.Module]:
+    """The modules of ``model`` no prune takes channels from: its output layer and the ``keep`` modules."""
+    return [output_layer(model, example_input), *(module_named(model, name) for name in keep)]
 
 
 def module_named(model: nn.Module, name: str) -> nn.Module:

@@ -155,10 +155,10 @@ def allocate(groups: Sequence[ChannelGroup], fisher: Fisher, dense: Sequence[Lay
         return _point(counts, lambda trial: ranked(inventory(trial), price), cost)
 
     low, high = 0.0, 1e-12
-    while at(high).total > target and high < _CEILING:
+    while (highest := at(high)).total > target and high < _CEILING:
         low, high = high, high * 16
-    if at(high).total > target:
-        raise _infeasible(at(high).total, sum(cost(layer, None) for layer in dense), compress)
+    if highest.total > target:
+        raise _infeasible(highest.total, sum(cost(layer, None) for layer in dense), compress)
     for _ in range(_HALVINGS):
         middle = math.sqrt(low * high) if low > 0 else high / 16
         low, high = (low, middle) if at(middle).total <= target else (middle, high)

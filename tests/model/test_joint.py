@@ -22,7 +22,7 @@ from cstar_dsl.model import inventory
 from cstar_dsl.model.channel_cut import cut_channels
 from cstar_dsl.model.channel_groups import channel_groups
 from cstar_dsl.model.joint import Joint, channel_target, fisher_structure, joint_structure
-from cstar_dsl.model.prune import kept_whole, output_layer, weight_params
+from cstar_dsl.model.prune import kept_whole, output_layer, protected_modules, weight_params
 from cstar_dsl.plan import allocate, robust
 from cstar_dsl.plan.plans import Plan
 from tests.helpers import SPECS, variant
@@ -106,7 +106,7 @@ def _weight_scores(model: nn.Module, example: torch.Tensor, keep: list[str]) -> 
         tuple[robust.ChannelGroup, ...], robust.Fisher]:
     """A stand-in for the driver's Fisher scores, a function of the weights alone: each channel scores its filter's
     squared L1 norm, each rank component its squared singular value."""
-    groups = channel_groups(model, example, keep)
+    groups = channel_groups(model, example, protected_modules(model, example, keep))
     weights = {name: m.weight.detach() for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     channels = {group.root: tuple(float(row.abs().sum()) ** 2 for row in weights[group.root]) for group in groups}
     modes = {name: tuple(tuple((torch.linalg.svdvals(w.transpose(0, mode).reshape(w.shape[mode], -1)) ** 2).tolist())

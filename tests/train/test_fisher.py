@@ -11,8 +11,11 @@ import torchvision
 from torch import Tensor, nn
 
 from cstar_dsl.model.channel_groups import channel_groups
+from cstar_dsl.model.prune import protected_modules
 from cstar_dsl.model.zoo import SmallCnn
 from cstar_dsl.train.fisher import fisher_scores
+
+SMALL, CIFAR = torch.zeros(1, 1, 12, 12), torch.zeros(1, 3, 32, 32)  # example inputs
 
 
 def _model() -> nn.Module:
@@ -53,7 +56,7 @@ def test_a_channels_score_is_the_squared_change_of_removing_it_where_it_is_consu
     model, (x, y) = _model(), _batch()
     weights = {name: model.get_parameter(f"{name}.weight") for name in ("features.0", "features.4", "features.7",
                                                                         "fc")}
-    groups = channel_groups(model, torch.zeros(1, 1, 12, 12))
+    groups = channel_groups(model, SMALL, protected_modules(model, SMALL, ()))
     channels, _ = fisher_scores(model, weights, groups, [(x, y)], _unperturbed, torch.Generator())
     assert sorted(channels) == ["features.0", "features.4", "features.7"]  # the classifier keeps its outputs
     group = next(g for g in groups if g.root == "features.4")
@@ -85,7 +88,7 @@ def test_a_rank_components_score_is_the_squared_change_of_projecting_it_out() ->
 def test_scores_add_over_batches_and_leave_the_model_as_it_was() -> None:
     model, batch = _model().train(), _batch()
     weights = {name: m.weight for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    groups = channel_groups(model, torch.zeros(1, 1, 12, 12))
+    groups = channel_groups(model, SMALL, protected_modules(model, SMALL, ()))
     before = {name: value.clone() for name, value in model.state_dict().items()}
     once, _ = fisher_scores(model, weights, groups, [batch], _unperturbed, torch.Generator())
     twice, _ = fisher_scores(model, weights, groups, [batch, batch], _unperturbed, torch.Generator())
@@ -97,7 +100,7 @@ def test_scores_add_over_batches_and_leave_the_model_as_it_was() -> None:
 def test_a_residual_sum_is_one_group_reaching_every_layer_it_touches() -> None:
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10).eval()
-    groups = {group.root: group for group in channel_groups(model, torch.zeros(1, 3, 32, 32))}
+    groups = {group.root: group for group in channel_groups(model, CIFAR, protected_modules(model, CIFAR, ()))}
     stem = next(group for group in groups.values() if any(r.layer == "conv1" and r.removes_outputs
                                                           for r in group.reach))
     touched = {(r.layer, r.removes_outputs) for r in stem.reach}
